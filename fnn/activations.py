@@ -1,0 +1,134 @@
+"""Activation functions φ, each paired with its hand-written derivative φ'.
+
+Every activation is an :class:`Activation` with
+
+- ``phi(z)``: the activation itself, ``a = φ(z)``, applied to a batch ``z: (batch, units)``;
+- ``backward(z, a, g)``: the vector-Jacobian product ``g · ∂a/∂z`` that the δ-recursion needs.
+  For the element-wise activations it is ``g ⊙ φ'(z)`` (BP1/BP2 of the notes). For softmax the
+  Jacobian is ``∂a_i/∂z_j = a_i(δ_ij − a_j)``, not diagonal, so ``backward`` returns
+  ``a ⊙ (g − Σ_k g_k a_k)``.
+
+Adding an activation is one edit here: write φ and φ' side by side and register the pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+
+Array = jnp.ndarray
+
+LEAKY_SLOPE = 0.01
+"""Slope of ``leaky_relu`` for ``z < 0``."""
+
+
+class Activation(NamedTuple):
+    """An activation φ and its derivative.
+
+    Attributes:
+      name: the registry name, as accepted by :class:`fnn.MLP`.
+      phi: ``z -> φ(z)``, any shape, element-wise (or row-wise for softmax).
+      dphi: ``z -> φ'(z)`` for element-wise activations; ``None`` for softmax, whose
+        derivative is a Jacobian.
+      backward: ``(z, a, g) -> g ∂a/∂z``, with ``a = φ(z)`` and ``g = ∂C/∂a``.
+    """
+
+    name: str
+    phi: Callable[[Array], Array]
+    dphi: Callable[[Array], Array] | None
+    backward: Callable[[Array, Array, Array], Array]
+
+
+def _elementwise(name: str, phi, dphi) -> Activation:
+    # BP1/BP2 for element-wise φ: the Jacobian is diagonal, so g ∂a/∂z = g ⊙ φ'(z).
+    return Activation(name, phi, dphi, lambda z, a, g: g * dphi(z))
+
+
+def _sigmoid(z):
+    # lax.logistic evaluates 1/(1+e^{-z}) without overflow: σ(-1000) = 0, σ(1000) = 1.
+    return lax.logistic(z)
+
+
+def _dsigmoid(z):
+    s = lax.logistic(z)
+    return s * (1 - s)
+
+
+def _dtanh(z):
+    t = jnp.tanh(z)
+    return 1 - t * t
+
+
+def _relu(z):
+    # where, not maximum: autodiff of maximum splits the tie at z = 0 (slope ½), and z = 0 exactly
+    # is common (a zero input row with zero biases).
+    return jnp.where(z > 0, z, 0)
+
+
+def _drelu(z):
+    # φ'(0) := 0, the same sub-gradient convention as jax.nn.relu.
+    return (z > 0).astype(z.dtype)
+
+
+def _leaky_relu(z):
+    return jnp.where(z > 0, z, LEAKY_SLOPE * z)
+
+
+def _dleaky_relu(z):
+    return jnp.where(z > 0, 1, LEAKY_SLOPE).astype(z.dtype)
+
+
+def _elu(z):
+    return jnp.where(z > 0, z, jnp.expm1(jnp.where(z > 0, 0, z)))
+
+
+def _delu(z):
+    return jnp.where(z > 0, 1, jnp.exp(jnp.where(z > 0, 0, z))).astype(z.dtype)
+
+
+def _softplus(z):
+    # log(1 + e^z), computed as logaddexp(z, 0) so that it neither overflows nor loses z ≫ 0.
+    return jnp.logaddexp(z, 0)
+
+
+def _silu(z):
+    return z * lax.logistic(z)
+
+
+def _dsilu(z):
+    s = lax.logistic(z)
+    return s * (1 + z * (1 - s))
+
+
+def softmax(z: Array) -> Array:
+    """Row-wise softmax ``a_i = e^{z_i − m} / Σ_k e^{z_k − m}`` with ``m = max_k z_k`` (no overflow)."""
+    e = jnp.exp(z - lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _softmax_backward(z, a, g):
+    # Softmax Jacobian ∂a_i/∂z_j = a_i(δ_ij − a_j), so (g ∂a/∂z)_j = a_j (g_j − Σ_k g_k a_k).
+    return a * (g - jnp.sum(g * a, axis=-1, keepdims=True))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    act.name: act
+    for act in (
+        _elementwise("identity", lambda z: z, jnp.ones_like),
+        _elementwise("sigmoid", _sigmoid, _dsigmoid),
+        _elementwise("tanh", jnp.tanh, _dtanh),
+        _elementwise("relu", _relu, _drelu),
+        _elementwise("leaky_relu", _leaky_relu, _dleaky_relu),
+        _elementwise("elu", _elu, _delu),
+        _elementwise("softplus", _softplus, _sigmoid),
+        _elementwise("silu", _silu, _dsilu),
+        Activation("softmax", softmax, None, _softmax_backward),
+    )
+}
+"""Every activation by name."""
+
+OUTPUT_ONLY = frozenset({"softmax"})
+"""Activations that act on a whole row and are meant for the output layer."""

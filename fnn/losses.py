@@ -1,0 +1,249 @@
+"""Cost functions, each paired with its derivative ∂C_x/∂a.
+
+The cost of a batch is the mean of per-sample costs, ``C = (1/N) Σ_x C_x`` (the notes' convention),
+so every loss here is ``loss(output, target) -> scalar`` averaged over the batch. The backprop
+works per sample with ``grad`` (``∂C_x/∂a``, shape ``(N, K)``) and applies the ``1/N`` once,
+in BP3/BP4.
+
+``output`` has shape ``(N, K)``. Targets:
+
+- regression losses (``mse``, ``half_mse``, ``mae``): an array of the output's shape, or ``(N,)``
+  when ``K = 1``;
+- binary losses: 0/1 (or soft, in [0, 1]) targets of the output's shape, or ``(N,)`` when ``K = 1``;
+- categorical losses: integer class labels ``(N,)`` in ``[0, K)`` or one-hot/probability rows
+  ``(N, K)``. Labels known at trace time are range-checked (``ValueError``); labels only known
+  under jit cannot raise, so a sample with an out-of-range label makes the loss and its gradient
+  NaN instead of silently contributing nothing.
+
+Per-sample costs (``p`` probabilities, ``z`` logits, ``y`` target, ``σ`` the logistic sigmoid):
+
+==================================  ===================================================  =================
+loss                                C_x                                                  ∂C_x/∂a
+==================================  ===================================================  =================
+``mse``                             (1/K) Σ_k (a_k − y_k)²                               (2/K)(a − y)
+``half_mse``                        ½ ‖a − y‖²  (the classic E)                          a − y
+``mae``                             (1/K) Σ_k |a_k − y_k|                                 sign(a − y)/K
+``binary_cross_entropy``            −(1/K) Σ_k y_k log p_k + (1−y_k) log(1−p_k)         (p−y)/(p(1−p)K)
+``binary_cross_entropy_with_logits``(1/K) Σ_k log(1 + e^{z_k}) − z_k y_k              (σ(z) − y)/K
+``categorical_cross_entropy``       −Σ_k y_k log p_k                                     −y/p
+``softmax_cross_entropy``           −Σ_k y_k log softmax(z)_k                            (Σy) softmax(z) − y
+                                    = (Σ_k y_k) logsumexp(z) − Σ_k y_k z_k, with the
+                                    log-sum-exp shifted by max_k z_k
+==================================  ===================================================  =================
+
+Probabilities are clipped to ``[eps, 1 − eps]`` (``eps`` the dtype's machine epsilon) inside the
+logarithms so that probabilities of exactly 0 or 1 give finite costs and gradients.
+
+Canonical pairs fuse BP1: with the matching output activation (sigmoid or softmax for the losses
+on probabilities, identity for the losses on logits), ``δ^L = φ(z^L) − y`` with φ the sigmoid or
+softmax (divided by ``K`` for the binary losses, which average over outputs; scaled by ``Σ_k y_k``
+for soft class targets), never dividing by a probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fnn import _checks
+from fnn.activations import softmax
+
+Array = jax.Array
+
+REGRESSION, BINARY, CLASSES = "regression", "binary", "classes"
+
+
+class Loss(NamedTuple):
+    """A cost function and its derivative.
+
+    Attributes:
+      name: registry name.
+      targets: ``"regression"``, ``"binary"`` or ``"classes"``: how targets are read.
+      per_sample: ``(a (N, K), y (N, K)) -> C_x (N,)``, ``y`` already converted by :meth:`target`.
+      grad: ``(a, y) -> ∂C_x/∂a (N, K)``.
+      canonical_output: the output activation for which ``fused_delta`` is δ^L, or ``None``.
+      fused_delta: ``(z^L, y) -> δ^L (N, K)`` for the canonical pair.
+    """
+
+    name: str
+    targets: str
+    per_sample: Callable[[Array, Array], Array]
+    grad: Callable[[Array, Array], Array]
+    canonical_output: str | None = None
+    fused_delta: Callable[[Array, Array], Array] | None = None
+
+    def __call__(self, output: Array, target: Array) -> Array:
+        """The batch cost ``(1/N) Σ_x C_x`` (scalar)."""
+        y, valid = self.target(output, target)
+        return jnp.mean(mark_invalid(self.per_sample(output, y), valid))
+
+    def target(self, output: Array, target: Array) -> tuple[Array, Array | None]:
+        """Validate ``target`` against ``output (N, K)`` and return it as ``(N, K)`` floats.
+
+        Returns ``(y, valid)``: ``valid`` is ``None`` when every label is known to be in range,
+        else an ``(N,)`` boolean mask (labels traced under jit).
+        """
+        output = _checks.float_array("output", output, ndim=2)
+        n, k = output.shape
+        if self.targets == CLASSES:
+            return _class_targets(target, n, k, output.dtype)
+        target = jnp.asarray(target)
+        if target.ndim == 1 and k == 1:
+            target = target[:, None]
+        if target.shape != output.shape:
+            raise ValueError(
+                f"{self.name}: target shape {target.shape} does not match output shape "
+                f"{output.shape}; expected {output.shape}" + (" or (N,)" if k == 1 else "") + "."
+            )
+        if self.targets == BINARY and _checks.is_concrete(target):
+            values = np.asarray(target)
+            lo, hi = float(values.min()), float(values.max())
+            if lo < 0 or hi > 1:
+                raise ValueError(
+                    f"{self.name}: targets must lie in [0, 1]; got values in [{lo}, {hi}]."
+                )
+        return target.astype(output.dtype), None
+
+
+def mark_invalid(values: Array, valid: Array | None) -> Array:
+    """``values`` with the rows of invalid samples set to NaN (``valid`` is ``None`` or ``(N,)``)."""
+    if valid is None:
+        return values
+    mask = valid.reshape(valid.shape + (1,) * (values.ndim - 1))
+    return jnp.where(mask, values, jnp.nan)
+
+
+def _class_targets(target, n, k, dtype):
+    if not hasattr(target, "dtype"):
+        target = jnp.asarray(target)
+    if jnp.issubdtype(target.dtype, jnp.integer):
+        if target.shape != (n,):
+            raise ValueError(
+                f"integer class labels must have shape (N,) = ({n},); got {tuple(target.shape)}. "
+                f"Pass one-hot targets as a floating (N, K) = ({n}, {k}) array."
+            )
+        if _checks.is_concrete(target) and n:
+            values = np.asarray(target)
+            lo, hi = int(values.min()), int(values.max())
+            if lo < 0 or hi >= k:
+                raise ValueError(
+                    f"class labels must lie in [0, {k}) for an output of {k} classes; "
+                    f"got labels in [{lo}, {hi}]."
+                )
+            valid = None
+        else:
+            valid = (target >= 0) & (target < k)
+        return jax.nn.one_hot(target, k, dtype=dtype), valid
+    if not jnp.issubdtype(target.dtype, jnp.floating):
+        raise TypeError(f"class targets must be integer labels or floating one-hot rows; got {target.dtype}.")
+    if target.shape != (n, k):
+        raise ValueError(
+            f"one-hot targets must have shape (N, K) = ({n}, {k}); got {tuple(target.shape)}. "
+            "Integer labels of shape (N,) are accepted too."
+        )
+    return target.astype(dtype), None
+
+
+def _clip(p):
+    eps = jnp.finfo(p.dtype).eps
+    return jnp.clip(p, eps, 1 - eps)
+
+
+def _logsumexp(z):
+    m = lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    return m[:, 0] + jnp.log(jnp.sum(jnp.exp(z - m), axis=-1))
+
+
+def _bce_logits(z, y):
+    # log(1 + e^z) − z y. logaddexp is stable for |z| = 1e4 and, unlike the max(z, 0) + log1p(e^{−|z|})
+    # form, has the right derivative σ(0) at z = 0 under autodiff too (no kinks at 0).
+    return jnp.logaddexp(z, 0) - z * y
+
+
+def _bce(p, y):
+    p = _clip(p)
+    return -(y * jnp.log(p) + (1 - y) * jnp.log1p(-p))
+
+
+def _dbce(p, y):
+    p = _clip(p)
+    return (p - y) / (p * (1 - p))
+
+
+def _softmax_minus_target(z, y):
+    # ∂/∂z of −Σ_k y_k log softmax(z)_k = (Σ_k y_k) softmax(z) − y; = softmax(z) − y for one-hot y.
+    return jnp.sum(y, axis=-1, keepdims=True) * softmax(z) - y
+
+
+def _per_output_mean(f):
+    """Per-sample cost ``(1/K) Σ_k f(a_k, y_k)`` from an element-wise rule ``f``."""
+    return lambda a, y: jnp.mean(f(a, y), axis=-1)
+
+
+def _over_k(g):
+    """The derivative of a per-output mean: the element-wise derivative ``g`` divided by ``K``."""
+    return lambda a, y: g(a, y) / a.shape[-1]
+
+
+mse = Loss(
+    "mse", REGRESSION,
+    _per_output_mean(lambda a, y: (a - y) ** 2),
+    _over_k(lambda a, y: 2 * (a - y)),
+)
+half_mse = Loss(
+    "half_mse", REGRESSION,
+    lambda a, y: 0.5 * jnp.sum((a - y) ** 2, axis=-1),
+    lambda a, y: a - y,
+)
+mae = Loss(
+    "mae", REGRESSION,
+    _per_output_mean(lambda a, y: jnp.abs(a - y)),
+    _over_k(lambda a, y: jnp.sign(a - y)),
+)
+binary_cross_entropy = Loss(
+    "binary_cross_entropy", BINARY,
+    _per_output_mean(_bce),
+    _over_k(_dbce),
+    canonical_output="sigmoid",
+    fused_delta=_over_k(lambda z, y: lax.logistic(z) - y),
+)
+binary_cross_entropy_with_logits = Loss(
+    "binary_cross_entropy_with_logits", BINARY,
+    _per_output_mean(_bce_logits),
+    _over_k(lambda z, y: lax.logistic(z) - y),
+    canonical_output="identity",
+    fused_delta=_over_k(lambda z, y: lax.logistic(z) - y),
+)
+categorical_cross_entropy = Loss(
+    "categorical_cross_entropy", CLASSES,
+    lambda p, y: -jnp.sum(y * jnp.log(_clip(p)), axis=-1),
+    lambda p, y: -y / _clip(p),
+    canonical_output="softmax",
+    fused_delta=_softmax_minus_target,
+)
+softmax_cross_entropy = Loss(
+    "softmax_cross_entropy", CLASSES,
+    lambda z, y: jnp.sum(y, axis=-1) * _logsumexp(z) - jnp.sum(y * z, axis=-1),
+    _softmax_minus_target,
+    canonical_output="identity",
+    fused_delta=_softmax_minus_target,
+)
+
+LOSSES: dict[str, Loss] = {
+    loss.name: loss
+    for loss in (
+        mse, half_mse, mae, binary_cross_entropy, binary_cross_entropy_with_logits,
+        categorical_cross_entropy, softmax_cross_entropy,
+    )
+}
+"""Every loss by name."""
+
+
+def l2_penalty(params, beta: float) -> Array:
+    """The L2 term ``½ β Σ_l ‖W^l‖²`` over the weights only (biases are not penalised)."""
+    return 0.5 * beta * sum(jnp.sum(layer["W"] ** 2) for layer in params)

@@ -1,0 +1,277 @@
+"""fnn.backprop (the hand-written δ-recursion) against jax.grad, closed forms and bad input."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fnn
+from fnn.activations import ACTIVATIONS
+from fnn.losses import CLASSES, LOSSES
+
+HIDDEN = sorted(n for n, a in ACTIVATIONS.items() if a.dphi is not None)
+
+# Every loss with each output activation it makes sense with (the canonical pairs included).
+PAIRS = [
+    *[(loss, out) for loss in ("mse", "half_mse", "mae") for out in ("identity", "sigmoid", "tanh", "softmax")],
+    ("binary_cross_entropy", "sigmoid"),
+    ("binary_cross_entropy", "softmax"),
+    ("binary_cross_entropy_with_logits", "identity"),
+    ("categorical_cross_entropy", "softmax"),
+    ("categorical_cross_entropy", "sigmoid"),
+    ("softmax_cross_entropy", "identity"),
+]
+TOL = {np.float32: 1e-4, np.float64: 1e-10}
+
+# Eager JAX compiles each primitive once per shape, so the large property test draws widths and
+# batch sizes from a pool (1, non-square, and the extremes of 1..64); a second test draws any
+# width and batch in 1..64 under jit, with fewer examples.
+POOL_WIDTHS = st.sampled_from([1, 3, 8, 64])
+POOL_BATCH = st.sampled_from([1, 5, 64])
+
+
+@st.composite
+def configurations(draw, widths=POOL_WIDTHS, batch=POOL_BATCH):
+    depth = draw(st.integers(1, 6))
+    loss_name, output = draw(st.sampled_from(PAIRS))
+    sizes = [draw(widths) for _ in range(depth + 1)]
+    if loss_name in ("categorical_cross_entropy", "softmax_cross_entropy") and draw(st.booleans()):
+        sizes[-1] = max(sizes[-1], 2)  # mostly real multi-class problems; K = 1 stays possible
+    per_layer = st.lists(st.sampled_from(HIDDEN), min_size=depth - 1, max_size=depth - 1)
+    hidden = draw(st.one_of(st.sampled_from(HIDDEN), per_layer))
+    net = fnn.MLP(sizes, hidden, output)
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    n = draw(batch)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    params = [
+        {"W": rng.normal(0, 1 / math.sqrt(fi), (fo, fi)).astype(dtype), "b": rng.normal(0, 0.5, fo).astype(dtype)}
+        for fi, fo in zip(sizes[:-1], sizes[1:])
+    ]
+    x = rng.normal(size=(n, sizes[0])).astype(dtype)
+    loss = LOSSES[loss_name]
+    k = sizes[-1]
+    if loss.targets == CLASSES:
+        y = rng.integers(0, k, n) if draw(st.booleans()) else np.eye(k, dtype=dtype)[rng.integers(0, k, n)]
+    elif loss_name.startswith("binary"):
+        y = rng.integers(0, 2, (n, k)).astype(dtype)
+    else:
+        y = rng.normal(size=(n, k)).astype(dtype)
+    l2 = draw(st.sampled_from([0.0, float(rng.uniform(0.01, 1.0))]))
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return net, params, jnp.asarray(x), jnp.asarray(y), loss, l2, dtype
+
+
+def assert_matches_autodiff(manual, auto, dtype):
+    (c_m, g_m), (c_a, g_a) = manual, auto
+    chex.assert_trees_all_equal_structs(g_m, g_a)
+    chex.assert_trees_all_equal_shapes_and_dtypes(g_m, g_a)
+    assert rel_err(c_m, c_a) <= TOL[dtype]
+    for layer, (m, a) in enumerate(zip(g_m, g_a)):
+        for name in ("W", "b"):
+            err = rel_err(m[name], a[name])
+            assert err <= TOL[dtype], f"layer {layer + 1} {name}: relative error {err:.3g}"
+
+
+@settings(max_examples=470)
+@given(cfg=configurations())
+def test_backprop_equals_autodiff(cfg):
+    net, params, x, y, loss, l2, dtype = cfg
+    manual = fnn.backprop(net, params, x, y, loss, l2)
+    assert_matches_autodiff(manual, fnn.autodiff_grads(net, params, x, y, loss, l2), dtype)
+    assert jax.tree_util.tree_structure(manual[1]) == jax.tree_util.tree_structure(params)
+    assert all(leaf.dtype == dtype for leaf in jax.tree_util.tree_leaves(manual[1]))
+
+
+_both = jax.jit(lambda params, x, y, l2, net, loss: (
+    fnn.backprop(net, params, x, y, loss, l2), fnn.autodiff_grads(net, params, x, y, loss, l2)
+), static_argnums=(4, 5))
+
+
+@settings(max_examples=40)
+@given(cfg=configurations(widths=st.integers(1, 64), batch=st.integers(1, 64)))
+def test_backprop_equals_autodiff_any_width_under_jit(cfg):
+    net, params, x, y, loss, l2, dtype = cfg
+    manual, auto = _both(params, x, y, l2, net, loss)
+    assert_matches_autodiff(manual, auto, dtype)
+
+
+class TestVariants(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_manual_equals_autodiff_with_and_without_jit(self):
+        net = fnn.MLP((5, 7, 4, 3), ("tanh", "relu"), "identity")
+        params = net.init(jax.random.PRNGKey(0), jnp.float64)
+        x = jax.random.normal(jax.random.PRNGKey(1), (6, 5), jnp.float64)
+        y = jnp.array([0, 2, 1, 1, 0, 2])
+        loss = fnn.losses.softmax_cross_entropy
+        manual = self.variant(lambda p, x, y: fnn.backprop(net, p, x, y, loss, 0.1))(params, x, y)
+        auto = fnn.autodiff_grads(net, params, x, y, loss, 0.1)
+        chex.assert_trees_all_close(manual, auto, rtol=1e-12, atol=1e-14)
+
+
+def test_closed_form_2_2_1():
+    """The nine partial derivatives of the 2-2-1 sigmoid network, E = ½(Y − y)², by hand."""
+    x1, x2, target = 0.35, 0.9, 0.5
+    w = [[0.1, 0.8], [0.4, 0.6]]  # w[j][i]: input i -> hidden j
+    b = [0.2, -0.3]
+    v, c = [0.3, 0.9], 0.05  # hidden j -> output, output bias
+
+    sig = lambda t: 1 / (1 + math.exp(-t))  # noqa: E731
+    h = [sig(w[j][0] * x1 + w[j][1] * x2 + b[j]) for j in range(2)]
+    out = v[0] * h[0] + v[1] * h[1] + c
+    e = out - target  # ∂E/∂y
+    dE_dc = e
+    dE_dv = [e * h[j] for j in range(2)]
+    dE_db = [e * v[j] * h[j] * (1 - h[j]) for j in range(2)]
+    dE_dw = [[dE_db[j] * xi for xi in (x1, x2)] for j in range(2)]
+
+    net = fnn.MLP((2, 2, 1), "sigmoid", "identity")
+    params = [
+        {"W": jnp.array(w, jnp.float64), "b": jnp.array(b, jnp.float64)},
+        {"W": jnp.array([v], jnp.float64), "b": jnp.array([c], jnp.float64)},
+    ]
+    cost, g = fnn.backprop(net, params, jnp.array([[x1, x2]]), jnp.array([[target]]), fnn.losses.half_mse)
+    assert float(cost) == pytest.approx(0.5 * e * e, rel=1e-14)
+    np.testing.assert_allclose(g[0]["W"], dE_dw, rtol=1e-13)
+    np.testing.assert_allclose(g[0]["b"], dE_db, rtol=1e-13)
+    np.testing.assert_allclose(g[1]["W"], [dE_dv], rtol=1e-13)
+    np.testing.assert_allclose(g[1]["b"], [dE_dc], rtol=1e-13)
+
+
+def test_batch_gradient_is_the_mean_of_per_sample_gradients():
+    """Catches a misplaced 1/N: the batch gradient is (1/N) Σ_x of the one-sample gradients."""
+    net = fnn.MLP((3, 4, 2), "tanh", "identity")
+    params = net.init(jax.random.PRNGKey(3), jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(4), (7, 3), jnp.float64)
+    y = jax.random.normal(jax.random.PRNGKey(5), (7, 2), jnp.float64)
+    _, batch = fnn.backprop(net, params, x, y, fnn.losses.half_mse)
+    singles = [fnn.backprop(net, params, x[i:i + 1], y[i:i + 1], fnn.losses.half_mse)[1] for i in range(7)]
+    mean = jax.tree_util.tree_map(lambda *g: sum(g) / 7, *singles)
+    chex.assert_trees_all_close(batch, mean, rtol=1e-12)
+
+
+def test_l2_adds_beta_w_to_weights_only():
+    net = fnn.MLP((3, 4, 2), "relu", "identity")
+    params = net.init(jax.random.PRNGKey(0), jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 3), jnp.float64)
+    y = jnp.array([0, 1, 1, 0, 1])
+    loss = fnn.losses.softmax_cross_entropy
+    c0, g0 = fnn.backprop(net, params, x, y, loss)
+    c1, g1 = fnn.backprop(net, params, x, y, loss, l2=0.3)
+    sq = sum(float(jnp.sum(p["W"] ** 2)) for p in params)
+    assert float(c1 - c0) == pytest.approx(0.15 * sq, rel=1e-12)
+    for a, b, p in zip(g0, g1, params):
+        np.testing.assert_allclose(b["W"] - a["W"], 0.3 * p["W"], rtol=1e-10, atol=1e-15)
+        np.testing.assert_array_equal(b["b"], a["b"])
+
+
+# -- numerical stability -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("loss_name,output", [
+    ("softmax_cross_entropy", "identity"),
+    ("binary_cross_entropy_with_logits", "identity"),
+    ("categorical_cross_entropy", "softmax"),
+    ("binary_cross_entropy", "sigmoid"),
+    ("mse", "softmax"),
+])
+def test_extreme_logits_give_finite_loss_and_gradients(dtype, loss_name, output):
+    """Output pre-activations of ±1e4 saturate softmax/sigmoid to exact 0 and 1."""
+    net = fnn.MLP((2, 3), (), output)
+    params = [{"W": jnp.array([[1e4, 0], [-1e4, 0], [0, 1e4]], dtype), "b": jnp.zeros(3, dtype)}]
+    x = jnp.array([[1.0, 0.0], [0.0, -1.0], [-1.0, 1.0]], dtype)
+    loss = LOSSES[loss_name]
+    y = jnp.array([1, 0, 2]) if loss.targets == CLASSES else jnp.array([[0, 1, 1], [1, 0, 0], [1, 1, 0]], dtype)
+    cost, grads = fnn.backprop(net, params, x, y, loss)
+    assert bool(jnp.isfinite(cost)), cost
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+    if net.output == loss.canonical_output:
+        # a confidently wrong prediction must still push back hard, not vanish in saturation
+        assert float(jnp.max(jnp.abs(grads[0]["W"]))) > 0.1
+    if loss.canonical_output == "identity":  # on logits nothing is clipped: the cost is ~1e4
+        assert float(cost) > 1e3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_probabilities_of_exactly_zero_and_one(dtype):
+    p = jnp.array([[0.0, 1.0], [1.0, 0.0]], dtype)
+    for loss, y in ((fnn.losses.binary_cross_entropy, jnp.array([[1.0, 0.0], [1.0, 0.0]], dtype)),
+                    (fnn.losses.categorical_cross_entropy, jnp.array([0, 0]))):
+        assert bool(jnp.isfinite(loss(p, y)))
+        t, _ = loss.target(p, y)
+        assert bool(jnp.all(jnp.isfinite(loss.grad(p, t))))
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+NET = fnn.MLP((4, 5, 3), "relu", "identity")
+PARAMS = NET.init(jax.random.PRNGKey(0))
+X = jnp.ones((6, 4), jnp.float32)
+Y = jnp.array([0, 1, 2, 0, 1, 2])
+SCE = fnn.losses.softmax_cross_entropy
+jitted = jax.jit(fnn.backprop, static_argnums=(0, 4))
+
+
+@pytest.mark.parametrize("run", [fnn.backprop, jitted], ids=["eager", "jit"])
+@pytest.mark.parametrize("x,y,err,words", [
+    (jnp.ones((6, 5), jnp.float32), Y, ValueError, ["5 features", "expects 4", "(batch, 4)"]),
+    (jnp.ones((6, 4, 1), jnp.float32), Y, ValueError, ["2 dimensions", "(6, 4, 1)"]),
+    (jnp.ones((4,), jnp.float32), Y, ValueError, ["2 dimensions", "(4,)"]),
+    (X, Y[:5], ValueError, ["(N,) = (6,)", "(5,)"]),
+    (X, jnp.ones((5, 3), jnp.float32), ValueError, ["(6, 3)", "(5, 3)"]),
+    (jnp.ones((6, 4), jnp.int32), Y, TypeError, ["floating", "int32"]),
+    (X.astype(jnp.float64), Y, TypeError, ["float64", "float32"]),
+])
+def test_bad_input_raises_at_trace_time(run, x, y, err, words):
+    with pytest.raises(err) as info:
+        run(NET, PARAMS, x, y, SCE)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_labels_out_of_range_raise_when_known():
+    with pytest.raises(ValueError, match=r"\[0, 3\).*\[0, 3\]"):
+        fnn.backprop(NET, PARAMS, X, jnp.array([0, 1, 2, 0, 1, 3]), SCE)
+    with pytest.raises(ValueError, match=r"\[-1, 2\]"):
+        fnn.backprop(NET, PARAMS, X, jnp.array([0, 1, 2, 0, 1, -1]), SCE)
+
+
+def test_labels_out_of_range_under_jit_poison_loss_and_gradients():
+    """Traced labels cannot raise; a bad label must not silently drop out of the cost either."""
+    cost, grads = jitted(NET, PARAMS, X, jnp.array([0, 1, 2, 0, 1, 3]), SCE)
+    assert bool(jnp.isnan(cost))
+    assert bool(jnp.all(jnp.isnan(grads[-1]["b"])))
+    cost, _ = jitted(NET, PARAMS, X, Y, SCE)
+    assert bool(jnp.isfinite(cost))
+
+
+def test_params_that_do_not_match_the_network():
+    wrong = [PARAMS[0], {"W": jnp.ones((3, 4)), "b": jnp.ones(3)}]
+    with pytest.raises(ValueError, match=r"params\[1\]\['W'\] must have shape \(3, 5\); got \(3, 4\)"):
+        fnn.backprop(NET, wrong, X, Y, SCE)
+    with pytest.raises(ValueError, match="list of 2 layers"):
+        fnn.backprop(NET, PARAMS[:1], X, Y, SCE)
+
+
+def test_plain_callable_loss_is_refused():
+    with pytest.raises(TypeError, match="fnn.losses.Loss"):
+        fnn.backprop(NET, PARAMS, X, Y, lambda a, y: jnp.mean(a))
+
+
+@pytest.mark.parametrize("hidden", ["relu", "leaky_relu", "elu", "tanh"])
+@pytest.mark.parametrize("loss_name", ["binary_cross_entropy_with_logits", "mse", "softmax_cross_entropy"])
+def test_pre_activations_of_exactly_zero(hidden, loss_name):
+    """A zero input row with zero biases puts every z at exactly 0, where max/abs-based formulas
+    have kinks and autodiff picks a different sub-gradient (this caught a bce-with-logits bug)."""
+    net = fnn.MLP((2, 4, 2), hidden, "identity", init="xavier_uniform")  # zero biases
+    params = net.init(jax.random.PRNGKey(0), jnp.float64)
+    x = jnp.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    loss = LOSSES[loss_name]
+    y = jnp.array([0, 1, 1, 0]) if loss.targets == CLASSES else jnp.array([[0.0, 1], [1, 0], [1, 1], [0, 0]])
+    assert_matches_autodiff(fnn.backprop(net, params, x, y, loss), fnn.autodiff_grads(net, params, x, y, loss),
+                            np.float64)

@@ -1,0 +1,60 @@
+"""The manual backprop path must not call autodiff: every JAX autodiff entry point is trapped."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.interpreters import ad
+
+import fnn
+
+
+class AutodiffCalled(AssertionError):
+    pass
+
+
+@pytest.fixture
+def trap_autodiff(monkeypatch):
+    """Make every way into JAX's autodiff raise.
+
+    ``grad``, ``vjp``, ``linearize`` and friends all build JVP or linearize traces, so trapping
+    the two trace classes catches any route, public or private; the public names are trapped
+    too so the error points at the caller.
+    """
+
+    def boom(*args, **kwargs):
+        raise AutodiffCalled("autodiff was called")
+
+    for cls in (ad.JVPTrace, ad.LinearizeTrace):
+        monkeypatch.setattr(cls, "__init__", boom)
+    for name in ("grad", "value_and_grad", "vjp", "jvp", "linearize", "jacfwd", "jacrev", "hessian"):
+        monkeypatch.setattr(jax, name, boom)
+
+
+def _problem():
+    net = fnn.MLP((4, 6, 5, 3), ("tanh", "relu"), "softmax")
+    params = net.init(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 4), jnp.float32)
+    y = jnp.arange(8) % 3
+    return net, params, x, y
+
+
+def test_the_trap_catches_autodiff(trap_autodiff):
+    """Without this the test below could pass vacuously."""
+    net, params, x, y = _problem()
+    with pytest.raises(AutodiffCalled):
+        fnn.autodiff_grads(net, params, x, y, fnn.losses.categorical_cross_entropy)
+    with pytest.raises(AutodiffCalled):
+        # a private route into autodiff, bypassing the public names
+        from jax._src import api
+        api.grad(lambda w: jnp.sum(w**2))(jnp.ones(3))
+
+
+@pytest.mark.parametrize("loss_name", sorted(fnn.losses.LOSSES))
+def test_backprop_runs_without_autodiff(trap_autodiff, loss_name):
+    net, params, x, y = _problem()
+    loss = fnn.losses.LOSSES[loss_name]
+    if loss.targets != "classes":
+        y = jax.nn.one_hot(y, 3, dtype=jnp.float32)
+    fnn.backprop(net, params, x, y, loss, 0.1)
+    # a fresh jit (new function object) so tracing really happens under the trap
+    jax.jit(lambda p, x, y: fnn.backprop(net, p, x, y, loss, 0.1))(params, x, y)

@@ -1,0 +1,27 @@
+"""README.md stays true: its example runs, and CI runs exactly its test command."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_example_runs():
+    (example,) = _blocks("python")
+    # a fresh interpreter with JAX's defaults, as a reader would run it
+    done = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = [line for block in _blocks("bash") for line in block.splitlines() if "pytest" in line]
+    assert len(commands) == 1, commands
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[0] in ci, f"{commands[0]!r} is not a line of .ci/run"
