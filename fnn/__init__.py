@@ -5,13 +5,17 @@ Read these first::
     net = fnn.MLP(sizes=(784, 256, 10), activation="relu", output="identity")
     params = net.init(jax.random.PRNGKey(0))
     loss, grads = fnn.backprop(net, params, x, y, fnn.losses.softmax_cross_entropy)
+    opt = fnn.optim.adam(learning_rate=1e-3)
+    result = fnn.fit(net, params, opt, (x, y), loss=fnn.losses.softmax_cross_entropy,
+                     epochs=10, batch_size=128, key=jax.random.PRNGKey(1))
 """
 
-from fnn import activations, initializers, losses
+from fnn import activations, checkpoint, data, initializers, losses, optim, schedules
 from fnn.backprop import backprop, objective
 from fnn.gradcheck import autodiff_grads, check_gradients
 from fnn.losses import Loss, l2_penalty
 from fnn.mlp import MLP
+from fnn.train import FitResult, evaluate, fit
 
 __version__ = "0.1.0"
 
@@ -21,9 +25,16 @@ __all__ = [
     "objective",
     "check_gradients",
     "autodiff_grads",
+    "fit",
+    "evaluate",
+    "FitResult",
     "Loss",
     "l2_penalty",
     "activations",
     "initializers",
     "losses",
+    "optim",
+    "schedules",
+    "data",
+    "checkpoint",
 ]

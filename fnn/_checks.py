@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -42,3 +44,32 @@ def float_array(name: str, x, ndim: int | None = None) -> jax.Array:
             f"({jnp.ndim(x)} dimensions)."
         )
     return jnp.asarray(x)
+
+
+def real_in(
+    name: str, value, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
+) -> float:
+    """``value`` as a float after checking it is a finite real in the interval ``low..high``.
+
+    The interval is closed unless ``low_open``/``high_open``; an infinite ``high`` means no upper
+    bound. Raises ``TypeError`` for non-numbers (bools included) and ``ValueError`` naming the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}.")
+    v = float(value)
+    above = low < v if low_open else low <= v
+    below = v < high if high_open else v <= high
+    if not (math.isfinite(v) and above and below):
+        left = "(" if low_open else "["
+        right = ")" if high_open or math.isinf(high) else "]"
+        raise ValueError(f"{name} must be a finite number in {left}{low:g}, {high:g}{right}; got {value!r}.")
+    return v
+
+
+def positive_int(name: str, value, allow_zero: bool = False) -> int:
+    """``value`` after checking it is an int ``> 0`` (``≥ 0`` with ``allow_zero``); names the value otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {value!r} of type {type(value).__name__}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'≥ 0' if allow_zero else '> 0'}; got {value!r}.")
+    return int(value)

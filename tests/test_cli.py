@@ -1,0 +1,64 @@
+"""The main job, ``fnn-train`` / ``python -m fnn``."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fnn.cli import main
+
+
+def test_help_documents_every_flag():
+    done = subprocess.run([sys.executable, "-m", "fnn", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for flag in ("--dataset", "--data-dir", "--hidden", "--activation", "--loss", "--optimizer", "--lr",
+                 "--batch-size", "--epochs", "--seed", "--grad-source", "--checkpoint-dir", "--resume", "--plot"):
+        assert flag in done.stdout
+
+
+def test_digits_run_checks_gradients_trains_and_plots(tmp_path, capsys):
+    png, hist = tmp_path / "curves.png", tmp_path / "history.json"
+    assert main(["--epochs", "3", "--plot", str(png), "--history", str(hist), "--hidden", "32"]) == 0
+    out = capsys.readouterr().out
+    check = re.search(r"manual vs autodiff per layer: .*\(max ([0-9.e+-]+)\)", out)
+    assert check and float(check.group(1)) < 1e-5
+    assert len(re.findall(r"^epoch +\d+/3 .*samples/s", out, flags=re.M)) == 3
+    assert re.search(r"held-out accuracy \d+\.\d+%, median [\d,]+ samples/s", out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["epoch"] for r in json.loads(hist.read_text())] == [1, 2, 3]
+
+
+def test_resume_continues_to_the_same_result(tmp_path, capsys):
+    base = ["--epochs", "4", "--hidden", "16", "--quiet", "--history"]
+    main(base + [str(tmp_path / "straight.json")])
+    ck = str(tmp_path / "ck")
+    main(["--epochs", "2", "--hidden", "16", "--quiet", "--checkpoint-dir", ck])
+    main(base + [str(tmp_path / "resumed.json"), "--checkpoint-dir", ck, "--resume"])
+    assert "resumed from" in capsys.readouterr().out
+    straight = json.loads((tmp_path / "straight.json").read_text())
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert [r["epoch"] for r in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed):
+        assert a["train_loss"] == b["train_loss"] and a["held_out_accuracy"] == b["held_out_accuracy"]
+
+
+def test_autodiff_source_and_other_optimizers(capsys):
+    assert main(["--epochs", "1", "--hidden", "8", "--grad-source", "autodiff", "--optimizer", "rmsprop",
+                 "--decay", "0.95", "--quiet"]) == 0
+    assert "gradients: autodiff" in capsys.readouterr().out
+
+
+def test_mnist_10k(mnist_dir, capsys):
+    assert main(["--dataset", "mnist-10k", "--data-dir", str(mnist_dir), "--epochs", "1", "--hidden", "32"]) == 0
+    assert "8000 train / 2000 held out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--optimizer", "sgd", "--b1", "0.9"], "sgd takes no --b1"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+])
+def test_bad_flag_combinations(argv, msg):
+    with pytest.raises(SystemExit, match=msg):
+        main(argv)

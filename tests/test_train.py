@@ -1,0 +1,242 @@
+"""Mini-batch training: shuffling, compiled epochs, the NaN guard, resume, and real-data accuracy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fnn
+from fnn import checkpoint, optim
+from fnn.train import fit, make_epoch, shuffled_batches
+
+SCE = fnn.losses.softmax_cross_entropy
+
+
+def _toy(n=203, d=5, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5).astype(np.int32)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+NET = fnn.MLP((5, 16, 3), "tanh", init="xavier_uniform")
+
+
+@pytest.mark.parametrize("n,b", [(100, 10), (103, 10), (7, 7), (7, 1), (5, 3)])
+def test_every_sample_once_per_epoch_and_orders_differ(n, b):
+    """Catches a shuffle that repeats or loses samples, or reuses the same order every epoch."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    full, rest = shuffled_batches(k1, n, b)
+    assert full.shape == (n // b, b) and rest.shape == (n % b,)
+    seen = np.concatenate([np.asarray(full).ravel(), np.asarray(rest)])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+    if n > 3:
+        assert not np.array_equal(seen, np.concatenate([np.asarray(a).ravel() for a in shuffled_batches(k2, n, b)]))
+    full_d, rest_d = shuffled_batches(k1, n, b, "drop")
+    assert rest_d.shape == (0,) and len(np.unique(np.asarray(full_d))) == (n // b) * b
+
+
+def test_last_smaller_batch_is_a_real_step():
+    x, y = _toy(23)
+    params = NET.init(jax.random.PRNGKey(0))
+    opt = optim.sgd(learning_rate=0.1)
+    epoch = jax.jit(make_epoch(NET, SCE, opt, num_samples=23, batch_size=5))
+    _, _, _, stats = epoch(params, opt.init(params), jax.random.PRNGKey(1), x, y)
+    np.testing.assert_array_equal(stats.batch_size, [5, 5, 5, 5, 3])
+    epoch = jax.jit(make_epoch(NET, SCE, opt, num_samples=23, batch_size=5, last_batch="drop"))
+    _, _, _, stats = epoch(params, opt.init(params), jax.random.PRNGKey(1), x, y)
+    np.testing.assert_array_equal(stats.batch_size, [5, 5, 5, 5])
+
+
+def test_epoch_matches_a_python_loop_over_batches():
+    """The scan-compiled epoch does exactly: shuffle, then per batch backprop → update."""
+    x, y = _toy(23)
+    params = NET.init(jax.random.PRNGKey(0))
+    opt = optim.momentum(learning_rate=0.05, momentum=0.9)
+    key = jax.random.PRNGKey(3)
+    got, _, _, _ = jax.jit(make_epoch(NET, SCE, opt, num_samples=23, batch_size=5))(params, opt.init(params), key, x, y)
+    _, shuffle_key = jax.random.split(key)
+    full, rest = shuffled_batches(shuffle_key, 23, 5)
+    p, s = params, opt.init(params)
+    for idx in [*np.asarray(full), np.asarray(rest)]:
+        _, g = fnn.backprop(NET, p, x[idx], y[idx], SCE)
+        u, s = opt.update(g, s, p)
+        p = optim.apply_updates(p, u)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(p)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_an_epoch_is_one_compiled_call_and_later_epochs_do_not_recompile(monkeypatch):
+    import fnn.train as train
+
+    x, y = _toy(600)
+    traces, grad_calls = [], []
+    real_make, real_grads = train.make_epoch, train.GRAD_SOURCES["manual"]
+
+    def counting_make(*a, **kw):
+        epoch = real_make(*a, **kw)
+        return lambda *args: (traces.append(1), epoch(*args))[1]
+
+    def counting_grads(*a):
+        grad_calls.append(1)
+        return real_grads(*a)
+
+    monkeypatch.setattr(train, "make_epoch", counting_make)
+    monkeypatch.setitem(train.GRAD_SOURCES, "manual", counting_grads)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None)
+    after_first = []
+    params = NET.init(jax.random.PRNGKey(0))
+    result = fit(NET, params, optim.adam(learning_rate=1e-2), (x, y), loss=SCE, epochs=4, batch_size=32,
+                 key=jax.random.PRNGKey(1), quiet=True, on_epoch_end=lambda s: after_first.append(len(compiles)))
+    assert result.epoch == 4
+    assert len(traces) == 1  # the epoch function is traced (and compiled) once for all 4 epochs
+    assert len(grad_calls) == 2  # scan body + the smaller last batch; not 19 per epoch
+    assert after_first[0] == after_first[-1]  # no compilation at all after the first epoch
+
+
+def test_manual_and_autodiff_training_agree():
+    x, y = _toy(300)
+    params = NET.init(jax.random.PRNGKey(0))
+    runs = {
+        src: fit(NET, params, optim.adam(learning_rate=1e-2), (x, y), loss=SCE, epochs=2, batch_size=32,
+                 key=jax.random.PRNGKey(1), grad_source=src, quiet=True).params
+        for src in ("manual", "autodiff")
+    }
+    for a, b in zip(jax.tree_util.tree_leaves(runs["manual"]), jax.tree_util.tree_leaves(runs["autodiff"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_params_and_caller_arrays_survive_donation():
+    x, y = _toy(300)
+    params = NET.init(jax.random.PRNGKey(0))
+    a = fit(NET, params, optim.adam(learning_rate=1e-2), (x, y), loss=SCE, epochs=2, batch_size=32,
+            key=jax.random.PRNGKey(1), quiet=True)
+    b = fit(NET, params, optim.adam(learning_rate=1e-2), (x, y), loss=SCE, epochs=2, batch_size=32,
+            key=jax.random.PRNGKey(1), quiet=True)
+    for u, v in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_array_equal(u, v)
+    c = fit(NET, params, optim.adam(learning_rate=1e-2), (x, y), loss=SCE, epochs=2, batch_size=32,
+            key=jax.random.PRNGKey(2), quiet=True)
+    assert not np.array_equal(c.params[0]["W"], a.params[0]["W"])  # the seed drives the shuffle
+
+
+def test_interrupt_and_resume_is_bit_identical(tmp_path):
+    x, y = _toy(300)
+    params = NET.init(jax.random.PRNGKey(0))
+    opt = optim.adam(learning_rate=1e-2)
+    kw = dict(loss=SCE, batch_size=32, quiet=True)
+    straight = fit(NET, params, opt, (x, y), epochs=5, key=jax.random.PRNGKey(1), **kw)
+
+    def save(state):
+        checkpoint.save(checkpoint.path_for(tmp_path, state.epoch), params=state.params,
+                        opt_state=state.opt_state, key=state.key, epoch=state.epoch)
+
+    fit(NET, params, opt, (x, y), epochs=2, key=jax.random.PRNGKey(1), on_epoch_end=save, **kw)  # "crash" after 2
+    ck = checkpoint.load(checkpoint.latest(tmp_path), params=params, opt_state=opt.init(params))
+    assert ck.epoch == 2
+    resumed = fit(NET, ck.params, opt, (x, y), epochs=3, key=ck.key, opt_state=ck.opt_state, start_epoch=ck.epoch,
+                  **kw)
+    assert resumed.epoch == 5
+    for u, v in zip(jax.tree_util.tree_leaves((straight.params, straight.opt_state)),
+                    jax.tree_util.tree_leaves((resumed.params, resumed.opt_state))):
+        np.testing.assert_array_equal(u, v)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history[2:]]
+
+
+def test_nan_guard_stops_and_keeps_the_last_finite_params():
+    x, _ = _toy(300)
+    y = jnp.sum(x, axis=1, keepdims=True)
+    net = fnn.MLP((5, 16, 1), "relu", "identity")  # regression with mse: too large a step diverges
+    params = net.init(jax.random.PRNGKey(0))
+    opt = optim.sgd(learning_rate=3.0)
+    mse = fnn.losses.mse
+    kw = dict(loss=mse, batch_size=10, key=jax.random.PRNGKey(1))
+    lines = []
+    result = fit(net, params, opt, (x, y), epochs=50, print_fn=lines.append, **kw)
+    assert result.stopped is not None and "non-finite" in result.stopped
+    epoch = result.history[-1]["epoch"]
+    assert f"epoch {epoch}," in result.stopped and epoch < 50 and result.epoch == epoch - 1
+    assert any("non-finite" in line for line in lines)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.params))
+    # Replay: the kept params are exactly those before the failing step, and that step fails.
+    step = int(result.stopped.split("step ")[1].split(" ")[0])
+    before = fit(net, params, opt, (x, y), epochs=epoch - 1, quiet=True, **kw)
+    _, shuffle_key = jax.random.split(before.key)
+    batches, _ = shuffled_batches(shuffle_key, 300, 10)
+    p, s = before.params, before.opt_state
+    for idx in np.asarray(batches)[:step]:
+        _, g = fnn.backprop(net, p, x[idx], y[idx], mse)
+        u, s = opt.update(g, s, p)
+        p = optim.apply_updates(p, u)
+    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(result.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4)
+    idx = np.asarray(batches)[step]
+    cost, g = fnn.backprop(net, p, x[idx], y[idx], mse)
+    new = optim.apply_updates(p, opt.update(g, s, p)[0])
+    finite = [bool(jnp.all(jnp.isfinite(t))) for t in [cost, *jax.tree_util.tree_leaves((g, new))]]
+    assert not all(finite)
+
+
+def test_bad_arguments():
+    x, y = _toy(50)
+    params = NET.init(jax.random.PRNGKey(0))
+    opt = optim.sgd(learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, 50\]"):
+        fit(NET, params, opt, (x, y), loss=SCE, epochs=1, batch_size=51, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="49 samples but x has 50"):
+        fit(NET, params, opt, (x, y[:49]), loss=SCE, epochs=1, batch_size=5, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        fit(NET, params, opt, (x, y.at[3].set(7)), loss=SCE, epochs=1, batch_size=5, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="unknown gradient source"):
+        fit(NET, params, opt, (x, y), loss=SCE, epochs=1, batch_size=5, key=jax.random.PRNGKey(0), grad_source="fd")
+
+
+def test_mnist_10k_reaches_95_percent(mnist_dir):
+    """784-256-10 on the real MNIST test images, split 8,000 train / 2,000 held out."""
+    ds = fnn.data.load_dataset("mnist-10k", mnist_dir)
+    norm = fnn.data.fit_zscore(ds.x_train)
+    x_train, x_test = fnn.data.zscore(norm, ds.x_train), fnn.data.zscore(norm, ds.x_test)
+    net = fnn.MLP((784, 256, 10), "relu", init="he_normal")
+    params = net.init(jax.random.PRNGKey(0))
+    result = fit(net, params, optim.adam(learning_rate=1e-3), (x_train, ds.y_train), loss=SCE, epochs=10,
+                 batch_size=128, key=jax.random.PRNGKey(1), held_out=(x_test, ds.y_test), quiet=True)
+    acc = result.history[-1]["held_out_accuracy"]
+    assert acc >= 0.95, result.history
+
+
+def test_digits_reaches_96_percent():
+    ds = fnn.data.load_dataset("digits")
+    norm = fnn.data.fit_zscore(ds.x_train)
+    net = fnn.MLP((64, 256, 10), "relu", init="he_normal")
+    params = net.init(jax.random.PRNGKey(0))
+    result = fit(net, params, optim.adam(learning_rate=1e-3), (fnn.data.zscore(norm, ds.x_train), ds.y_train),
+                 loss=SCE, epochs=30, batch_size=32, key=jax.random.PRNGKey(1),
+                 held_out=(fnn.data.zscore(norm, ds.x_test), ds.y_test), quiet=True)
+    assert result.history[-1]["held_out_accuracy"] >= 0.96, result.history[-1]
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("sgd", dict(learning_rate=0.1)),
+    ("sgd", dict(learning_rate=fnn.schedules.inverse_sqrt(0.2))),
+    ("momentum", dict(learning_rate=0.01, momentum=0.9)),
+    ("nesterov", dict(learning_rate=0.01, momentum=0.9)),
+    ("adagrad", dict(learning_rate=0.01)),
+    ("rmsprop", dict(learning_rate=1e-3)),
+    ("adam", dict(learning_rate=1e-3)),
+    ("adamw", dict(learning_rate=1e-3, weight_decay=1e-4)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_every_optimizer_lowers_the_loss_on_real_mnist(mnist_dir, name, kwargs):
+    """A 784-64-10 network on 2,000 real MNIST images: 3 epochs at least halve the cost of the start."""
+    ds = fnn.data.load_dataset("mnist-10k", mnist_dir)
+    x, y = ds.x_train[:2000], ds.y_train[:2000]
+    norm = fnn.data.fit_zscore(x)
+    x = fnn.data.zscore(norm, x)
+    net = fnn.MLP((784, 64, 10), "relu", init="he_normal")
+    params = net.init(jax.random.PRNGKey(0))
+    start = fnn.evaluate(net, params, jnp.asarray(x), jnp.asarray(y), SCE)["loss"]
+    result = fit(net, params, getattr(optim, name)(**kwargs), (x, y), loss=SCE, epochs=3, batch_size=64,
+                 key=jax.random.PRNGKey(1), quiet=True)
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[-1] < 0.5 * start and losses[-1] < losses[0], (start, losses)
