@@ -1,0 +1,81 @@
+"""What every experiment script shares: its command line, its output folder, its JSON and PNG.
+
+Each script is run as ``python experiments/<name>.py [--out DIR] [--quick]``. ``--quick`` is the
+reduced mode the test suite runs (seconds, not minutes); the numbers it prints are then only a
+smoke test of the code path, not the result the experiment claims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+
+def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.Namespace:
+    """``--out`` (default ``out/<name>``), ``--quick`` and ``--data-dir``; ``extra(parser)`` adds more."""
+    p = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=description)
+    p.add_argument("--out", default=str(ROOT / "out" / name), help="folder for the PNG and JSON")
+    p.add_argument("--quick", action="store_true", help="reduced mode for smoke tests")
+    p.add_argument("--data-dir", default=os.environ.get("FNN_DATA_DIR"),
+                   help="MNIST directory (default $FNN_DATA_DIR, then ../shared/data/mnist-t10k)")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args(argv)
+    if args.data_dir is None:
+        shared = ROOT.parent / "shared" / "data" / "mnist-t10k"
+        args.data_dir = str(shared) if shared.is_dir() else None
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    args.name = name
+    args.started = time.perf_counter()
+    return args
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _plain(np.asarray(value).tolist())
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+
+def save_json(args: argparse.Namespace, results: dict) -> Path:
+    """Write ``<out>/<name>.json`` with the results plus the mode and the run time."""
+    results = dict(results, quick=bool(args.quick), seconds=round(time.perf_counter() - args.started, 2))
+    path = Path(args.out) / f"{args.name}.json"
+    path.write_text(json.dumps(_plain(results), indent=1) + "\n")
+    return path
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    from fnn.plots import pyplot as _pyplot
+
+    return _pyplot()
+
+
+def save_figure(args: argparse.Namespace, fig) -> Path:
+    """Write ``<out>/<name>.png`` and close the figure."""
+    path = Path(args.out) / f"{args.name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def conclude(args: argparse.Namespace, text: str) -> None:
+    """Print the experiment's conclusion (and where its files are)."""
+    print(f"[{args.name}] {text}")
+    print(f"[{args.name}] wrote {Path(args.out) / args.name}.png and .json in {time.perf_counter() - args.started:.1f}s")
