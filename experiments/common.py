@@ -78,4 +78,5 @@ def save_figure(args: argparse.Namespace, fig) -> Path:
 def conclude(args: argparse.Namespace, text: str) -> None:
     """Print the experiment's conclusion (and where its files are)."""
     print(f"[{args.name}] {text}")
-    print(f"[{args.name}] wrote {Path(args.out) / args.name}.png and .json in {time.perf_counter() - args.started:.1f}s")
+    seconds = time.perf_counter() - args.started
+    print(f"[{args.name}] wrote {Path(args.out) / args.name}.png and .json in {seconds:.1f}s")
