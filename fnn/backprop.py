@@ -9,7 +9,9 @@ For a batch of N samples (rows) and the cost ``C = (1/N) Σ_x C_x + ½β Σ_l �
 - BP4  ``∂C/∂W^l = (1/N) (δ^l)ᵀ a^{l−1} + β W^l``.
 
 Here ``δ^l`` is kept per sample, shape ``(N, n_l)``; the batch mean ``1/N`` is applied once, in
-BP3/BP4, exactly as ``C = (1/N) Σ_x C_x`` says.
+BP3/BP4, exactly as ``C = (1/N) Σ_x C_x`` says. A batch-normalized layer passes δ through its own
+hand-derived backward (:func:`fnn.batchnorm.backward`) before BP4, and has ∂C/∂γ, ∂C/∂β instead of
+∂C/∂b.
 """
 
 from __future__ import annotations
@@ -17,13 +19,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fnn import batchnorm
 from fnn.losses import Loss, l2_penalty, mark_invalid
-from fnn.mlp import MLP, Params
+from fnn.mlp import MLP, Params, State
 
 
 def backprop(
-    net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, l2: float = 0.0
-) -> tuple[jax.Array, Params]:
+    net: MLP,
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    loss: Loss,
+    l2: float = 0.0,
+    state: State | None = None,
+    train: bool = True,
+):
     """The cost and its gradient with respect to ``params``, by the δ-recursion.
 
     Args:
@@ -33,18 +43,23 @@ def backprop(
       y: targets, as the loss reads them (see :mod:`fnn.losses`).
       loss: an :class:`fnn.losses.Loss` (a cost paired with its derivative).
       l2: ``β`` of the penalty ``½β Σ_l ‖W^l‖²`` (weights only).
+      state: batch-norm running statistics (required exactly when ``net`` has batch norm).
+      train: with batch norm, normalize with the batch's statistics (train mode, the default) or
+        with the running ones (eval mode).
 
     Returns:
-      ``(C, grads)``: the scalar cost and a pytree with exactly the structure of ``params``.
+      ``(C, grads)``: the scalar cost and a pytree with exactly the structure of ``params``; with a
+      ``state``, ``(C, grads, new_state)`` (the state is unchanged in eval mode).
     """
     if not isinstance(loss, Loss):
         raise TypeError(
             f"backprop needs an fnn.losses.Loss (a cost paired with its derivative); got "
             f"{type(loss).__name__}. Use one of fnn.losses.LOSSES or build a Loss(...)."
         )
-    zs, acts = net.forward(params, x)
+    fwd = net._forward(params, x, state, train=train)
+    zs, acts = fwd.zs, fwd.acts
     target, valid = loss.target(acts[-1], y)
-    n = x.shape[0]
+    n = acts[0].shape[0]
     cost = jnp.mean(mark_invalid(loss.per_sample(acts[-1], target), valid))
     cost = cost + l2_penalty(params, l2)
 
@@ -57,18 +72,37 @@ def backprop(
 
     grads = [None] * net.num_layers
     for l in reversed(range(net.num_layers)):  # l indexes layer l+1 of the notes
-        grads[l] = {
-            "W": delta.T @ acts[l] / n + l2 * params[l]["W"],  # BP4
-            "b": jnp.sum(delta, axis=0) / n,  # BP3
-        }
+        if fwd.bn[l] is None:
+            grads[l] = {"b": jnp.sum(delta, axis=0) / n}  # BP3
+        else:
+            delta, g_gamma, g_beta = batchnorm.backward(delta, params[l]["gamma"], fwd.bn[l], train=train)
+            grads[l] = {"gamma": g_gamma, "beta": g_beta}
+        grads[l]["W"] = delta.T @ acts[l] / n + l2 * params[l]["W"]  # BP4
         if l > 0:
             # BP2: δ^l = (δ^{l+1} W^{l+1}) ⊙ φ'(z^l)
             delta = phi[l - 1].backward(zs[l - 1], acts[l], delta @ params[l]["W"])
-    return cost, grads
+    grads = [{k: g[k] for k in params[l]} for l, g in enumerate(grads)]  # the params' own key order
+    return (cost, grads) if state is None else (cost, grads, fwd.state)
 
 
 def objective(
-    net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, l2: float = 0.0
-) -> jax.Array:
-    """The scalar cost ``C = loss(net.apply(params, x), y) + ½β Σ‖W‖²`` that :func:`backprop` differentiates."""
-    return loss(net.apply(params, x), y) + l2_penalty(params, l2)
+    net: MLP,
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    loss: Loss,
+    l2: float = 0.0,
+    state: State | None = None,
+    train: bool = True,
+):
+    """The scalar cost ``C = loss(net(params, x), y) + ½β Σ‖W‖²`` that :func:`backprop` differentiates.
+
+    With a batch-norm ``state`` it returns ``(C, new_state)``, the network run in train or eval mode.
+    """
+    if state is None:
+        return loss(net.apply(params, x), y) + l2_penalty(params, l2)
+    if train:
+        out, new_state = net.apply_train(params, x, state)
+    else:
+        out, new_state = net.apply(params, x, state), state
+    return loss(out, y) + l2_penalty(params, l2), new_state

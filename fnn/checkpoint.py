@@ -38,6 +38,7 @@ class Checkpoint(NamedTuple):
     epoch: int
     normalizer: tuple[np.ndarray, np.ndarray] | None
     meta: dict
+    state: Any = None  # batch-norm running statistics, when the network has them
 
 
 def _leaves(tree) -> tuple[list[str], list[np.ndarray]]:
@@ -54,12 +55,13 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def save(path, *, params, opt_state, key, epoch: int, normalizer=None, meta: dict | None = None) -> Path:
-    """Write a checkpoint atomically to ``path`` and return it."""
+def save(path, *, params, opt_state, key, epoch: int, normalizer=None, meta: dict | None = None,
+         state=None) -> Path:
+    """Write a checkpoint atomically to ``path`` and return it (``state``: batch-norm statistics)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays, paths = {}, {}
-    for group, tree in (("params", params), ("opt_state", opt_state)):
+    for group, tree in (("params", params), ("opt_state", opt_state), ("state", state)):
         names, values = _leaves(tree)
         paths[group] = names
         for i, v in enumerate(values):
@@ -105,7 +107,7 @@ def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def _restore(path, group, template, header, arrays):
     names, values = _leaves(template)
-    stored = header["paths"][group]
+    stored = header["paths"].get(group, [])
     if stored != names:
         raise CheckpointError(
             f"{path}: {group} has leaves {stored} but the template expects {names}; the checkpoint "
@@ -123,14 +125,17 @@ def _restore(path, group, template, header, arrays):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), out)
 
 
-def load(path, *, params, opt_state) -> Checkpoint:
-    """Read a checkpoint, restoring ``params`` and ``opt_state`` into the templates' structure.
+def load(path, *, params, opt_state, state=None) -> Checkpoint:
+    """Read a checkpoint, restoring ``params``, ``opt_state`` (and ``state``) into the templates' structure.
 
-    The templates (e.g. ``net.init(key)`` and ``opt.init(params)``) fix the tree structure, shapes
-    and dtypes the file must match; any difference raises :class:`CheckpointError` naming the leaf.
+    The templates (e.g. ``net.init(key)``, ``opt.init(params)`` and ``net.init_state()``) fix the
+    tree structure, shapes and dtypes the file must match; any difference raises
+    :class:`CheckpointError` naming the leaf.
     """
     path = Path(path)
     header, arrays = _read(path)
+    if state is None and header["paths"].get("state"):
+        raise CheckpointError(f"{path} holds batch-norm statistics: pass state=net.init_state() as a template.")
     normalizer = (arrays["norm.mean"], arrays["norm.std"]) if "norm.mean" in arrays else None
     return Checkpoint(
         params=_restore(path, "params", params, header, arrays),
@@ -139,6 +144,7 @@ def load(path, *, params, opt_state) -> Checkpoint:
         epoch=int(header["epoch"]),
         normalizer=normalizer,
         meta=header["meta"],
+        state=None if state is None else _restore(path, "state", state, header, arrays),
     )
 
 

@@ -49,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--loss", default=None, choices=sorted(LOSSES),
                    help="default: softmax_cross_entropy for classes, mse for regression")
     m.add_argument("--init", default="he_normal", choices=sorted(INITIALIZERS))
+    m.add_argument("--batch-norm", action="store_true", help="batch normalization in every hidden layer")
     m.add_argument("--l2", type=float, default=0.0, help="beta of the L2 term ½β Σ‖W‖²")
     m.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     o = p.add_argument_group("optimizer")
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
     if classes and loss.targets != CLASSES:  # class labels as one-hot rows for binary/regression losses
         y_train, y_test = (np.eye(ds.num_classes, dtype=dtype)[y] for y in (y_train, y_test))
     out_width = ds.num_classes if classes else np.shape(ds.y_train)[1]
-    net = MLP((x_train.shape[1], *args.hidden, out_width), args.activation, args.output, init=args.init)
+    net = MLP((x_train.shape[1], *args.hidden, out_width), args.activation, args.output, init=args.init,
+              batch_norm=args.batch_norm)
     key = jax.random.PRNGKey(args.seed)
     init_key, key = jax.random.split(key)
     params = net.init(init_key, dtype)
@@ -127,7 +129,9 @@ def main(argv=None) -> int:
           f"gradients: {args.grad_source}, on {jax.devices()[0].platform}")
 
     b = min(args.batch_size, len(x_train))
-    rel = np.asarray(check_gradients(net, params, jnp.asarray(x_train[:b]), jnp.asarray(y_train[:b]), loss, args.l2))
+    bn_state = net.init_state(dtype) if net.has_state else None
+    rel = np.asarray(check_gradients(net, params, jnp.asarray(x_train[:b]), jnp.asarray(y_train[:b]), loss, args.l2,
+                                     bn_state))
     print("gradient check on the first batch, max relative difference manual vs autodiff per layer: "
           + " ".join(f"{r:.1e}" for r in rel) + f" (max {rel.max():.1e})")
 
@@ -137,8 +141,8 @@ def main(argv=None) -> int:
         if path is None:
             print(f"no checkpoint in {args.checkpoint_dir}; starting from scratch")
         else:
-            ck = checkpoint.load(path, params=params, opt_state=opt.init(params))
-            params, opt_state, key, start_epoch = ck.params, ck.opt_state, ck.key, ck.epoch
+            ck = checkpoint.load(path, params=params, opt_state=opt.init(params), state=bn_state)
+            params, opt_state, key, start_epoch, bn_state = ck.params, ck.opt_state, ck.key, ck.epoch, ck.state
             print(f"resumed from {path} (epoch {start_epoch})")
 
     meta = {"argv": sys.argv[1:] if argv is None else list(argv), "sizes": list(net.sizes)}
@@ -147,13 +151,13 @@ def main(argv=None) -> int:
         if args.checkpoint_dir:
             checkpoint.save(checkpoint.path_for(args.checkpoint_dir, state.epoch), params=state.params,
                             opt_state=state.opt_state, key=state.key, epoch=state.epoch,
-                            normalizer=normalizer, meta=meta)
+                            normalizer=normalizer, meta=meta, state=state.state)
             checkpoint.prune(args.checkpoint_dir, keep=3)
 
     start = time.perf_counter()
     result = fit(net, params, opt, (x_train, y_train), loss=loss, epochs=max(0, args.epochs - start_epoch),
                  batch_size=args.batch_size, key=key, held_out=(x_test, y_test), l2=args.l2,
-                 grad_source=args.grad_source, last_batch=args.last_batch, opt_state=opt_state,
+                 grad_source=args.grad_source, last_batch=args.last_batch, opt_state=opt_state, state=bn_state,
                  start_epoch=start_epoch, on_epoch_end=save, quiet=args.quiet)
     wall = time.perf_counter() - start
     if result.history:

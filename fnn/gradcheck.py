@@ -7,14 +7,28 @@ import jax.numpy as jnp
 
 from fnn.backprop import backprop, objective
 from fnn.losses import Loss
-from fnn.mlp import MLP, Params
+from fnn.mlp import MLP, Params, State
 
 
 def autodiff_grads(
-    net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, l2: float = 0.0
-) -> tuple[jax.Array, Params]:
-    """``(C, ∂C/∂params)`` from ``jax.value_and_grad`` of :func:`fnn.objective`: the reference."""
-    return jax.value_and_grad(lambda p: objective(net, p, x, y, loss, l2))(params)
+    net: MLP,
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    loss: Loss,
+    l2: float = 0.0,
+    state: State | None = None,
+    train: bool = True,
+):
+    """``(C, ∂C/∂params)`` (plus the new state, with one) from ``jax.value_and_grad``: the reference.
+
+    Same arguments and results as :func:`fnn.backprop`.
+    """
+    if state is None:
+        return jax.value_and_grad(lambda p: objective(net, p, x, y, loss, l2))(params)
+    (cost, new_state), grads = jax.value_and_grad(
+        lambda p: objective(net, p, x, y, loss, l2, state, train), has_aux=True)(params)
+    return cost, grads, new_state
 
 
 def relative_difference(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -25,16 +39,23 @@ def relative_difference(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def check_gradients(
-    net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, l2: float = 0.0
+    net: MLP,
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    loss: Loss,
+    l2: float = 0.0,
+    state: State | None = None,
+    train: bool = True,
 ) -> jax.Array:
     """Per layer, the largest relative difference between manual and autodiff gradients.
 
-    Returns an array of shape ``(L,)``: entry ``l`` is the max over ``W^l`` and ``b^l`` of
-    :func:`relative_difference`. Expect about ``1e-6`` in float32 and ``1e-13`` in float64.
+    Returns an array of shape ``(L,)``: entry ``l`` is the max over the layer's leaves (``W^l`` and
+    ``b^l``, or ``γ^l`` and ``β^l``) of :func:`relative_difference`. Expect about ``1e-6`` in
+    float32 and ``1e-13`` in float64.
     """
-    _, manual = backprop(net, params, x, y, loss, l2)
-    _, auto = autodiff_grads(net, params, x, y, loss, l2)
+    manual = backprop(net, params, x, y, loss, l2, state, train)[1]
+    auto = autodiff_grads(net, params, x, y, loss, l2, state, train)[1]
     return jnp.stack([
-        jnp.maximum(relative_difference(m["W"], a["W"]), relative_difference(m["b"], a["b"]))
-        for m, a in zip(manual, auto)
+        jnp.max(jnp.stack([relative_difference(m[k], a[k]) for k in m])) for m, a in zip(manual, auto)
     ])

@@ -3,21 +3,41 @@
 Layer ``l = 1..L`` computes ``z^l = W^l a^{l-1} + b^l`` and ``a^l = φ_l(z^l)``, with ``a^0 = x``.
 On a batch with samples as rows this is ``Z^l = A^{l-1} (W^l)ᵀ + b^l``. Parameters are a plain
 list with one ``{"W": (fan_out, fan_in), "b": (fan_out,)}`` dict per layer.
+
+A hidden layer with batch normalization (:mod:`fnn.batchnorm`) holds ``{"W", "gamma", "beta"}``
+instead (no ``b``) and computes ``z^l = γ ⊙ x̂ + β`` from ``h = W a^{l-1}``. Its running mean and
+variance live in a separate *state* list (``net.init_state()``), one ``{"mean", "var"}`` dict per
+normalized layer and ``{}`` elsewhere, so optimizers never touch them:
+
+    out = net.apply(params, x, state)                # eval mode: running statistics
+    out, state = net.apply_train(params, x, state)   # train mode: batch statistics, new state
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fnn import _checks
+from fnn import _checks, batchnorm
 from fnn.activations import ACTIVATIONS, OUTPUT_ONLY, Activation
 from fnn.initializers import INITIALIZERS
 
 Params = list  # list[dict[str, jax.Array]]: [{"W": (n_l, n_{l-1}), "b": (n_l,)}, ...]
+State = list  # list[dict[str, jax.Array]]: [{"mean": (n_l,), "var": (n_l,)} or {}, ...]
+
+
+class Cache(NamedTuple):
+    """The forward pass kept for backprop: ``zs = [z^1..z^L]`` (the inputs of φ), ``acts =
+    [a^0..a^L]``, the batch-norm caches (``None`` for plain layers) and the new running state."""
+
+    zs: list
+    acts: list
+    bn: list
+    state: State | None
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -31,6 +51,8 @@ class MLP:
         ``"softmax"``, ``"sigmoid"``, ...).
       init: initializer name, see :mod:`fnn.initializers`; stored as ``initializer`` (the
         method :meth:`init` creates parameters).
+      batch_norm: ``True`` for every hidden layer, or one bool per hidden layer.
+      bn_momentum: ``ρ`` of the running averages; bn_eps: ``ε`` of ``√(σ² + ε)``.
 
     Example: ``MLP((784, 256, 10), "relu", "identity")`` has two layers, W^1 (256, 784), W^2 (10, 256).
     """
@@ -39,6 +61,9 @@ class MLP:
     activation: tuple[str, ...]
     output: str
     initializer: str
+    batch_norm: tuple[bool, ...]
+    bn_momentum: float
+    bn_eps: float
 
     def __init__(
         self,
@@ -46,6 +71,9 @@ class MLP:
         activation: str | Sequence[str] = "relu",
         output: str = "identity",
         init: str = "classic",
+        batch_norm: bool | Sequence[bool] = False,
+        bn_momentum: float = 0.9,
+        bn_eps: float = 1e-5,
     ):
         ok = isinstance(sizes, Sequence) and len(sizes) >= 2
         if not ok or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
@@ -55,25 +83,27 @@ class MLP:
             )
         sizes = tuple(sizes)
         hidden = len(sizes) - 2
-        if isinstance(activation, str):
-            names = (activation,) * hidden
-        else:
-            names = tuple(activation)
-            if len(names) != hidden:
+        names = (activation,) * hidden if isinstance(activation, str) else tuple(activation)
+        bn = (bool(batch_norm),) * hidden if isinstance(batch_norm, bool) else tuple(batch_norm)
+        for what, values in (("activation", names), ("batch_norm", bn)):
+            if len(values) != hidden:
                 raise ValueError(
-                    f"activation has {len(names)} names but sizes {sizes} has {hidden} hidden "
-                    f"layers; give one name, or one per hidden layer."
+                    f"{what} has {len(values)} entries but sizes {sizes} has {hidden} hidden "
+                    f"layers; give one value, or one per hidden layer."
                 )
+        if not all(isinstance(b, bool) for b in bn):
+            raise ValueError(f"batch_norm must be a bool or a sequence of bools; got {batch_norm!r}.")
         for name in names:
             _checks.lookup(ACTIVATIONS, "activation", name)
             if name in OUTPUT_ONLY:
                 raise ValueError(f"{name!r} acts on a whole row and is only allowed as output.")
         _checks.lookup(ACTIVATIONS, "activation", output)
         _checks.lookup(INITIALIZERS, "initializer", init)
-        object.__setattr__(self, "sizes", sizes)
-        object.__setattr__(self, "activation", names)
-        object.__setattr__(self, "output", output)
-        object.__setattr__(self, "initializer", init)
+        bn_momentum = _checks.real_in("bn_momentum", bn_momentum, 0.0, 1.0, high_open=True)
+        bn_eps = _checks.real_in("bn_eps", bn_eps, 0.0, low_open=True)
+        for field, value in (("sizes", sizes), ("activation", names), ("output", output), ("initializer", init),
+                             ("batch_norm", bn), ("bn_momentum", bn_momentum), ("bn_eps", bn_eps)):
+            object.__setattr__(self, field, value)
 
     @property
     def num_layers(self) -> int:
@@ -85,33 +115,68 @@ class MLP:
         """``(φ_1, ..., φ_L)``: the hidden activations followed by the output activation."""
         return tuple(ACTIVATIONS[n] for n in self.activation + (self.output,))
 
+    @property
+    def normalized(self) -> tuple[bool, ...]:
+        """Per layer ``1..L``: whether it is batch-normalized (the output layer never is)."""
+        return self.batch_norm + (False,)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the network has batch-norm running statistics (and so needs a state)."""
+        return any(self.batch_norm)
+
     def init(self, key: jax.Array, dtype=jnp.float32) -> Params:
-        """Fresh parameters ``[{"W": (n_l, n_{l-1}), "b": (n_l,)} for l = 1..L]`` of ``dtype``."""
+        """Fresh parameters of ``dtype``: ``{"W", "b"}`` per layer, ``{"W", "gamma"=1, "beta"=0}`` with BN."""
         init = INITIALIZERS[self.initializer]
         keys = jax.random.split(key, self.num_layers)
         params = []
-        for k, fan_in, fan_out in zip(keys, self.sizes[:-1], self.sizes[1:]):
+        for k, fan_in, fan_out, bn in zip(keys, self.sizes[:-1], self.sizes[1:], self.normalized):
             W, b = init(k, fan_in, fan_out, dtype)
-            params.append({"W": W, "b": b})
+            params.append({"W": W, "gamma": jnp.ones(fan_out, dtype), "beta": jnp.zeros(fan_out, dtype)}
+                          if bn else {"W": W, "b": b})
         return params
 
-    def apply(self, params: Params, x: jax.Array) -> jax.Array:
-        """The network's output ``a^L``: ``x (N, n_0) -> (N, n_L)``. Pure; jit/vmap/grad-able."""
-        _, a = self.forward(params, x)
-        return a[-1]
+    def init_state(self, dtype=jnp.float32) -> State:
+        """Running statistics: mean 0 and variance 1 for every batch-normalized layer, ``{}`` elsewhere."""
+        return [{"mean": jnp.zeros(n, dtype), "var": jnp.ones(n, dtype)} if bn else {}
+                for n, bn in zip(self.sizes[1:], self.normalized)]
+
+    def apply(self, params: Params, x: jax.Array, state: State | None = None) -> jax.Array:
+        """The network's output ``a^L``: ``x (N, n_0) -> (N, n_L)``. Pure; jit/vmap/grad-able.
+
+        With batch norm, ``state`` is required and its running statistics are used (eval mode).
+        """
+        return self._forward(params, x, state, train=False).acts[-1]
+
+    def apply_train(self, params: Params, x: jax.Array, state: State) -> tuple[jax.Array, State]:
+        """Train-mode output with batch statistics, and the updated running statistics."""
+        cache = self._forward(params, x, state, train=True)
+        return cache.acts[-1], cache.state
 
     def forward(self, params: Params, x: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
         """The forward pass keeping every layer: ``zs = [z^1..z^L]``, ``acts = [a^0=x, a^1..a^L]``.
 
         ``z^l`` and ``a^l`` have shape ``(N, n_l)``; this is what the backprop consumes.
         """
+        cache = self._forward(params, x, None, train=False)
+        return cache.zs, cache.acts
+
+    def _forward(self, params: Params, x, state: State | None, *, train: bool) -> Cache:
         x = self.check_input(params, x)
-        zs, acts = [], [x]
-        for layer, act in zip(params, self.activations):
-            z = acts[-1] @ layer["W"].T + layer["b"]  # z^l = W^l a^{l-1} + b^l, batched
+        self.check_state(state)
+        zs, acts, caches, new_state = [], [x], [], []
+        for l, (layer, act, bn) in enumerate(zip(params, self.activations, self.normalized)):
+            if bn:
+                h = acts[-1] @ layer["W"].T  # h^l = W^l a^{l-1}; β replaces the bias
+                z, cache, running = batchnorm.forward(h, layer["gamma"], layer["beta"], state[l], train=train,
+                                                      momentum=self.bn_momentum, eps=self.bn_eps)
+            else:
+                z, cache, running = acts[-1] @ layer["W"].T + layer["b"], None, {}  # z^l = W^l a^{l-1} + b^l
             zs.append(z)
             acts.append(act.phi(z))  # a^l = φ(z^l)
-        return zs, acts
+            caches.append(cache)
+            new_state.append(running)
+        return Cache(zs, acts, caches, new_state if state is not None else None)
 
     def check_params(self, params: Params) -> None:
         """Raise ``ValueError``/``TypeError`` unless ``params`` matches this configuration."""
@@ -121,13 +186,18 @@ class MLP:
                 f"params must be a list of {self.num_layers} layers for sizes {self.sizes}; got {got}."
             )
         dtype = None
-        for l, (layer, fan_in, fan_out) in enumerate(zip(params, self.sizes[:-1], self.sizes[1:]), 1):
-            if not isinstance(layer, dict) or not {"W", "b"} <= set(layer):
-                raise ValueError(f"layer {l} of params must be a dict with keys 'W' and 'b'.")
-            for name, want in (("W", (fan_out, fan_in)), ("b", (fan_out,))):
+        for l, (layer, fan_in, fan_out, bn) in enumerate(
+            zip(params, self.sizes[:-1], self.sizes[1:], self.normalized), 1
+        ):
+            want = {"W": (fan_out, fan_in), "gamma": (fan_out,), "beta": (fan_out,)} if bn else \
+                {"W": (fan_out, fan_in), "b": (fan_out,)}
+            if not isinstance(layer, dict) or set(layer) != set(want):
+                got = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
+                raise ValueError(f"layer {l} of params must be a dict with keys {sorted(want)}; got {got}.")
+            for name, shape in want.items():
                 got = tuple(jnp.shape(layer[name]))
-                if got != want:
-                    raise ValueError(f"params[{l - 1}]['{name}'] must have shape {want}; got {got}.")
+                if got != shape:
+                    raise ValueError(f"params[{l - 1}]['{name}'] must have shape {shape}; got {got}.")
                 leaf_dtype = jnp.result_type(layer[name])
                 dtype = dtype or leaf_dtype
                 if not jnp.issubdtype(leaf_dtype, jnp.floating) or leaf_dtype != dtype:
@@ -135,6 +205,22 @@ class MLP:
                         f"params must all share one floating dtype; params[{l - 1}]['{name}'] "
                         f"is {leaf_dtype}, expected {dtype}."
                     )
+
+    def check_state(self, state: State | None) -> None:
+        """Raise unless ``state`` holds running statistics for exactly the batch-normalized layers."""
+        if state is None:
+            if self.has_state:
+                raise ValueError("this network has batch normalization: pass its state (net.init_state()).")
+            return
+        if not isinstance(state, (list, tuple)) or len(state) != self.num_layers:
+            raise ValueError(f"state must be a list of {self.num_layers} dicts (net.init_state()); got {state!r}.")
+        for l, (entry, n, bn) in enumerate(zip(state, self.sizes[1:], self.normalized)):
+            keys = {"mean", "var"} if bn else set()
+            if not isinstance(entry, dict) or set(entry) != keys:
+                raise ValueError(f"state[{l}] must have keys {sorted(keys)}; got {entry!r}.")
+            for name in keys:
+                if tuple(jnp.shape(entry[name])) != (n,):
+                    raise ValueError(f"state[{l}]['{name}'] must have shape ({n},); got {jnp.shape(entry[name])}.")
 
     def check_input(self, params: Params, x) -> jax.Array:
         """``x`` as an array after checking it against this configuration and ``params``."""

@@ -32,7 +32,7 @@ from fnn import _checks
 from fnn.backprop import backprop
 from fnn.gradcheck import autodiff_grads
 from fnn.losses import BINARY, CLASSES, Loss
-from fnn.mlp import MLP, Params
+from fnn.mlp import MLP, Params, State
 
 GRAD_SOURCES: dict[str, Callable] = {"manual": backprop, "autodiff": autodiff_grads}
 LAST_BATCH = ("smaller", "drop")
@@ -56,6 +56,7 @@ class FitResult(NamedTuple):
     epoch: int  # epochs completed, counting those before a resume
     history: list  # one dict per epoch, see :func:`fit`
     stopped: str | None  # why training stopped early, or None
+    state: State | None = None  # batch-norm running statistics, for networks that have them
 
 
 def global_norm(tree) -> jax.Array:
@@ -96,18 +97,24 @@ def make_epoch(
     grad_source: str = "manual",
     last_batch: str = "smaller",
 ) -> Callable:
-    """The (un-jitted) epoch function ``(params, opt_state, key, x, y) -> (params, opt_state, key, stats)``.
+    """The (un-jitted) epoch function
+    ``(params, opt_state, state, key, x, y) -> (params, opt_state, state, key, stats)``.
 
-    ``x: (N, n_0)``, ``y``: targets for all ``N`` samples. The key is split once per epoch; the
-    returned key is the one to pass to the next epoch.
+    ``x: (N, n_0)``, ``y``: targets for all ``N`` samples; ``state`` the batch-norm running
+    statistics (``None`` without batch norm). The key is split once per epoch; the returned key is
+    the one to pass to the next epoch.
     """
     grads_of = _checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
     _checks.lookup(dict.fromkeys(LAST_BATCH), "last_batch rule", last_batch)
 
     def step(carry, batch):
-        params, opt_state, bad = carry
+        params, opt_state, state, bad = carry
         i, xb, yb = batch
-        cost, grads = grads_of(net, params, xb, yb, loss, l2)
+        if state is None:
+            cost, grads = grads_of(net, params, xb, yb, loss, l2)
+            new_bn = None
+        else:
+            cost, grads, new_bn = grads_of(net, params, xb, yb, loss, l2, state, True)
         norm = global_norm(grads)
         updates, new_state = opt.update(grads, opt_state, params)
         new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
@@ -115,22 +122,22 @@ def make_epoch(
         finite = jnp.isfinite(cost) & all_finite(grads) & all_finite(new_params)
         ok = finite & (bad < 0)  # after a failure no further update is applied
         bad = jnp.where((bad < 0) & ~finite, i, bad)
-        params, opt_state = _select(ok, (new_params, new_state), (params, opt_state))
-        return (params, opt_state, bad), (cost, norm)
+        params, opt_state, state = _select(ok, (new_params, new_state, new_bn), (params, opt_state, state))
+        return (params, opt_state, state, bad), (cost, norm)
 
-    def epoch(params, opt_state, key, x, y):
+    def epoch(params, opt_state, state, key, x, y):
         key, shuffle_key = jax.random.split(key)  # shuffle at the start of every epoch
         batches, rest = shuffled_batches(shuffle_key, num_samples, batch_size, last_batch)
         full = batches.shape[0]
-        carry = (params, opt_state, jnp.asarray(-1, jnp.int32))
+        carry = (params, opt_state, state, jnp.asarray(-1, jnp.int32))
         carry, (costs, norms) = jax.lax.scan(step, carry, (jnp.arange(full, dtype=jnp.int32), x[batches], y[batches]))
         sizes = jnp.full((full,), batch_size, jnp.int32)
         if rest.shape[0]:
             carry, (c, g) = step(carry, (jnp.asarray(full, jnp.int32), x[rest], y[rest]))
             costs, norms = jnp.append(costs, c), jnp.append(norms, g)
             sizes = jnp.append(sizes, jnp.asarray(rest.shape[0], jnp.int32))
-        params, opt_state, bad = carry
-        return params, opt_state, key, EpochStats(costs, norms, sizes, bad)
+        params, opt_state, state, bad = carry
+        return params, opt_state, state, key, EpochStats(costs, norms, sizes, bad)
 
     return epoch
 
@@ -151,13 +158,17 @@ def predictions_accuracy(net: MLP, loss: Loss, output: jax.Array, y: jax.Array) 
     return None
 
 
-def evaluate(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, batch_size: int = 4096) -> dict:
-    """Held-out cost and accuracy (``None`` for regression), computed in chunks of ``batch_size``."""
+def evaluate(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, batch_size: int = 4096,
+             state: State | None = None) -> dict:
+    """Held-out cost and accuracy (``None`` for regression), computed in chunks of ``batch_size``.
+
+    Batch-normalized networks are evaluated in eval mode, with the running statistics ``state``.
+    """
     fn = _evaluate_fn(net, loss)
     totals, count = None, 0
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        cost, acc = fn(params, xb, yb)
+        cost, acc = fn(params, state, xb, yb)
         weight = xb.shape[0]
         part = (float(cost) * weight, None if acc is None else float(acc) * weight)
         totals = part if totals is None else (totals[0] + part[0], None if acc is None else totals[1] + part[1])
@@ -170,8 +181,8 @@ _EVAL_CACHE: dict = {}
 
 def _evaluate_fn(net, loss):
     if (net, loss) not in _EVAL_CACHE:
-        def fn(params, x, y):
-            out = net.apply(params, x)
+        def fn(params, state, x, y):
+            out = net.apply(params, x, state)
             return loss(out, y), predictions_accuracy(net, loss, out, y)
         _EVAL_CACHE[(net, loss)] = jax.jit(fn)
     return _EVAL_CACHE[(net, loss)]
@@ -192,6 +203,7 @@ def fit(
     grad_source: str = "manual",
     last_batch: str = "smaller",
     opt_state: Any = None,
+    state: State | None = None,
     start_epoch: int = 0,
     on_epoch_end: Callable[[FitResult], None] | None = None,
     quiet: bool = False,
@@ -210,6 +222,8 @@ def fit(
       held_out: optional ``(x, y)`` evaluated after every epoch.
       grad_source: ``"manual"`` (:func:`fnn.backprop`) or ``"autodiff"`` (``jax.grad``).
       opt_state, start_epoch: to resume; ``opt_state`` defaults to ``opt.init(params)``.
+      state: batch-norm running statistics; defaults to ``net.init_state()`` for networks with
+        batch norm (trained in train mode, evaluated in eval mode), ``None`` otherwise.
       on_epoch_end: called with the state after every finished epoch (e.g. to checkpoint).
       quiet: no progress lines.
 
@@ -232,19 +246,27 @@ def fit(
         raise ValueError(f"epochs must be a non-negative int; got {epochs!r}.")
     if held_out is not None:
         held_out = (net.check_input(params, held_out[0]), jnp.asarray(held_out[1]))
+    if net.has_state and last_batch == "smaller" and n % batch_size == 1:
+        raise ValueError(
+            f"with batch normalization the last batch of {n} samples in batches of {batch_size} would hold "
+            f"1 sample, which has no batch variance; use last_batch='drop' or another batch size."
+        )
 
     epoch_fn = make_epoch(net, loss, opt, num_samples=n, batch_size=batch_size, l2=l2,
                           grad_source=grad_source, last_batch=last_batch)
     opt_state = opt.init(params) if opt_state is None else opt_state
+    if state is None and net.has_state:
+        state = net.init_state(x.dtype)
+    net.check_state(state)
     # Copy what will be donated so the caller's arrays stay valid.
-    params, opt_state = jax.tree_util.tree_map(jnp.copy, (params, opt_state))
-    compiled = jax.jit(epoch_fn, donate_argnums=(0, 1)).lower(params, opt_state, key, x, y).compile()
+    params, opt_state, state = jax.tree_util.tree_map(jnp.copy, (params, opt_state, state))
+    compiled = jax.jit(epoch_fn, donate_argnums=(0, 1, 2)).lower(params, opt_state, state, key, x, y).compile()
 
     history, stopped, start = [], None, time.perf_counter()
     epoch = start_epoch
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         t0 = time.perf_counter()
-        params, opt_state, key, stats = compiled(params, opt_state, key, x, y)
+        params, opt_state, state, key, stats = compiled(params, opt_state, state, key, x, y)
         stats = jax.device_get(stats)
         seconds = time.perf_counter() - t0
         bad = int(stats.first_bad_step)
@@ -259,7 +281,7 @@ def fit(
             "elapsed": time.perf_counter() - start,
         }
         if held_out is not None:
-            scores = evaluate(net, params, *held_out, loss)
+            scores = evaluate(net, params, *held_out, loss, state=state)
             record["held_out_loss"], record["held_out_accuracy"] = scores["loss"], scores["accuracy"]
         history.append(record)
         if bad >= 0:
@@ -274,8 +296,8 @@ def fit(
         if not quiet:
             print_fn(format_epoch(record, start_epoch + epochs))
         if on_epoch_end is not None:
-            on_epoch_end(FitResult(params, opt_state, key, epoch, history, None))
-    return FitResult(params, opt_state, key, epoch if stopped is None else epoch - 1, history, stopped)
+            on_epoch_end(FitResult(params, opt_state, key, epoch, history, None, state))
+    return FitResult(params, opt_state, key, epoch if stopped is None else epoch - 1, history, stopped, state)
 
 
 def _weighted_mean(values, weights) -> float:

@@ -2,12 +2,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import np_sigmoid, np_softmax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fnn.activations import ACTIVATIONS, LEAKY_SLOPE, softmax
+
+from helpers import np_sigmoid, np_softmax
 
 ELEMENTWISE = sorted(n for n, a in ACTIVATIONS.items() if a.dphi is not None)
 

@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnn
 from fnn.activations import ACTIVATIONS
 from fnn.losses import CLASSES, LOSSES
+
+from helpers import rel_err
 
 HIDDEN = sorted(n for n, a in ACTIVATIONS.items() if a.dphi is not None)
 

@@ -4,12 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import np_sigmoid, np_softmax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnn
 from fnn.losses import CLASSES, LOSSES
+
+from helpers import np_sigmoid, np_softmax
 
 
 def _np_loss(name, a, y):

@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import np_softmax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fnn
+
+from helpers import np_softmax
 
 
 def _np_forward(params, x, hidden, output):
@@ -93,7 +94,7 @@ def test_apply_under_vmap_and_grad():
     (dict(sizes=(3,)), "at least two"),
     (dict(sizes=(3, 0, 2)), "positive"),
     (dict(sizes=(3, 2.5, 2)), "positive ints"),
-    (dict(sizes=(3, 4, 4, 2), activation=("relu",)), "1 names but sizes"),
+    (dict(sizes=(3, 4, 4, 2), activation=("relu",)), "1 entries but sizes"),
     (dict(sizes=(3, 4, 2), activation="swish"), "unknown activation 'swish'"),
     (dict(sizes=(3, 4, 2), activation="softmax"), "only allowed as output"),
     (dict(sizes=(3, 4, 2), output="nope"), "unknown activation 'nope'"),

@@ -41,10 +41,10 @@ def test_last_smaller_batch_is_a_real_step():
     params = NET.init(jax.random.PRNGKey(0))
     opt = optim.sgd(learning_rate=0.1)
     epoch = jax.jit(make_epoch(NET, SCE, opt, num_samples=23, batch_size=5))
-    _, _, _, stats = epoch(params, opt.init(params), jax.random.PRNGKey(1), x, y)
+    _, _, _, _, stats = epoch(params, opt.init(params), None, jax.random.PRNGKey(1), x, y)
     np.testing.assert_array_equal(stats.batch_size, [5, 5, 5, 5, 3])
     epoch = jax.jit(make_epoch(NET, SCE, opt, num_samples=23, batch_size=5, last_batch="drop"))
-    _, _, _, stats = epoch(params, opt.init(params), jax.random.PRNGKey(1), x, y)
+    _, _, _, _, stats = epoch(params, opt.init(params), None, jax.random.PRNGKey(1), x, y)
     np.testing.assert_array_equal(stats.batch_size, [5, 5, 5, 5])
 
 
@@ -54,7 +54,8 @@ def test_epoch_matches_a_python_loop_over_batches():
     params = NET.init(jax.random.PRNGKey(0))
     opt = optim.momentum(learning_rate=0.05, momentum=0.9)
     key = jax.random.PRNGKey(3)
-    got, _, _, _ = jax.jit(make_epoch(NET, SCE, opt, num_samples=23, batch_size=5))(params, opt.init(params), key, x, y)
+    epoch = jax.jit(make_epoch(NET, SCE, opt, num_samples=23, batch_size=5))
+    got, _, _, _, _ = epoch(params, opt.init(params), None, key, x, y)
     _, shuffle_key = jax.random.split(key)
     full, rest = shuffled_batches(shuffle_key, 23, 5)
     p, s = params, opt.init(params)
