@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fnn import optim, schedules
+
+from helpers import rel_err
 
 SHAPES = [{"W": (3, 4), "b": (3,)}, {"W": (2, 3), "b": (2,)}]
 KEYS = ("W", "b")  # the leaf order of a dict in a pytree: sorted keys
