@@ -16,12 +16,28 @@ hand-derived backward (:func:`fnn.batchnorm.backward`) before BP4, and has ∂C/
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from fnn import batchnorm
 from fnn.losses import Loss, l2_penalty, mark_invalid
 from fnn.mlp import MLP, Params, State
+
+
+def _nonzero(beta) -> bool:
+    """False only for a Python 0 (then the L2 terms are left out of the graph); traced β counts."""
+    return not (isinstance(beta, (int, float)) and beta == 0)
+
+
+class Trace(NamedTuple):
+    """Every intermediate of one backprop, layer by layer ``l = 1..L``: ``zs[l-1] = z^l``,
+    ``acts[l] = a^l`` (``acts[0] = x``) and ``deltas[l-1] = δ^l = ∂C_x/∂z^l`` (per sample)."""
+
+    zs: list
+    acts: list
+    deltas: list
 
 
 def backprop(
@@ -51,6 +67,16 @@ def backprop(
       ``(C, grads)``: the scalar cost and a pytree with exactly the structure of ``params``; with a
       ``state``, ``(C, grads, new_state)`` (the state is unchanged in eval mode).
     """
+    cost, grads, new_state, _ = backprop_trace(net, params, x, y, loss, l2, state, train)
+    return (cost, grads) if state is None else (cost, grads, new_state)
+
+
+def backprop_trace(net: MLP, params: Params, x, y, loss: Loss, l2: float = 0.0, state: State | None = None,
+                   train: bool = True) -> tuple[jax.Array, Params, State | None, Trace]:
+    """:func:`backprop` that also returns its :class:`Trace` (every z^l, a^l and δ^l), for diagnostics.
+
+    Returns ``(C, grads, new_state, trace)``; ``new_state`` is ``None`` without batch norm.
+    """
     if not isinstance(loss, Loss):
         raise TypeError(
             f"backprop needs an fnn.losses.Loss (a cost paired with its derivative); got "
@@ -70,19 +96,22 @@ def backprop(
         delta = phi[-1].backward(zs[-1], acts[-1], loss.grad(acts[-1], target))  # BP1
     delta = mark_invalid(delta, valid)
 
-    grads = [None] * net.num_layers
+    grads, deltas = [None] * net.num_layers, [None] * net.num_layers
     for l in reversed(range(net.num_layers)):  # l indexes layer l+1 of the notes
+        deltas[l] = delta
         if fwd.bn[l] is None:
             grads[l] = {"b": jnp.sum(delta, axis=0) / n}  # BP3
         else:
             delta, g_gamma, g_beta = batchnorm.backward(delta, params[l]["gamma"], fwd.bn[l], train=train)
             grads[l] = {"gamma": g_gamma, "beta": g_beta}
-        grads[l]["W"] = delta.T @ acts[l] / n + l2 * params[l]["W"]  # BP4
+        grads[l]["W"] = delta.T @ acts[l] / n  # BP4
+        if _nonzero(l2):
+            grads[l]["W"] = grads[l]["W"] + l2 * params[l]["W"]
         if l > 0:
             # BP2: δ^l = (δ^{l+1} W^{l+1}) ⊙ φ'(z^l)
             delta = phi[l - 1].backward(zs[l - 1], acts[l], delta @ params[l]["W"])
     grads = [{k: g[k] for k in params[l]} for l, g in enumerate(grads)]  # the params' own key order
-    return (cost, grads) if state is None else (cost, grads, fwd.state)
+    return cost, grads, fwd.state, Trace(zs, acts, deltas)
 
 
 def objective(

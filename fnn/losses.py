@@ -246,4 +246,6 @@ LOSSES: dict[str, Loss] = {
 
 def l2_penalty(params, beta: float) -> Array:
     """The L2 term ``½ β Σ_l ‖W^l‖²`` over the weights only (biases are not penalised)."""
+    if isinstance(beta, (int, float)) and beta == 0:
+        return jnp.zeros((), jnp.result_type(params[0]["W"]))  # keep the squares out of the graph
     return 0.5 * beta * sum(jnp.sum(layer["W"] ** 2) for layer in params)

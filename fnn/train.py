@@ -14,11 +14,15 @@ the smaller batch, with params and optimizer state donated. No Python runs per b
 
 A non-finite cost, gradient or updated parameter stops training: inside the compiled epoch the
 failing update is not applied (nor any after it), so the params returned are the last finite ones,
-and :func:`fit` reports the epoch and the step.
+and :func:`fit` reports the epoch, the step, the batch and the first place (``z^l``, ``a^l``,
+cost, ``δ^l``, gradient or update, see :func:`nan_sites`) where a non-finite value appeared: the
+manual backward pass makes every ``δ^l`` available, and the check is recorded in the scan carry,
+with no host callback in the loop.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -29,12 +33,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn import _checks
-from fnn.backprop import backprop
+from fnn.backprop import Trace, backprop_trace
 from fnn.gradcheck import autodiff_grads
 from fnn.losses import BINARY, CLASSES, Loss
 from fnn.mlp import MLP, Params, State
+from fnn.optim import SkipNonfiniteState
 
-GRAD_SOURCES: dict[str, Callable] = {"manual": backprop, "autodiff": autodiff_grads}
+
+def _manual(net, params, x, y, loss, l2, state):
+    return backprop_trace(net, params, x, y, loss, l2, state, True)
+
+
+def _autodiff(net, params, x, y, loss, l2, state):
+    if state is None:
+        return (*autodiff_grads(net, params, x, y, loss, l2), None, None)
+    return (*autodiff_grads(net, params, x, y, loss, l2, state, True), None)
+
+
+GRAD_SOURCES: dict[str, Callable] = {"manual": _manual, "autodiff": _autodiff}
+"""Gradient sources: ``(net, params, x, y, loss, l2, state) -> (C, grads, new_state, trace or None)``."""
 LAST_BATCH = ("smaller", "drop")
 
 
@@ -42,9 +59,30 @@ class EpochStats(NamedTuple):
     """What the compiled epoch returns besides the new state; arrays of one entry per step."""
 
     cost: jax.Array  # (steps,) the batch costs; NaN/inf where the step failed
-    grad_norm: jax.Array  # (steps,) global gradient norm ‖∇C‖₂ before the update
+    grad_norm: jax.Array  # (steps,) global gradient norm ‖∇C‖₂ before the update (and before clipping)
     batch_size: jax.Array  # (steps,) samples in each batch
     first_bad_step: jax.Array  # () int32: index of the first non-finite step, −1 if none
+    first_bad_site: jax.Array  # () int32: index into nan_sites(net) of the first non-finite value there
+    bad_batch: jax.Array  # (B,) int32: the sample indices of that step's batch (−1 padded), or all −1
+
+
+def nan_sites(net: MLP) -> tuple[str, ...]:
+    """Where a step's values are checked for NaN/inf, in the order they are computed:
+    ``z^1, a^1, …, z^L, a^L, cost, δ^L, …, δ^1, gradient, update``."""
+    forward = [f"{kind}^{l}" for l in range(1, net.num_layers + 1) for kind in ("z", "a")]
+    backward = [f"δ^{l}" for l in range(net.num_layers, 0, -1)]
+    return (*forward, "cost", *backward, "gradient", "update")
+
+
+def _site_flags(net: MLP, cost, trace: Trace | None, grads, new_params) -> jax.Array:
+    """One bool per :func:`nan_sites` entry: True where every value is finite (or not recorded)."""
+    if trace is None:  # autodiff: only the cost, the gradient and the update are seen
+        inner = [jnp.asarray(True)] * (3 * net.num_layers)
+    else:
+        forward = [all_finite(t) for pair in zip(trace.zs, trace.acts[1:]) for t in pair]
+        inner = forward + [all_finite(d) for d in reversed(trace.deltas)]
+    flags = inner[: 2 * net.num_layers] + [jnp.isfinite(cost)] + inner[2 * net.num_layers:]
+    return jnp.stack(flags + [all_finite(grads), all_finite(new_params)])
 
 
 class FitResult(NamedTuple):
@@ -57,6 +95,7 @@ class FitResult(NamedTuple):
     history: list  # one dict per epoch, see :func:`fit`
     stopped: str | None  # why training stopped early, or None
     state: State | None = None  # batch-norm running statistics, for networks that have them
+    nan_report: dict | None = None  # where the first non-finite value appeared, see fit
 
 
 def global_norm(tree) -> jax.Array:
@@ -67,6 +106,16 @@ def global_norm(tree) -> jax.Array:
 def all_finite(tree) -> jax.Array:
     """True when every entry of every leaf is finite (no NaN, no ±inf)."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+
+
+def _is_skip(node) -> bool:
+    return isinstance(node, SkipNonfiniteState)
+
+
+def skipped_updates(opt_state) -> int | None:
+    """Updates skipped so far by :func:`fnn.optim.skip_nonfinite` inside ``opt_state`` (``None`` if absent)."""
+    found = [n for n in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_skip) if _is_skip(n)]
+    return sum(int(n.skipped) for n in found) if found else None
 
 
 def _select(ok, new, old):
@@ -107,37 +156,43 @@ def make_epoch(
     grads_of = _checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
     _checks.lookup(dict.fromkeys(LAST_BATCH), "last_batch rule", last_batch)
 
-    def step(carry, batch):
-        params, opt_state, state, bad = carry
-        i, xb, yb = batch
-        if state is None:
-            cost, grads = grads_of(net, params, xb, yb, loss, l2)
-            new_bn = None
-        else:
-            cost, grads, new_bn = grads_of(net, params, xb, yb, loss, l2, state, True)
+    def step(x, y, carry, batch):
+        params, opt_state, state, bad, site, bad_batch = carry
+        skips = any(map(_is_skip, jax.tree_util.tree_leaves(opt_state, is_leaf=_is_skip)))  # static
+        i, idx = batch
+        cost, grads, new_bn, trace = grads_of(net, params, x[idx], y[idx], loss, l2, state)
         norm = global_norm(grads)
         updates, new_state = opt.update(grads, opt_state, params)
         new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-        # the norm may overflow for huge finite gradients, so finiteness is checked leaf by leaf
-        finite = jnp.isfinite(cost) & all_finite(grads) & all_finite(new_params)
+        # Checked leaf by leaf (the norm may overflow for huge finite gradients), without host
+        # callbacks: the first failure's step, site and batch are recorded in the carry. With
+        # skip_nonfinite in the optimizer a non-finite gradient is its business; the update is not.
+        flags = _site_flags(net, cost, trace, grads, new_params)
+        finite = flags[-1] if skips else jnp.all(flags)
+        first = (bad < 0) & ~finite
+        bad = jnp.where(first, i, bad)
+        site = jnp.where(first, jnp.argmin(flags).astype(jnp.int32), site)
+        padded = jnp.full(bad_batch.shape, -1, jnp.int32).at[: idx.shape[0]].set(idx.astype(jnp.int32))
+        bad_batch = jnp.where(first, padded, bad_batch)
         ok = finite & (bad < 0)  # after a failure no further update is applied
-        bad = jnp.where((bad < 0) & ~finite, i, bad)
         params, opt_state, state = _select(ok, (new_params, new_state, new_bn), (params, opt_state, state))
-        return (params, opt_state, state, bad), (cost, norm)
+        return (params, opt_state, state, bad, site, bad_batch), (cost, norm)
 
     def epoch(params, opt_state, state, key, x, y):
         key, shuffle_key = jax.random.split(key)  # shuffle at the start of every epoch
         batches, rest = shuffled_batches(shuffle_key, num_samples, batch_size, last_batch)
         full = batches.shape[0]
-        carry = (params, opt_state, state, jnp.asarray(-1, jnp.int32))
-        carry, (costs, norms) = jax.lax.scan(step, carry, (jnp.arange(full, dtype=jnp.int32), x[batches], y[batches]))
+        minus = jnp.asarray(-1, jnp.int32)
+        carry = (params, opt_state, state, minus, minus, jnp.full((batch_size,), -1, jnp.int32))
+        body = functools.partial(step, x, y)
+        carry, (costs, norms) = jax.lax.scan(body, carry, (jnp.arange(full, dtype=jnp.int32), batches))
         sizes = jnp.full((full,), batch_size, jnp.int32)
         if rest.shape[0]:
-            carry, (c, g) = step(carry, (jnp.asarray(full, jnp.int32), x[rest], y[rest]))
+            carry, (c, g) = body(carry, (jnp.asarray(full, jnp.int32), rest))
             costs, norms = jnp.append(costs, c), jnp.append(norms, g)
             sizes = jnp.append(sizes, jnp.asarray(rest.shape[0], jnp.int32))
-        params, opt_state, state, bad = carry
-        return params, opt_state, state, key, EpochStats(costs, norms, sizes, bad)
+        params, opt_state, state, bad, site, bad_batch = carry
+        return params, opt_state, state, key, EpochStats(costs, norms, sizes, bad, site, bad_batch)
 
     return epoch
 
@@ -262,7 +317,7 @@ def fit(
     params, opt_state, state = jax.tree_util.tree_map(jnp.copy, (params, opt_state, state))
     compiled = jax.jit(epoch_fn, donate_argnums=(0, 1, 2)).lower(params, opt_state, state, key, x, y).compile()
 
-    history, stopped, start = [], None, time.perf_counter()
+    history, stopped, nan_report, start = [], None, None, time.perf_counter()
     epoch = start_epoch
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         t0 = time.perf_counter()
@@ -271,24 +326,32 @@ def fit(
         seconds = time.perf_counter() - t0
         bad = int(stats.first_bad_step)
         good = slice(None) if bad < 0 else slice(0, bad)
-        sizes = stats.batch_size[good]
+        kept = np.isfinite(stats.cost[good])  # with skip_nonfinite, skipped steps have no cost to average
+        sizes = stats.batch_size[good][kept]
         record = {
             "epoch": epoch,
-            "train_loss": _weighted_mean(stats.cost[good], sizes),
-            "grad_norm": _weighted_mean(stats.grad_norm[good], np.ones_like(sizes)),
+            "train_loss": _weighted_mean(stats.cost[good][kept], sizes),
+            "grad_norm": _weighted_mean(stats.grad_norm[good][kept], np.ones_like(sizes)),
             "samples_per_s": n / seconds,
             "seconds": seconds,
             "elapsed": time.perf_counter() - start,
         }
+        skipped = skipped_updates(opt_state)
+        if skipped is not None:
+            record["skipped_updates"] = skipped
         if held_out is not None:
             scores = evaluate(net, params, *held_out, loss, state=state)
             record["held_out_loss"], record["held_out_accuracy"] = scores["loss"], scores["accuracy"]
         history.append(record)
         if bad >= 0:
+            site = nan_sites(net)[int(stats.first_bad_site)]
+            batch = [int(i) for i in stats.bad_batch if i >= 0]
+            nan_report = {"epoch": epoch, "step": bad, "steps": len(stats.cost), "site": site,
+                          "cost": float(stats.cost[bad]), "grad_norm": float(stats.grad_norm[bad]), "batch": batch}
             stopped = (
-                f"non-finite cost, gradient or update at epoch {epoch}, step {bad} of {len(stats.cost)} "
-                f"(cost {stats.cost[bad]}, gradient norm {stats.grad_norm[bad]}); training stopped "
-                f"and the parameters from before that step are kept."
+                f"non-finite values at epoch {epoch}, step {bad} of {len(stats.cost)}: first in {site} "
+                f"(cost {stats.cost[bad]}, gradient norm {stats.grad_norm[bad]}, batch of {len(batch)} samples "
+                f"starting {batch[:5]}); training stopped and the parameters from before that step are kept."
             )
             if not quiet:
                 print_fn(stopped)
@@ -297,7 +360,8 @@ def fit(
             print_fn(format_epoch(record, start_epoch + epochs))
         if on_epoch_end is not None:
             on_epoch_end(FitResult(params, opt_state, key, epoch, history, None, state))
-    return FitResult(params, opt_state, key, epoch if stopped is None else epoch - 1, history, stopped, state)
+    return FitResult(params, opt_state, key, epoch if stopped is None else epoch - 1, history, stopped, state,
+                     nan_report)
 
 
 def _weighted_mean(values, weights) -> float:
@@ -314,3 +378,32 @@ def format_epoch(record: dict, epochs: int) -> str:
             parts.append(f"acc {100 * record['held_out_accuracy']:.2f}%")
     parts += [f"{record['samples_per_s']:,.0f} samples/s", f"{record['elapsed']:.1f}s"]
     return "  ".join(parts)
+
+
+def replay_step(net: MLP, params: Params, opt, opt_state, x, y, loss: Loss, batch, l2: float = 0.0,
+                state: State | None = None) -> str:
+    """Run one training step eagerly on the samples ``batch`` and describe every layer as a table.
+
+    Meant for the batch a :class:`FitResult`'s ``nan_report`` names, with the params and optimizer
+    state :func:`fit` kept (those from just before the failing step): it shows, per layer, the
+    largest magnitude and the number of non-finite entries of ``z^l``, ``a^l`` and ``δ^l``, then the
+    cost, the gradient norm and the update.
+    """
+    idx = np.asarray(batch)
+    xb, yb = jnp.asarray(x)[idx], jnp.asarray(y)[idx]
+    cost, grads, _, trace = backprop_trace(net, params, xb, yb, loss, l2, state, True)
+    updates, _ = opt.update(grads, opt_state, params)
+
+    def stats(t):
+        t = np.asarray(t, np.float64)
+        bad = int(np.sum(~np.isfinite(t)))
+        finite = t[np.isfinite(t)]
+        return f"{np.max(np.abs(finite)) if finite.size else float('nan'):10.3g} {bad:6d}"
+
+    lines = [f"replay of a batch of {len(idx)} samples: cost {float(cost):.6g}, gradient norm "
+             f"{float(global_norm(grads)):.6g}, largest |update| "
+             f"{max(float(jnp.max(jnp.abs(u))) for u in jax.tree_util.tree_leaves(updates)):.6g}",
+             f"{'layer':>5} {'max|z|':>10} {'bad':>6} {'max|a|':>10} {'bad':>6} {'max|δ|':>10} {'bad':>6}"]
+    for l in range(net.num_layers):
+        lines.append(f"{l + 1:>5} {stats(trace.zs[l])} {stats(trace.acts[l + 1])} {stats(trace.deltas[l])}")
+    return "\n".join(lines)

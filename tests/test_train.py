@@ -7,6 +7,7 @@ import pytest
 
 import fnn
 from fnn import checkpoint, optim
+from fnn.backprop import backprop_trace
 from fnn.train import fit, make_epoch, shuffled_batches
 
 SCE = fnn.losses.softmax_cross_entropy
@@ -159,10 +160,11 @@ def test_nan_guard_stops_and_keeps_the_last_finite_params():
     assert result.stopped is not None and "non-finite" in result.stopped
     epoch = result.history[-1]["epoch"]
     assert f"epoch {epoch}," in result.stopped and epoch < 50 and result.epoch == epoch - 1
+    assert result.nan_report["epoch"] == epoch and len(result.nan_report["batch"]) == 10
     assert any("non-finite" in line for line in lines)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.params))
     # Replay: the kept params are exactly those before the failing step, and that step fails.
-    step = int(result.stopped.split("step ")[1].split(" ")[0])
+    step = result.nan_report["step"]
     before = fit(net, params, opt, (x, y), epochs=epoch - 1, quiet=True, **kw)
     _, shuffle_key = jax.random.split(before.key)
     batches, _ = shuffled_batches(shuffle_key, 300, 10)
@@ -174,10 +176,41 @@ def test_nan_guard_stops_and_keeps_the_last_finite_params():
     for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(result.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4)
     idx = np.asarray(batches)[step]
-    cost, g = fnn.backprop(net, p, x[idx], y[idx], mse)
+    np.testing.assert_array_equal(result.nan_report["batch"], idx)
+    # Replay that step eagerly and find, independently of the scan's bookkeeping, the first place
+    # (in the order of computation) holding a non-finite value: the report must name the same.
+    cost, g, _, trace = backprop_trace(net, p, x[idx], y[idx], mse)
     new = optim.apply_updates(p, opt.update(g, s, p)[0])
-    finite = [bool(jnp.all(jnp.isfinite(t))) for t in [cost, *jax.tree_util.tree_leaves((g, new))]]
-    assert not all(finite)
+    L = net.num_layers
+    places = [(f"{k}^{l}", v) for l in range(1, L + 1) for k, v in (("z", trace.zs[l - 1]), ("a", trace.acts[l]))]
+    places += [("cost", cost)] + [(f"δ^{l}", trace.deltas[l - 1]) for l in range(L, 0, -1)]
+    places += [("gradient", g), ("update", new)]
+    finite = lambda t: all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(t))  # noqa: E731
+    first = next(name for name, value in places if not finite(value))
+    assert result.nan_report["site"] == first, (result.nan_report, first)
+    assert first in result.stopped
+
+
+def test_nan_report_names_the_layer_where_a_bad_sample_turns_non_finite():
+    """A sample with an inf feature makes z^1 non-finite first; the report must say z^1, not later."""
+    x, y = _toy(100)
+    x = x.at[37, 2].set(jnp.inf)
+    result = fit(NET, NET.init(jax.random.PRNGKey(0)), optim.sgd(learning_rate=0.1), (x, y), loss=SCE, epochs=3,
+                 batch_size=10, key=jax.random.PRNGKey(1), quiet=True)
+    assert result.nan_report["site"] == "z^1" and 37 in result.nan_report["batch"]
+    assert result.nan_report["epoch"] == 1 and result.epoch == 0
+
+
+def test_skip_nonfinite_skips_and_counts_instead_of_stopping():
+    x, y = _toy(100)
+    x = x.at[37, 2].set(jnp.nan)  # one poisoned sample: its batch's gradient is NaN once per epoch
+    opt = optim.skip_nonfinite(optim.sgd(learning_rate=0.1))
+    result = fit(NET, NET.init(jax.random.PRNGKey(0)), opt, (x, y), loss=SCE, epochs=3, batch_size=10,
+                 key=jax.random.PRNGKey(1), quiet=True)
+    assert result.stopped is None and result.epoch == 3
+    assert [r["skipped_updates"] for r in result.history] == [1, 2, 3]
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.params))
 
 
 def test_bad_arguments():
