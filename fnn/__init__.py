@@ -10,7 +10,7 @@ Read these first::
                      epochs=10, batch_size=128, key=jax.random.PRNGKey(1))
 """
 
-from fnn import activations, checkpoint, data, initializers, losses, optim, schedules
+from fnn import activations, batchnorm, checkpoint, data, distributed, initializers, losses, optim, schedules
 from fnn.backprop import backprop, objective
 from fnn.gradcheck import autodiff_grads, check_gradients
 from fnn.losses import Loss, l2_penalty
@@ -37,4 +37,6 @@ __all__ = [
     "schedules",
     "data",
     "checkpoint",
+    "batchnorm",
+    "distributed",
 ]

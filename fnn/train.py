@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import _checks
+from fnn import _checks, distributed
 from fnn.backprop import Trace, backprop_trace
 from fnn.gradcheck import autodiff_grads
 from fnn.losses import BINARY, CLASSES, Loss
@@ -145,13 +145,15 @@ def make_epoch(
     l2: float = 0.0,
     grad_source: str = "manual",
     last_batch: str = "smaller",
+    mesh=None,
 ) -> Callable:
     """The (un-jitted) epoch function
     ``(params, opt_state, state, key, x, y) -> (params, opt_state, state, key, stats)``.
 
     ``x: (N, n_0)``, ``y``: targets for all ``N`` samples; ``state`` the batch-norm running
     statistics (``None`` without batch norm). The key is split once per epoch; the returned key is
-    the one to pass to the next epoch.
+    the one to pass to the next epoch. With a ``mesh`` (see :mod:`fnn.distributed`) every batch is
+    sharded over its ``"data"`` axis.
     """
     grads_of = _checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
     _checks.lookup(dict.fromkeys(LAST_BATCH), "last_batch rule", last_batch)
@@ -160,7 +162,10 @@ def make_epoch(
         params, opt_state, state, bad, site, bad_batch = carry
         skips = any(map(_is_skip, jax.tree_util.tree_leaves(opt_state, is_leaf=_is_skip)))  # static
         i, idx = batch
-        cost, grads, new_bn, trace = grads_of(net, params, x[idx], y[idx], loss, l2, state)
+        xb, yb = x[idx], y[idx]
+        if mesh is not None:  # data parallel: the partitioner turns batch sums into all-reduces
+            xb, yb = (jax.lax.with_sharding_constraint(t, distributed.batch_sharded(mesh)) for t in (xb, yb))
+        cost, grads, new_bn, trace = grads_of(net, params, xb, yb, loss, l2, state)
         norm = global_norm(grads)
         updates, new_state = opt.update(grads, opt_state, params)
         new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
@@ -223,7 +228,7 @@ def evaluate(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, b
     totals, count = None, 0
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        cost, acc = fn(params, state, xb, yb)
+        cost, acc = distributed.to_host(fn(params, state, xb, yb))
         weight = xb.shape[0]
         part = (float(cost) * weight, None if acc is None else float(acc) * weight)
         totals = part if totals is None else (totals[0] + part[0], None if acc is None else totals[1] + part[1])
@@ -261,6 +266,8 @@ def fit(
     state: State | None = None,
     start_epoch: int = 0,
     on_epoch_end: Callable[[FitResult], None] | None = None,
+    mesh=None,
+    data_parallel: bool = False,
     quiet: bool = False,
     print_fn: Callable[[str], None] = print,
 ) -> FitResult:
@@ -280,6 +287,10 @@ def fit(
       state: batch-norm running statistics; defaults to ``net.init_state()`` for networks with
         batch norm (trained in train mode, evaluated in eval mode), ``None`` otherwise.
       on_epoch_end: called with the state after every finished epoch (e.g. to checkpoint).
+      mesh: a 1-D device mesh (:func:`fnn.distributed.data_mesh`) for data-parallel training: every
+        batch is sharded over it, params and optimizer state replicated. ``train`` may hold global
+        arrays made by :func:`fnn.distributed.global_batch_arrays` (one shard per process).
+      data_parallel: shorthand for ``mesh=fnn.distributed.data_mesh()`` (every device).
       quiet: no progress lines.
 
     Returns:
@@ -288,13 +299,17 @@ def fit(
       ``held_out_accuracy``, ``samples_per_s``, ``seconds`` (epoch wall time) and ``elapsed``.
       ``history`` entries are plain Python numbers.
     """
+    if data_parallel and mesh is None:
+        mesh = distributed.data_mesh()
     x, y = train
+    local = not isinstance(x, jax.Array) or x.is_fully_addressable
     x = net.check_input(params, x)
-    y = jnp.asarray(y)
+    y = jnp.asarray(y) if local else y
     n = x.shape[0]
     if y.shape[0] != n:
         raise ValueError(f"train targets have {y.shape[0]} samples but x has {n}.")
-    loss.target(jnp.zeros((n, net.sizes[-1]), x.dtype), y)  # validates targets (and label range) up front
+    if local:
+        loss.target(jnp.zeros((n, net.sizes[-1]), x.dtype), y)  # validates targets (and label range) up front
     if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be an int in [1, {n}] (the training set size); got {batch_size!r}.")
     if not isinstance(epochs, int) or epochs < 0:
@@ -308,13 +323,21 @@ def fit(
         )
 
     epoch_fn = make_epoch(net, loss, opt, num_samples=n, batch_size=batch_size, l2=l2,
-                          grad_source=grad_source, last_batch=last_batch)
+                          grad_source=grad_source, last_batch=last_batch, mesh=mesh)
     opt_state = opt.init(params) if opt_state is None else opt_state
     if state is None and net.has_state:
         state = net.init_state(x.dtype)
     net.check_state(state)
     # Copy what will be donated so the caller's arrays stay valid.
     params, opt_state, state = jax.tree_util.tree_map(jnp.copy, (params, opt_state, state))
+    if mesh is not None:
+        distributed.check_divisible(mesh, batch_size, n % batch_size if last_batch == "smaller" else 0)
+        everywhere = distributed.replicated(mesh)
+        params, opt_state, state, key = jax.device_put((params, opt_state, state, key), everywhere)
+        if local:
+            x, y = jax.device_put((x, y), everywhere)
+        if held_out is not None:
+            held_out = jax.device_put(held_out, everywhere)
     compiled = jax.jit(epoch_fn, donate_argnums=(0, 1, 2)).lower(params, opt_state, state, key, x, y).compile()
 
     history, stopped, nan_report, start = [], None, None, time.perf_counter()
@@ -322,7 +345,7 @@ def fit(
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         t0 = time.perf_counter()
         params, opt_state, state, key, stats = compiled(params, opt_state, state, key, x, y)
-        stats = jax.device_get(stats)
+        stats = distributed.to_host(stats)
         seconds = time.perf_counter() - t0
         bad = int(stats.first_bad_step)
         good = slice(None) if bad < 0 else slice(0, bad)
