@@ -68,22 +68,31 @@ def test_epoch_matches_a_python_loop_over_batches():
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
 
 
-def test_an_epoch_is_one_compiled_call_and_later_epochs_do_not_recompile(monkeypatch):
+def _count_epoch_traces(monkeypatch) -> list:
+    """Make fnn.train's epoch functions append to the returned list each time they are traced."""
     import fnn.train as train
 
-    x, y = _toy(600)
-    traces, grad_calls = [], []
-    real_make, real_grads = train.make_epoch, train.GRAD_SOURCES["manual"]
+    traces, real_make = [], train.make_epoch
 
     def counting_make(*a, **kw):
         epoch = real_make(*a, **kw)
         return lambda *args: (traces.append(1), epoch(*args))[1]
 
+    monkeypatch.setattr(train, "make_epoch", counting_make)
+    return traces
+
+
+def test_an_epoch_is_one_compiled_call_and_later_epochs_do_not_recompile(monkeypatch):
+    import fnn.train as train
+
+    x, y = _toy(600)
+    grad_calls, real_grads = [], train.GRAD_SOURCES["manual"]
+
     def counting_grads(*a):
         grad_calls.append(1)
         return real_grads(*a)
 
-    monkeypatch.setattr(train, "make_epoch", counting_make)
+    traces = _count_epoch_traces(monkeypatch)
     monkeypatch.setitem(train.GRAD_SOURCES, "manual", counting_grads)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -274,3 +283,20 @@ def test_every_optimizer_lowers_the_loss_on_real_mnist(mnist_dir, name, kwargs):
                  key=jax.random.PRNGKey(1), quiet=True)
     losses = [r["train_loss"] for r in result.history]
     assert losses[-1] < 0.5 * start and losses[-1] < losses[0], (start, losses)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_epochs_keep_every_dtype_and_trace_once(dtype, monkeypatch):
+    """Catches weak-typed scalars or promotions that change a leaf's dtype (and force a retrace)."""
+    x, y = _toy(200)
+    x = x.astype(dtype)
+    params = NET.init(jax.random.PRNGKey(0), dtype)
+    opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(learning_rate=fnn.schedules.cosine_decay(1e-2, 50)))
+    traces = _count_epoch_traces(monkeypatch)
+    result = fit(NET, params, opt, (x, y), loss=SCE, epochs=3, batch_size=32, key=jax.random.PRNGKey(1), quiet=True)
+    assert len(traces) == 1 and result.epoch == 3
+    before = jax.tree_util.tree_leaves((params, opt.init(params)))
+    after = jax.tree_util.tree_leaves((result.params, result.opt_state))
+    assert [a.dtype for a in after] == [b.dtype for b in before]
+    assert not any(getattr(a, "weak_type", False) for a in after)
+    assert all(leaf.dtype == dtype for leaf in jax.tree_util.tree_leaves(result.params))
