@@ -10,7 +10,18 @@ Read these first::
                      epochs=10, batch_size=128, key=jax.random.PRNGKey(1))
 """
 
-from fnn import activations, batchnorm, checkpoint, data, distributed, initializers, losses, optim, schedules
+from fnn import (
+    activations,
+    batchnorm,
+    checkpoint,
+    data,
+    distributed,
+    initializers,
+    losses,
+    optim,
+    perceptron,
+    schedules,
+)
 from fnn.backprop import backprop, objective
 from fnn.gradcheck import autodiff_grads, check_gradients
 from fnn.losses import Loss, l2_penalty
@@ -39,4 +50,5 @@ __all__ = [
     "checkpoint",
     "batchnorm",
     "distributed",
+    "perceptron",
 ]

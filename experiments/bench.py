@@ -1,0 +1,658 @@
+"""Training speed: fnn's compiled epoch against a jax.grad reference, PyTorch and the matmul rate.
+
+Measured in one run, on synthetic MNIST-shaped data (``N = 60,000`` rows of 784 standard-normal
+float32 inputs, labels drawn uniformly from ``0..9``), for ``784-256-256-10`` at batch ``B = 128`` and
+``784-1024-1024-10`` at ``B = 256`` (relu hidden layers, softmax cross-entropy on the logits, Adam
+with ``α = 10⁻³``, the same initial parameters everywhere):
+
+- **Step time** of one training step, manual backprop (:func:`fnn.backprop`) against ``jax.grad``
+  (:func:`fnn.autodiff_grads`): the same jitted ``lax.scan`` over ``K`` pre-drawn batches, the same
+  Adam update, only the gradient function differs; with the number of matmuls and fusions in the
+  two compiled programs, a comparison that no load on the machine can disturb. Beside them, the
+  pieces of a step, each timed the same way: the forward pass alone, forward plus gradients, the
+  Adam update alone, the step plus :mod:`fnn.train`'s NaN guard without and with its selects
+  (gradient norm and finiteness checks; ``where(ok, new, old)`` over params and optimizer state),
+  and the gather ``x[perm]`` of the whole data set that starts every fnn epoch.
+- **Epoch throughput** (samples/s) of :func:`fnn.train.make_epoch`, jitted with params and optimizer
+  state donated exactly as :func:`fnn.fit` does, against (a) a PyTorch eager loop of the same model
+  and optimizer (``torch.optim.Adam`` with its defaults; torch threads set to the core count, and
+  to one thread; a repeat runs up to ``TORCH_SECONDS`` of an epoch, as every step costs the same)
+  and (b) a plain ``jax.value_and_grad`` reference with a hand-written Adam in the same jit
+  structure (shuffle, gather, ``lax.scan``, one smaller last batch). Each round also times a burst
+  of jitted ``1024 × 1024 @ 1024 × 1024`` float32 products with half the FLOPs of an fnn epoch, so
+  that the achieved rate ``6 · P · samples/s`` (``P`` parameters) is read as a fraction of the
+  matmul rate measured under the same load.
+- **Compile time** of each epoch function: ``jax.jit(...).lower(...)`` and ``.compile()``, once each.
+- **GPU rows**: ``784-4096-4096-10`` at ``B = 8192`` in float32 and bfloat16, run only when the
+  default device is not a CPU (fnn, the reference and the matmul rate in that dtype, no torch);
+  on a CPU they are listed as unmeasured.
+
+Every comparison alternates its contenders (given order in even rounds, reversed in odd ones)
+after ``--warmup`` untimed rounds and reports the median of ``--repeats`` rounds, and the best.
+Ratios are medians of the per-round ratios, so both sides of a ratio were timed seconds apart. Every
+timing records the process CPU time too: ``cpu/wall`` is the number of cores a contender kept busy,
+below the thread count when other jobs share the machine. ``--quick`` runs one small model on 2,048
+samples: a smoke test of the code path in seconds, not a result.
+
+Output: tables on stdout (Markdown) and ``bench.json``. Run it by hand, never as a timed test::
+
+    python experiments/bench.py [--repeats 5] [--warmup 1] [--quick] [--no-torch] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import common  # first: it puts the repository root on sys.path for fnn
+
+# isort: split
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import fnn
+from fnn.train import all_finite, global_norm, make_epoch, shuffled_batches
+
+LEARNING_RATE = 1e-3
+B1, B2, EPS = 0.9, 0.999, 1e-8  # Adam's defaults, in fnn and in torch alike
+INPUTS, CLASSES = 784, 10
+SAMPLES, QUICK_SAMPLES = 60_000, 2048
+STEP_FLOPS = 1e10  # the K steps of one timed step call do about this many FLOPs (6 · P · B · K)
+TORCH_SECONDS = 2.0  # the most one torch repeat runs; it stops at the end of its epoch before that
+CPU_MATMUL, GPU_MATMUL = 1024, 8192  # n of the (n, n) @ (n, n) products that give the matmul rate
+
+
+class Case(NamedTuple):
+    """One benchmarked configuration: layer sizes, batch size and dtype."""
+
+    sizes: tuple[int, ...]
+    batch: int
+    dtype: str = "float32"
+
+    @property
+    def name(self) -> str:
+        return "-".join(map(str, self.sizes))
+
+    @property
+    def params(self) -> int:
+        """``P``: weights and biases."""
+        return sum(n_in * n_out + n_out for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]))
+
+
+CPU_CASES = (Case((784, 256, 256, 10), 128), Case((784, 1024, 1024, 10), 256))
+QUICK_CASES = (Case((784, 64, 64, 10), 128),)  # stands in for both CPU cases
+GPU_CASES = (Case((784, 4096, 4096, 10), 8192), Case((784, 4096, 4096, 10), 8192, "bfloat16"))
+QUICK_GPU_CASES = (Case((784, 256, 256, 10), 512), Case((784, 256, 256, 10), 512, "bfloat16"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing: alternated rounds, medians, paired ratios.
+
+
+class Timing(NamedTuple):
+    """One timed call: wall and process CPU seconds, and the units of work it did."""
+
+    wall: float
+    cpu: float
+    work: float
+
+    @property
+    def rate(self) -> float:
+        return self.work / self.wall
+
+
+def alternate(contenders: dict[str, Callable[[], float]], repeats: int, warmup: int) -> dict[str, list[Timing]]:
+    """Time every contender once per round for ``repeats`` rounds, after ``warmup`` untimed rounds.
+
+    A contender runs one unit of measurement, blocks until its results are ready and returns the
+    work it did (samples, steps, FLOPs). Round ``r`` runs the contenders in the given order when
+    ``r`` is even and in reverse when it is odd, so that none always runs right after another.
+    """
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    timings: dict[str, list[Timing]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            cpu, wall = time.process_time(), time.perf_counter()
+            work = contenders[name]()
+            timings[name].append(Timing(time.perf_counter() - wall, time.process_time() - cpu, work))
+    return timings
+
+
+def rate_summary(timings: list[Timing], scale: float = 1.0) -> dict:
+    """``scale × work/s``: the median and the best round, every round, and ``cpu/wall`` overall."""
+    rates = [scale * t.rate for t in timings]
+    return {"median": float(np.median(rates)), "best": max(rates), "all": rates,
+            "cpu_per_wall": sum(t.cpu for t in timings) / sum(t.wall for t in timings)}
+
+
+def paired_ratio(a: list[Timing], b: list[Timing], scale: float = 1.0) -> float:
+    """Median over rounds of ``scale × rate_a / rate_b``: each ratio from one round, seconds apart."""
+    return float(np.median([scale * ta.rate / tb.rate for ta, tb in zip(a, b)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and models.
+
+
+def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``x (n, 784)`` standard-normal float32 and ``y (n,)`` int32 labels uniform in ``0..9``."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, INPUTS), np.float32), rng.integers(0, CLASSES, n).astype(np.int32)
+
+
+def fnn_model(case: Case):
+    """``(net, loss, opt, params)``: the network, its loss, Adam and the initial params in ``case.dtype``."""
+    net = fnn.MLP(case.sizes, "relu", "identity")
+    params = net.init(jax.random.PRNGKey(0), jnp.dtype(case.dtype))
+    return net, fnn.losses.softmax_cross_entropy, fnn.optim.adam(LEARNING_RATE), params
+
+
+def _reference_cost(params, x, y):
+    """Mean softmax cross-entropy of the relu MLP ``params = [(W (out, in), b (out,)), ...]``."""
+    a = x
+    for W, b in params[:-1]:
+        a = jnp.maximum(a @ W.T + b, 0)
+    W, b = params[-1]
+    z = a @ W.T + b
+    return jnp.mean(jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, y[:, None], axis=1)[:, 0])
+
+
+def _reference_adam(p, g, m, v, t):
+    """One Adam step of one leaf (Kingma & Ba, Algorithm 1), written apart from :mod:`fnn.optim`."""
+    m = B1 * m + (1 - B1) * g
+    v = B2 * v + (1 - B2) * g * g
+    m_hat, v_hat = m / (1 - B1**t), v / (1 - B2**t)
+    new = p - LEARNING_RATE * m_hat / (jnp.sqrt(v_hat) + EPS)
+    return new.astype(p.dtype), m.astype(p.dtype), v.astype(p.dtype)
+
+
+def _reference_step(carry, batch):
+    params, m, v, count = carry
+    cost, grads = jax.value_and_grad(_reference_cost)(params, *batch)
+    count = count + 1
+    t = count.astype(jnp.float32)
+    leaves, treedef = jax.tree.flatten(params)
+    new = [_reference_adam(*leaf, t) for leaf in zip(leaves, *map(jax.tree.leaves, (grads, m, v)))]
+    params, m, v = (treedef.unflatten([n[i] for n in new]) for i in range(3))
+    return (params, m, v, count), cost
+
+
+def reference_epoch(num_samples: int, batch_size: int) -> Callable:
+    """``(params, m, v, count, key, x, y) -> (params, m, v, count, key, costs)``: the plain-JAX epoch.
+
+    The structure of :func:`fnn.train.make_epoch`: a fresh permutation, ``x[perm]`` gathered once,
+    ``lax.scan`` over the full batches and one step on the ``N mod B`` leftover samples.
+    """
+    full = num_samples // batch_size
+
+    def epoch(params, m, v, count, key, x, y):
+        key, shuffle = jax.random.split(key)
+        order = jax.random.permutation(shuffle, num_samples)
+        batches = order[: full * batch_size].reshape(full, batch_size)
+        carry, costs = lax.scan(_reference_step, (params, m, v, count), (x[batches], y[batches]))
+        if num_samples % batch_size:
+            rest = order[full * batch_size:]
+            carry, cost = _reference_step(carry, (x[rest], y[rest]))
+            costs = jnp.append(costs, cost)
+        return (*carry, key, costs)
+
+    return epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders: each a closure that runs one timed unit and keeps its own (donated) state.
+
+
+def compiled(fn: Callable, donate: tuple[int, ...], *args) -> tuple[Callable, dict]:
+    """``fn`` jitted, lowered and compiled for ``args``, and the wall and CPU seconds each stage took."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
+    cpu_lowered, wall_lowered = time.process_time(), time.perf_counter()
+    executable = lowered.compile()
+    seconds = {"lower_s": wall_lowered - wall, "compile_s": time.perf_counter() - wall_lowered,
+               "lower_cpu_s": cpu_lowered - cpu, "compile_cpu_s": time.process_time() - cpu_lowered}
+    return executable, seconds
+
+
+def epoch_contender(run: Callable, state: list, x: jax.Array, y: jax.Array) -> Callable[[], float]:
+    """One call of the compiled epoch ``run(*state, x, y)``; ``state`` is replaced by what it returns."""
+    def contender() -> float:
+        out = run(*state, x, y)
+        state[:] = out[: len(state)]
+        jax.block_until_ready(out)
+        return x.shape[0]
+
+    return contender
+
+
+def fnn_epoch_contender(case: Case, x: jax.Array, y: jax.Array) -> tuple[Callable[[], float], dict]:
+    """An epoch of :func:`fnn.train.make_epoch` per call, params and optimizer state donated as in ``fit``."""
+    net, loss, opt, params = fnn_model(case)
+    epoch = make_epoch(net, loss, opt, num_samples=x.shape[0], batch_size=case.batch)
+    state = [params, opt.init(params), None, jax.random.PRNGKey(1)]  # (params, opt_state, bn_state, key)
+    run, seconds = compiled(epoch, (0, 1, 2), *state, x, y)
+    return epoch_contender(run, state, x, y), seconds
+
+
+def reference_epoch_contender(case: Case, x: jax.Array, y: jax.Array) -> tuple[Callable[[], float], dict]:
+    """An epoch of :func:`reference_epoch` per call, from the same initial params."""
+    params = [(layer["W"], layer["b"]) for layer in fnn_model(case)[3]]
+    m = jax.tree.map(jnp.zeros_like, params)
+    v = jax.tree.map(jnp.zeros_like, params)
+    state = [params, m, v, jnp.zeros((), jnp.int32), jax.random.PRNGKey(1)]
+    run, seconds = compiled(reference_epoch(x.shape[0], case.batch), (0, 1, 2), *state, x, y)
+    return epoch_contender(run, state, x, y), seconds
+
+
+def torch_contender(torch, case: Case, x: np.ndarray, y: np.ndarray, threads: int,
+                    seconds: float) -> Callable[[], float]:
+    """A PyTorch eager training loop of the same model: shuffled batches, forward, backward, Adam.
+
+    Each call starts a fresh epoch (``torch.randperm``) and stops after the batch that passes
+    ``seconds``, or at the end of the epoch; it returns the samples it trained on.
+    """
+    layers = []
+    for layer in fnn_model(case)[3]:
+        linear = torch.nn.Linear(layer["W"].shape[1], layer["W"].shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(np.array(layer["W"])))
+            linear.bias.copy_(torch.from_numpy(np.array(layer["b"])))
+        layers += [linear, torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers[:-1])
+    opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, betas=(B1, B2), eps=EPS)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    generator = torch.Generator().manual_seed(0)
+    n = x.shape[0]
+
+    def contender() -> float:
+        torch.set_num_threads(threads)
+        order = torch.randperm(n, generator=generator)
+        start, done = time.perf_counter(), 0
+        while done < n and time.perf_counter() - start < seconds:
+            idx = order[done:done + case.batch]
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+            done += idx.shape[0]
+        return done
+
+    return contender
+
+
+def matmul_contender(n: int, dtype: str, calls: int) -> Callable[[], float]:
+    """``calls`` jitted ``(n, n) @ (n, n)`` products per call; returns the FLOPs done, ``2 n³`` each."""
+    a = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.PRNGKey(3), (n, n), jnp.dtype(dtype))
+    product = jax.jit(jnp.dot)
+    product(a, b).block_until_ready()
+
+    def contender() -> float:
+        jax.block_until_ready([product(a, b) for _ in range(calls)])
+        return 2.0 * n**3 * calls
+
+    return contender
+
+
+def import_torch(disabled: bool):
+    """``(torch, None)``, or ``(None, why it is left out)``: torch is an optional extra of this script."""
+    if disabled:
+        return None, "left out: --no-torch"
+    try:
+        import torch
+    except ImportError:
+        return None, ("left out: torch is not installed (for a CPU build: pip install torch "
+                      "--index-url https://download.pytorch.org/whl/cpu)")
+    return torch, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The step and its pieces.
+
+
+def _total(tree) -> jax.Array:
+    return sum(jnp.sum(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def step_pieces(case: Case, x: jax.Array, y: jax.Array) -> dict[str, tuple[Callable, object]]:
+    """Per piece, ``(body, init)``: a ``lax.scan`` body over batches ``(x_k, y_k)`` and its first carry.
+
+    The pieces that update no params add their results up (one reduction per output leaf), so
+    that XLA cannot drop them.
+    """
+    net, loss, opt, params = fnn_model(case)
+    grads0 = fnn.backprop(net, params, x[: case.batch], y[: case.batch], loss)[1]
+
+    def forward(acc, batch):
+        return acc + loss(net.apply(params, batch[0]), batch[1]), None
+
+    def gradients(grads_of):
+        def body(acc, batch):
+            cost, grads = grads_of(net, params, *batch, loss)
+            return acc + cost + _total(grads), None
+        return body
+
+    def adam(carry, batch):
+        p, s = carry
+        updates, s = opt.update(grads0, s, p)
+        return (fnn.optim.apply_updates(p, updates), s), None
+
+    def step(grads_of, guard: str | None = None):
+        def body(carry, batch):
+            p, s, bad = carry
+            cost, grads = grads_of(net, p, *batch, loss)
+            updates, new_s = opt.update(grads, s, p)
+            new_p = fnn.optim.apply_updates(p, updates)
+            if guard is None:
+                return (new_p, new_s, bad), cost
+            # fnn.train's guard: the norm, the finiteness checks and (with "select") the selects
+            norm = global_norm(grads)
+            finite = jnp.isfinite(cost) & all_finite(grads) & all_finite(new_p)
+            ok = finite & (bad < 0)
+            bad = jnp.where((bad < 0) & ~finite, 0, bad)
+            if guard == "select":
+                new_p, new_s = jax.tree.map(lambda a, b: jnp.where(ok, a, b), (new_p, new_s), (p, s))
+            return (new_p, new_s, bad), (cost, norm)
+        return body
+
+    zero = jnp.zeros((), jnp.dtype(case.dtype))
+    trained = (params, opt.init(params), jnp.asarray(-1, jnp.int32))
+    return {
+        "step, manual backprop": (step(fnn.backprop), trained),
+        "step, jax.grad": (step(fnn.autodiff_grads), trained),
+        "forward only": (forward, zero),
+        "forward + manual backprop": (gradients(fnn.backprop), zero),
+        "forward + jax.grad": (gradients(fnn.autodiff_grads), zero),
+        "Adam update only": (adam, trained[:2]),
+        "step + norm + finiteness checks": (step(fnn.backprop, "checks"), trained),
+        "step + fnn's whole NaN guard": (step(fnn.backprop, "select"), trained),
+    }
+
+
+def scan_contender(body: Callable, init, xs: jax.Array, ys: jax.Array) -> tuple[Callable[[], float], str]:
+    """``lax.scan(body, init, (xs, ys))`` jitted, one call runs ``K = len(xs)`` steps; and its compiled HLO."""
+    run, _ = compiled(lambda carry, xs, ys: lax.scan(body, carry, (xs, ys)), (), init, xs, ys)
+
+    def contender() -> float:
+        jax.block_until_ready(run(init, xs, ys))
+        return xs.shape[0]
+
+    return contender, run.as_text()
+
+
+def gather_contender(case: Case, x: jax.Array, y: jax.Array) -> Callable[[], float]:
+    """What starts an fnn epoch: a permutation and ``x[perm]``, ``y[perm]`` of the whole set."""
+    n = x.shape[0]
+
+    def gather(key, x, y):
+        batches = shuffled_batches(key, n, case.batch)[0]
+        return x[batches], y[batches]
+
+    run, _ = compiled(gather, (), jax.random.PRNGKey(4), x, y)
+
+    def contender() -> float:
+        jax.block_until_ready(run(jax.random.PRNGKey(4), x, y))
+        return 1
+
+    return contender
+
+
+def compiled_ops(hlo: str) -> dict:
+    """Counts in an optimized HLO module: instructions, fusions, matmuls (``dot`` or a library call)."""
+    instructions = re.findall(r"^\s*(?:ROOT )?%\S+ = (?:\(.*?\)|\S+) ([\w-]+)\(", hlo, flags=re.M)
+    library = re.findall(r'"kind":"__(\w+?)_fusion"', hlo)
+    return {"instructions": len(instructions), "fusions": instructions.count("fusion"),
+            "dots": instructions.count("dot"), "library_fusions": len(library)}
+
+
+def steps_for(case: Case, samples: int, flops: float) -> int:
+    """``K``: steps per timed call, about ``flops`` of work, between 4 and 200 and at most ``N // B``."""
+    return min(int(np.clip(round(flops / (6 * case.params * case.batch)), 4, 200)), samples // case.batch)
+
+
+def bench_steps(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
+    """Milliseconds per step of each piece (per epoch for the gather), alternated."""
+    k = steps_for(case, x.shape[0], args.step_flops)
+    xs = x[: k * case.batch].reshape(k, case.batch, INPUTS)
+    ys = y[: k * case.batch].reshape(k, case.batch)
+    contenders, programs = {}, {}
+    for name, (body, init) in step_pieces(case, x, y).items():
+        contenders[name], programs[name] = scan_contender(body, init, xs, ys)
+    contenders["gather x[perm] (per epoch)"] = gather_contender(case, x, y)
+    timings = alternate(contenders, args.repeats, args.warmup)
+    ms = {name: rate_summary(t, 1e-3) for name, t in timings.items()}  # units per ms
+    manual, auto = "step, manual backprop", "step, jax.grad"
+    return {
+        "model": case.name, "batch": case.batch, "steps_per_call": k,
+        "ms": {name: 1 / r["median"] for name, r in ms.items()},
+        "ms_best": {name: 1 / r["best"] for name, r in ms.items()},
+        "ms_all": {name: [1 / v for v in r["all"]] for name, r in ms.items()},
+        "cpu_per_wall": {name: r["cpu_per_wall"] for name, r in ms.items()},
+        "manual_over_autodiff": paired_ratio(timings[auto], timings[manual]),  # time ratio = inverse rate ratio
+        "compiled_ops": {"manual": compiled_ops(programs[manual]), "autodiff": compiled_ops(programs[auto])},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Epoch throughput.
+
+
+def bench_epochs(case: Case, x_np: np.ndarray, y_np: np.ndarray, args, torch, matmul_n: int) -> dict:
+    """Samples/s of fnn's epoch, the reference epoch and torch, with the matmul rate, alternated."""
+    x, y = jnp.asarray(x_np, jnp.dtype(case.dtype)), jnp.asarray(y_np)
+    n = x.shape[0]
+    flops = 6 * case.params  # per sample: 2 forward, 4 backward
+    contenders, compile_seconds = {}, {}
+    contenders["fnn"], compile_seconds["fnn"] = fnn_epoch_contender(case, x, y)
+    contenders["jax.grad reference"], compile_seconds["jax.grad reference"] = reference_epoch_contender(case, x, y)
+    cores = os.cpu_count() or 1
+    torch_names = {f"torch eager, {cores} threads": cores, "torch eager, 1 thread": 1} if torch else {}
+    for name, threads in torch_names.items():
+        contenders[name] = torch_contender(torch, case, x_np, y_np, threads, args.torch_seconds)
+    calls = max(1, math.ceil(flops * n / 2 / (2 * matmul_n**3)))  # half an fnn epoch's FLOPs
+    contenders["matmul"] = matmul_contender(matmul_n, case.dtype, calls)
+    timings = alternate(contenders, args.repeats, args.warmup)
+
+    matmul = rate_summary(timings["matmul"], 1e-9)
+    out = {"model": case.name, "batch": case.batch, "dtype": case.dtype, "params": case.params,
+           "samples": n, "flops_per_sample": flops,
+           "matmul": {"n": matmul_n, "calls": calls, "gflops": matmul["median"], "gflops_best": matmul["best"],
+                      "gflops_all": matmul["all"], "cpu_per_wall": matmul["cpu_per_wall"]},
+           "compile": compile_seconds, "contenders": {}}
+    for name in contenders:
+        if name == "matmul":
+            continue
+        r = rate_summary(timings[name])
+        out["contenders"][name] = {
+            "samples_per_s": r["median"], "samples_per_s_best": r["best"], "samples_per_s_all": r["all"],
+            "gflops": flops * r["median"] / 1e9, "cpu_per_wall": r["cpu_per_wall"],
+            "fraction_of_matmul": paired_ratio(timings[name], timings["matmul"], flops),
+        }
+    out["fnn_over_reference"] = paired_ratio(timings["fnn"], timings["jax.grad reference"])
+    if torch_names:
+        over = {name: paired_ratio(timings["fnn"], timings[name]) for name in torch_names}
+        fastest = max(torch_names, key=lambda name: out["contenders"][name]["samples_per_s"])
+        out["fnn_over_torch"] = over
+        out["fastest_torch"] = fastest
+        out["fnn_over_fastest_torch"] = over[fastest]
+        # if fnn ran at the matmul rate: the most it could gain on torch on this machine
+        out["fnn_over_torch_bound"] = 1 / out["contenders"][fastest]["fraction_of_matmul"]
+    else:
+        out["torch"] = args.torch_skipped
+    return out
+
+
+def gpu_rows(args, device_platform: str, x_np: np.ndarray, y_np: np.ndarray) -> list[dict]:
+    """The GPU-only rows: measured (fnn, reference, matmul; no torch) off a CPU, else marked unmeasured."""
+    rows = []
+    for case in QUICK_GPU_CASES if args.quick else GPU_CASES:
+        row = {"model": case.name, "batch": case.batch, "dtype": case.dtype}
+        if device_platform == "cpu":
+            row.update(measured=False, reason="unmeasured: no GPU here (jax platform cpu)")
+        else:
+            row.update(measured=True, **bench_epochs(case, x_np, y_np, args, None, GPU_MATMUL))
+            row["torch"] = "not run: the torch contenders are a CPU comparison"
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and tables.
+
+
+def targets(steps: list[dict], epochs: list[dict], device_platform: str) -> list[dict]:
+    """Each target with its measured value and whether it is met (``None``: not measured here)."""
+    small, large = epochs[0], epochs[-1]  # the B=128 and the B=256 case (one stand-in in quick mode)
+    cpu = device_platform == "cpu"
+    rows = [
+        (f"fnn / fastest torch eager, {small['model']} B={small['batch']} (CPU)", 2.2, None,
+         small.get("fnn_over_fastest_torch") if cpu else None),
+        (f"fnn / jax.grad reference, {small['model']} B={small['batch']} (CPU)", 1.0, None,
+         small["fnn_over_reference"] if cpu else None),
+        (f"fnn GFLOP/s / matmul GFLOP/s, {large['model']} B={large['batch']} (CPU)", 0.9, None,
+         large["contenders"]["fnn"]["fraction_of_matmul"] if cpu else None),
+    ] + [(f"manual / jax.grad step time, {s['model']} B={s['batch']}", None, 1.0, s["manual_over_autodiff"])
+         for s in steps]
+    out = []
+    for name, at_least, at_most, value in rows:
+        met = None if value is None else value >= at_least if at_least is not None else value <= at_most
+        goal = f">= {at_least}" if at_least is not None else f"<= {at_most}"
+        out.append({"target": name, "goal": goal, "value": value, "met": met})
+    return out
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table (pastes into BENCH.md as it is)."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def machine() -> dict:
+    """What the numbers were measured on, and how busy the machine was when the run started."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = jax.devices()[0]
+    return {"cpu": model, "cores": os.cpu_count(), "platform": device.platform, "device": device.device_kind,
+            "jax": jax.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_start": _load()}
+
+
+def _load() -> list[float] | None:
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def print_tables(results: dict) -> None:
+    m = results["machine"]
+    print(f"{m['cpu']}, {m['cores']} cores; jax {m['jax']} on {m['platform']} ({m['device']}); torch "
+          f"{results['torch_version'] or results['torch_skipped']}; XLA_FLAGS={m['xla_flags']!r}; load average "
+          f"(1, 5, 15 min) {m['load_average_start']} at the start, {m['load_average_end']} at the end")
+
+    steps = results["steps"]
+    print("\nStep time: ms per step, median (best) of the rounds, and cpu/wall")
+    print(table(["piece"] + [f"{s['model']} B={s['batch']}, K={s['steps_per_call']}" for s in steps],
+                [[name] + [f"{s['ms'][name]:.3f} ({s['ms_best'][name]:.3f}) {s['cpu_per_wall'][name]:.2f}"
+                           for s in steps] for name in steps[0]["ms"]]
+                + [["manual / jax.grad (paired median)"] + [s["manual_over_autodiff"] for s in steps]]
+                + [[f"compiled {what}, manual / jax.grad"]
+                   + [f"{s['compiled_ops']['manual'][what]} / {s['compiled_ops']['autodiff'][what]}" for s in steps]
+                   for what in ("instructions", "fusions", "dots", "library_fusions")]))
+
+    print("\nEpoch throughput: samples/s median (best); GFLOP/s = 6·P·samples/s at the median; of matmul: paired")
+    rows = []
+    for e in results["epochs"] + [g for g in results["gpu"] if g["measured"]]:
+        label = f"{e['model']} B={e['batch']} {e['dtype']}"
+        for name, c in e["contenders"].items():
+            rows.append([label, name, f"{c['samples_per_s']:,.0f} ({c['samples_per_s_best']:,.0f})", c["gflops"],
+                         c["fraction_of_matmul"], c["cpu_per_wall"]])
+        mm = e["matmul"]
+        rows.append([label, f"matmul {mm['n']}³", None, f"{mm['gflops']:.1f} ({mm['gflops_best']:.1f})", 1.0,
+                     mm["cpu_per_wall"]])
+    print(table(["case", "contender", "samples/s", "GFLOP/s", "of matmul", "cpu/wall"], rows))
+    ratios = []
+    for e in results["epochs"]:
+        line = f"{e['model']} B={e['batch']}: fnn / reference {e['fnn_over_reference']:.3f}"
+        if "fnn_over_torch" in e:
+            line += "".join(f"; fnn / {k} {v:.2f}" for k, v in e["fnn_over_torch"].items())
+            line += f"; bound at the matmul rate {e['fnn_over_torch_bound']:.2f}"
+        ratios.append(line)
+    print("Paired ratios: " + "\n               ".join(ratios))
+    if results["torch_skipped"]:
+        print(f"torch: {results['torch_skipped']}")
+
+    print("\nCompile time of the epoch function, seconds wall (CPU)")
+    print(table(["case", "epoch function", "lower", "compile"],
+                [[f"{e['model']} B={e['batch']}", name, f"{c['lower_s']:.2f} ({c['lower_cpu_s']:.2f})",
+                  f"{c['compile_s']:.2f} ({c['compile_cpu_s']:.2f})"]
+                 for e in results["epochs"] for name, c in e["compile"].items()]))
+
+    print("\nGPU rows")
+    print(table(["case", "fnn samples/s", "of matmul", "note"],
+                [[f"{g['model']} B={g['batch']} {g['dtype']}",
+                  g["contenders"]["fnn"]["samples_per_s"] if g["measured"] else None,
+                  g["contenders"]["fnn"]["fraction_of_matmul"] if g["measured"] else None,
+                  g.get("reason", "measured")] for g in results["gpu"]]))
+
+    print("\nTargets")
+    verdict = {True: "met", False: "missed", None: "not measured"}
+    print(table(["target", "goal", "measured", "verdict"],
+                [[t["target"], t["goal"], t["value"], verdict[t["met"]]] for t in results["targets"]]))
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark (``argv``: the command line); returns the results written to the JSON."""
+    def extra(p):
+        p.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 5, quick 1)")
+        p.add_argument("--warmup", type=int, default=1, help="untimed rounds before them (default 1)")
+        p.add_argument("--no-torch", action="store_true", help="leave the PyTorch contenders out")
+
+    args = common.parse_args("bench", __doc__.splitlines()[0], argv, extra)
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0; got {args.repeats} and {args.warmup}.")
+    args.torch_seconds = 0.2 if args.quick else TORCH_SECONDS
+    args.step_flops = STEP_FLOPS / 20 if args.quick else STEP_FLOPS
+    torch, args.torch_skipped = import_torch(args.no_torch)
+    info = machine()
+    x_np, y_np = synthetic(QUICK_SAMPLES if args.quick else SAMPLES)
+    x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+
+    cases = QUICK_CASES if args.quick else CPU_CASES
+    steps = [bench_steps(case, x, y, args) for case in cases]
+    epochs = [bench_epochs(case, x_np, y_np, args, torch, CPU_MATMUL) for case in cases]
+    gpu = gpu_rows(args, info["platform"], x_np, y_np)
+    info["load_average_end"] = _load()
+    results = {"machine": info, "samples": int(x.shape[0]), "repeats": args.repeats, "warmup": args.warmup,
+               "torch_version": torch.__version__ if torch else None, "torch_skipped": args.torch_skipped,
+               "steps": steps, "epochs": epochs, "gpu": gpu, "targets": targets(steps, epochs, info["platform"])}
+    print_tables(results)
+    path = common.save_json(args, results)
+    print(f"\n[bench] wrote {path} in {time.perf_counter() - args.started:.1f}s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
