@@ -5,12 +5,13 @@ sigmoid units (batch 60, plain SGD) reaches a higher held-out accuracy sooner th
 without it. Both runs share the initial weights, the learning rate and the batch order.
 """
 
+from common import conclude, parse_args, pyplot, save_figure, save_json  # first: puts the repository on sys.path
+
+# isort: split
 import jax
 import numpy as np
 
 import fnn
-
-from common import conclude, parse_args, pyplot, save_figure, save_json
 
 
 def _extra(p):
