@@ -23,7 +23,7 @@ from fnn import (
     schedules,
 )
 from fnn.backprop import backprop, objective
-from fnn.gradcheck import autodiff_grads, check_gradients
+from fnn.gradcheck import LeafCheck, autodiff_grads, check_gradients, format_report, gradient_report
 from fnn.losses import Loss, l2_penalty
 from fnn.mlp import MLP
 from fnn.train import FitResult, evaluate, fit
@@ -35,6 +35,9 @@ __all__ = [
     "backprop",
     "objective",
     "check_gradients",
+    "gradient_report",
+    "format_report",
+    "LeafCheck",
     "autodiff_grads",
     "fit",
     "evaluate",

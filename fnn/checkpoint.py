@@ -5,10 +5,25 @@ code) plus a JSON header with the format, the epoch, free-form metadata, each le
 a SHA-256 digest of every array's bytes. It is written to a temporary file in the same directory,
 flushed to disk and renamed over the target, so a crash never leaves a half-written checkpoint
 under the final name. A truncated or corrupt file is refused with :class:`CheckpointError`.
+
+Saved with ``net=`` and ``opt=``, a checkpoint describes itself: the header also holds the
+:class:`fnn.MLP` configuration (``sizes``, ``activation``, ``output``, ``initializer``,
+``batch_norm``, ``bn_momentum``, ``bn_eps``) and the optimizer's name and hyper-parameters
+(:func:`fnn.optim.describe`), as JSON. Then ``load(path)`` needs no templates: it rebuilds the
+network, the optimizer, and from them the structure of params, optimizer state and batch-norm
+state. Given the expected ``net``/``opt``, ``load`` refuses a checkpoint written by another
+configuration and names the difference::
+
+    checkpoint.save(path, params=p, opt_state=s, key=k, epoch=3, net=net, opt=opt)
+    ck = checkpoint.load(path)                    # ck.net == net, ck.opt rebuilt, ck.params ...
+    checkpoint.load(path, net=other_net)          # CheckpointError: ... checkpoint has sizes
+                                                  # (784, 256, 10), expected (784, 128, 10)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +36,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from fnn import optim
+from fnn.mlp import MLP
+
 FORMAT = "fnn-checkpoint-1"
 _NAME = re.compile(r"^epoch-(\d{6})\.npz$")
 
@@ -30,7 +48,12 @@ class CheckpointError(ValueError):
 
 
 class Checkpoint(NamedTuple):
-    """What a checkpoint holds. ``normalizer`` is ``(mean, std)`` arrays or ``None``."""
+    """What a checkpoint holds. ``normalizer`` is ``(mean, std)`` arrays or ``None``.
+
+    ``net`` and ``opt`` are the network and optimizer: the ones passed to :func:`load`, else
+    rebuilt from the file's description, else ``None`` (an optimizer whose learning rate is a
+    schedule cannot be rebuilt, see :func:`fnn.optim.describe`).
+    """
 
     params: Any
     opt_state: Any
@@ -39,11 +62,53 @@ class Checkpoint(NamedTuple):
     normalizer: tuple[np.ndarray, np.ndarray] | None
     meta: dict
     state: Any = None  # batch-norm running statistics, when the network has them
+    net: MLP | None = None
+    opt: optim.Optimizer | None = None
 
 
-def _leaves(tree) -> tuple[list[str], list[np.ndarray]]:
+def _leaves(tree) -> tuple[list[str], list]:
+    """The leaves' tree paths (``"[0]['W']"``) and the leaves (arrays or ``jax.ShapeDtypeStruct``)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [jax.tree_util.keystr(p) for p, _ in flat], [np.asarray(v) for _, v in flat]
+    return [jax.tree_util.keystr(p) for p, _ in flat], [v if hasattr(v, "dtype") else np.asarray(v) for _, v in flat]
+
+
+# The model's configuration as JSON: the fields of fnn.MLP; __init__ calls the field ``initializer`` ``init``.
+_MLP_FIELDS = tuple(f.name for f in dataclasses.fields(MLP))
+_MLP_ARGUMENT = {"initializer": "init"}
+
+
+def _net_config(net: MLP) -> dict:
+    return {name: getattr(net, name) for name in _MLP_FIELDS}
+
+
+def _net_from_config(path, config) -> MLP:
+    if not isinstance(config, dict) or set(config) != set(_MLP_FIELDS):
+        raise CheckpointError(f"{path}: the stored model configuration {config!r} does not have the fields "
+                              f"{list(_MLP_FIELDS)} of fnn.MLP.")
+    try:
+        return MLP(**{_MLP_ARGUMENT.get(k, k): tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the stored model configuration is not a valid fnn.MLP: {e}") from None
+
+
+def _net_differences(stored: MLP, expected: MLP) -> list[str]:
+    return [f"{name} {getattr(stored, name)!r}, expected {getattr(expected, name)!r}"
+            for name in _MLP_FIELDS if getattr(stored, name) != getattr(expected, name)]
+
+
+def _opt_differences(stored: dict, expected: dict) -> list[str]:
+    if stored["name"] != expected["name"]:
+        return [f"optimizer {stored['name']}, expected {expected['name']}"]
+    a, b = stored["hyperparams"], expected["hyperparams"]
+    return [f"{stored['name']} {k}={_show(a.get(k))}, expected {k}={_show(b.get(k))}"
+            for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+
+
+def _show(value) -> str:
+    """A described hyper-parameter as a reader would write it."""
+    if isinstance(value, dict):
+        return next(iter(value.values()))
+    return repr(value)
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:
@@ -56,8 +121,29 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def save(path, *, params, opt_state, key, epoch: int, normalizer=None, meta: dict | None = None,
-         state=None) -> Path:
-    """Write a checkpoint atomically to ``path`` and return it (``state``: batch-norm statistics)."""
+         state=None, net: MLP | None = None, opt: optim.Optimizer | None = None) -> Path:
+    """Write a checkpoint atomically to ``path`` and return it.
+
+    Args:
+      params, opt_state: pytrees of arrays; state: batch-norm statistics (or ``None``).
+      key: the PRNG key to continue with; epoch: epochs done; normalizer: ``(mean, std)`` or ``None``.
+      meta: free-form JSON-able metadata.
+      net: the :class:`fnn.MLP` the params belong to; its configuration is stored (the params and
+        state are checked against it first: ``ValueError``).
+      opt: the optimizer ``opt_state`` belongs to, one of :data:`fnn.optim.OPTIMIZERS`; its name
+        and hyper-parameters are stored (``TypeError`` for other transformations; ``ValueError``
+        when ``opt_state`` is not shaped like ``opt.init(params)``).
+    """
+    header = {"format": FORMAT, "epoch": int(epoch)}
+    if net is not None:
+        net.check_params(params)
+        net.check_state(state)
+        header["net"] = _net_config(net)
+    if opt is not None:
+        header["optimizer"] = optim.describe(opt)
+        want, got = (_specs(t) for t in (jax.eval_shape(opt.init, params), opt_state))
+        if want != got:
+            raise ValueError(f"opt_state does not match opt.init(params): expected leaves {want}, got {got}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays, paths = {}, {}
@@ -70,8 +156,7 @@ def save(path, *, params, opt_state, key, epoch: int, normalizer=None, meta: dic
                                else key)
     if normalizer is not None:
         arrays["norm.mean"], arrays["norm.std"] = (np.asarray(a) for a in normalizer)
-    header = {"format": FORMAT, "epoch": int(epoch), "paths": paths, "meta": meta or {},
-              "sha256": _digest(arrays)}
+    header.update(paths=paths, meta=meta or {}, sha256=_digest(arrays))
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -105,6 +190,12 @@ def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return header, arrays
 
 
+def _specs(tree) -> list[tuple[str, tuple, str]]:
+    """``(path, shape, dtype)`` of every leaf: what a template fixes."""
+    names, values = _leaves(tree)
+    return [(n, tuple(v.shape), str(v.dtype)) for n, v in zip(names, values)]
+
+
 def _restore(path, group, template, header, arrays):
     names, values = _leaves(template)
     stored = header["paths"].get(group, [])
@@ -116,7 +207,7 @@ def _restore(path, group, template, header, arrays):
     out = []
     for i, (name, want) in enumerate(zip(names, values)):
         got = arrays[f"{group}.{i}"]
-        if got.shape != want.shape or got.dtype != want.dtype:
+        if got.shape != tuple(want.shape) or got.dtype != want.dtype:
             raise CheckpointError(
                 f"{path}: {group}{name} is {got.dtype}{list(got.shape)}, template expects "
                 f"{want.dtype}{list(want.shape)}."
@@ -125,15 +216,34 @@ def _restore(path, group, template, header, arrays):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), out)
 
 
-def load(path, *, params, opt_state, state=None) -> Checkpoint:
+def load(path, *, params=None, opt_state=None, state=None, net: MLP | None = None,
+         opt: optim.Optimizer | None = None) -> Checkpoint:
     """Read a checkpoint, restoring ``params``, ``opt_state`` (and ``state``) into the templates' structure.
 
     The templates (e.g. ``net.init(key)``, ``opt.init(params)`` and ``net.init_state()``) fix the
     tree structure, shapes and dtypes the file must match; any difference raises
-    :class:`CheckpointError` naming the leaf.
+    :class:`CheckpointError` naming the leaf. A template left out is built from ``net``/``opt``:
+    the ones given, else those the checkpoint describes (see :func:`save`), so a self-describing
+    checkpoint loads with ``load(path)`` alone.
+
+    Given ``net`` or ``opt``, a checkpoint that describes a different one is refused with
+    :class:`CheckpointError` naming every differing field (``checkpoint has sizes (784, 256, 10),
+    expected (784, 128, 10)``). A learning-rate schedule is compared by kind only (its arguments
+    are not stored), and an optimizer whose schedule is not stored must be passed as ``opt`` to
+    rebuild the optimizer state.
     """
     path = Path(path)
     header, arrays = _read(path)
+    net = _checked_net(path, header, net)
+    opt = _checked_opt(path, header, opt, needed=opt_state is None)
+    dtype = arrays["params.0"].dtype if "params.0" in arrays else np.dtype(np.float32)
+    if params is None:
+        params = jax.eval_shape(functools.partial(_require(path, net, "model", "params", "net").init, dtype=dtype),
+                                jax.random.PRNGKey(0))
+    if opt_state is None:
+        opt_state = jax.eval_shape(_require(path, opt, "optimizer", "opt_state", "opt").init, params)
+    if state is None and net is not None and net.has_state:
+        state = jax.eval_shape(functools.partial(net.init_state, dtype))
     if state is None and header["paths"].get("state"):
         raise CheckpointError(f"{path} holds batch-norm statistics: pass state=net.init_state() as a template.")
     normalizer = (arrays["norm.mean"], arrays["norm.std"]) if "norm.mean" in arrays else None
@@ -145,7 +255,52 @@ def load(path, *, params, opt_state, state=None) -> Checkpoint:
         normalizer=normalizer,
         meta=header["meta"],
         state=None if state is None else _restore(path, "state", state, header, arrays),
+        net=net,
+        opt=opt,
     )
+
+
+def _checked_net(path, header, net: MLP | None) -> MLP | None:
+    """``net``, or the network the checkpoint describes; refused when the two differ."""
+    if net is not None and not isinstance(net, MLP):
+        raise TypeError(f"net must be an fnn.MLP; got {type(net).__name__}.")
+    stored = _net_from_config(path, header["net"]) if "net" in header else None
+    if net is None or stored is None:
+        return stored if net is None else net
+    _refuse_differences(path, _net_differences(stored, net))
+    return net
+
+
+def _checked_opt(path, header, opt, *, needed: bool):
+    """``opt``, or the optimizer the checkpoint describes (``None`` if not rebuildable and not ``needed``).
+
+    An ``opt`` that records nothing (a ``chain``, :func:`fnn.optim.newton`) cannot be compared and
+    is trusted; the optimizer-state template built from it still has to match the file.
+    """
+    stored = header.get("optimizer")
+    if stored is None:
+        return opt
+    if opt is not None:
+        if isinstance(opt, optim.Optimizer):
+            _refuse_differences(path, _opt_differences(stored, optim.describe(opt)))
+        return opt
+    try:
+        return optim.from_description(stored)
+    except (TypeError, ValueError) as e:
+        if needed:
+            raise CheckpointError(f"{path}: cannot rebuild the optimizer: {e}") from None
+        return None
+
+
+def _refuse_differences(path, differences: list[str]) -> None:
+    if differences:
+        raise CheckpointError(f"{path}: checkpoint has " + "; ".join(differences) + ".")
+
+
+def _require(path, thing, what: str, template: str, argument: str):
+    if thing is None:
+        raise CheckpointError(f"{path} does not describe its {what}: pass {template}= (a template) or {argument}=.")
+    return thing
 
 
 def path_for(directory, epoch: int) -> Path:

@@ -1,8 +1,11 @@
 """``fnn-train`` (also ``python -m fnn``): train an MLP on a dataset from the command line.
 
-On start the manual gradients are checked against autodiff on the first batch; every epoch prints
-a progress line; at the end the held-out accuracy and throughput are printed. Checkpoints (one file
-per epoch, the newest three kept) make a run resumable with ``--resume``.
+On start the manual gradients are checked on the first batch against autodiff and against float64
+finite differences (a table, one line per layer and leaf, see :func:`fnn.gradcheck.gradient_report`);
+every epoch prints a progress line; at the end the held-out accuracy and throughput are printed.
+Checkpoints (one file per epoch, the newest three kept) describe the network and the optimizer and
+make a run resumable with ``--resume``, which refuses a checkpoint written with other model or
+optimizer flags and names the difference.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import inspect
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -20,11 +24,11 @@ import numpy as np
 
 from fnn import checkpoint, data, optim, schedules
 from fnn.activations import ACTIVATIONS
-from fnn.gradcheck import check_gradients
+from fnn.gradcheck import format_report, gradient_report
 from fnn.initializers import INITIALIZERS
 from fnn.losses import CLASSES, LOSSES
 from fnn.mlp import MLP
-from fnn.train import GRAD_SOURCES, LAST_BATCH, fit
+from fnn.train import GRAD_SOURCES, LAST_BATCH, fit, replay_step
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
 SCHEDULES = ("constant", "inverse_sqrt", "cosine", "exponential", "step")
@@ -74,6 +78,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--plot", default=None, help="write a PNG of the learning curves here")
     t.add_argument("--history", default=None, help="write the per-epoch history as JSON here")
     t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    t.add_argument("--debug-nans", action="store_true",
+                   help="if training stops on a non-finite value, replay that batch eagerly and print per-layer "
+                        "statistics of z, a and δ")
+    t.add_argument("--data-parallel", action="store_true",
+                   help="shard every batch over all devices (the batch size must be divisible by their number)")
     return p
 
 
@@ -130,10 +139,14 @@ def main(argv=None) -> int:
 
     b = min(args.batch_size, len(x_train))
     bn_state = net.init_state(dtype) if net.has_state else None
-    rel = np.asarray(check_gradients(net, params, jnp.asarray(x_train[:b]), jnp.asarray(y_train[:b]), loss, args.l2,
-                                     bn_state))
+    report = gradient_report(net, params, jnp.asarray(x_train[:b]), jnp.asarray(y_train[:b]), loss, args.l2,
+                             bn_state)
+    print("gradient check on the first batch, relative differences per leaf:\n"
+          + textwrap.indent(format_report(report), "  "))
+    rel = [max(r.manual_vs_autodiff for r in report if r.layer == l) for l in range(1, net.num_layers + 1)]
     print("gradient check on the first batch, max relative difference manual vs autodiff per layer: "
-          + " ".join(f"{r:.1e}" for r in rel) + f" (max {rel.max():.1e})")
+          + " ".join(f"{r:.1e}" for r in rel) + f" (max {max(rel):.1e}); manual vs finite differences: "
+          + f"max {max(r.manual_vs_fd for r in report):.1e}")
 
     opt_state, start_epoch = None, 0
     if args.resume:
@@ -141,7 +154,12 @@ def main(argv=None) -> int:
         if path is None:
             print(f"no checkpoint in {args.checkpoint_dir}; starting from scratch")
         else:
-            ck = checkpoint.load(path, params=params, opt_state=opt.init(params), state=bn_state)
+            try:
+                ck = checkpoint.load(path, params=params, opt_state=opt.init(params), state=bn_state, net=net,
+                                     opt=opt)
+            except checkpoint.CheckpointError as e:
+                raise SystemExit(f"fnn-train: cannot --resume: {e} Resume with the flags of that run, or start "
+                                 f"afresh in another --checkpoint-dir.") from None
             params, opt_state, key, start_epoch, bn_state = ck.params, ck.opt_state, ck.key, ck.epoch, ck.state
             print(f"resumed from {path} (epoch {start_epoch})")
 
@@ -151,14 +169,14 @@ def main(argv=None) -> int:
         if args.checkpoint_dir:
             checkpoint.save(checkpoint.path_for(args.checkpoint_dir, state.epoch), params=state.params,
                             opt_state=state.opt_state, key=state.key, epoch=state.epoch,
-                            normalizer=normalizer, meta=meta, state=state.state)
+                            normalizer=normalizer, meta=meta, state=state.state, net=net, opt=opt)
             checkpoint.prune(args.checkpoint_dir, keep=3)
 
     start = time.perf_counter()
     result = fit(net, params, opt, (x_train, y_train), loss=loss, epochs=max(0, args.epochs - start_epoch),
                  batch_size=args.batch_size, key=key, held_out=(x_test, y_test), l2=args.l2,
                  grad_source=args.grad_source, last_batch=args.last_batch, opt_state=opt_state, state=bn_state,
-                 start_epoch=start_epoch, on_epoch_end=save, quiet=args.quiet)
+                 start_epoch=start_epoch, on_epoch_end=save, quiet=args.quiet, data_parallel=args.data_parallel)
     wall = time.perf_counter() - start
     if result.history:
         last = result.history[-1]
@@ -174,6 +192,9 @@ def main(argv=None) -> int:
         print(f"learning curves: {plot_history(result.history, args.plot, title=f'{ds.name} {net.sizes}')}")
     if result.stopped:
         print(f"stopped: {result.stopped}", file=sys.stderr)
+        if args.debug_nans and result.nan_report:
+            print(replay_step(net, result.params, opt, result.opt_state, x_train, y_train, loss,
+                              result.nan_report["batch"], args.l2, result.state))
         return 1
     return 0
 

@@ -27,11 +27,22 @@ Conventions:
   and leaf shapes (checked at trace time).
 - Weight decay acts on the leaves a mask selects; the default, :func:`weights_only`, is the
   theory's convention: weights ``W`` are decayed, biases ``b`` are not.
+- Scalar arithmetic (decay rates, bias corrections) is done in at least float32 and the result
+  cast back to the leaf's dtype: in bfloat16, ``β₂ = 0.999`` would round to 1 and Adam's
+  ``1 − β₂^t`` to 0.
+- The public optimizers (:func:`sgd` … :func:`adamw`) return an :class:`Optimizer`: the same
+  ``(init, update)`` pair, which also records its name and hyper-parameters, so that
+  :func:`describe` can write it down as JSON data (checkpoints do) and :func:`from_description`
+  can build it again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import inspect
+import numbers
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
@@ -49,6 +60,10 @@ Mask = Any  # a pytree of bools with the params' structure, or a callable params
 
 __all__ = [
     "GradientTransformation",
+    "Optimizer",
+    "OPTIMIZERS",
+    "describe",
+    "from_description",
     "apply_updates",
     "chain",
     "current_learning_rate",
@@ -97,6 +112,26 @@ class GradientTransformation(NamedTuple):
 
     init: Callable[[Params], State]
     update: Callable[..., tuple[Updates, State]]
+
+
+class Optimizer(GradientTransformation):
+    """A :class:`GradientTransformation` that also records how it was built.
+
+    It unpacks, indexes and compares exactly like the pair ``(init, update)``; in addition
+    ``name`` is the factory's name in this module (``"adam"``) and ``hyperparams`` a read-only
+    mapping of the factory's arguments, defaults filled in, as they were given
+    (``{"learning_rate": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8}``). Built by the public
+    optimizers :func:`sgd` … :func:`adamw`; immutable. See :func:`describe`.
+    """
+
+    def __new__(cls, init, update, name: str = "", hyperparams: Mapping[str, Any] | None = None):
+        self = super().__new__(cls, init, update)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "hyperparams", MappingProxyType(dict(hyperparams or {})))
+        return self
+
+    def __setattr__(self, attr, value):
+        raise AttributeError(f"an Optimizer is immutable; build another one instead of setting {attr!r}.")
 
 
 class EmptyState(NamedTuple):
@@ -199,9 +234,18 @@ def _zero_leaf(p) -> jax.Array:
     return jnp.zeros(jnp.shape(p), dtype)
 
 
+def _wide(*arrays) -> jnp.dtype:
+    """The dtype scalar arithmetic on ``arrays`` is done in: their promoted dtype, at least float32.
+
+    bfloat16 has 8 significant bits: ``0.999`` rounds to ``1.0`` and ``0.9`` to ``0.8984``.
+    """
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
 def _ema(average: jax.Array, x: jax.Array, decay: float) -> jax.Array:
-    """``decay · average + (1 − decay) · x``, in the dtype of ``average``."""
-    return (decay * average + (1 - decay) * x).astype(average.dtype)
+    """``decay · average + (1 − decay) · x``, computed in :func:`_wide` precision, in the dtype of ``average``."""
+    wide = _wide(average, x)
+    return (decay * average.astype(wide) + (1 - decay) * x.astype(wide)).astype(average.dtype)
 
 
 _INT32_MAX = jnp.iinfo(jnp.int32).max
@@ -345,8 +389,9 @@ def trace(momentum: float, nesterov: bool = False) -> GradientTransformation:
 
     def update(grads, state, params=None):
         def leaf(g, v):
-            v = (rho * v + g).astype(v.dtype)
-            return (g + rho * v if nesterov else v), v
+            wide = _wide(g, v)
+            v = (rho * v.astype(wide) + g.astype(wide)).astype(v.dtype)
+            return ((g.astype(wide) + rho * v.astype(wide)).astype(jnp.result_type(g, v)) if nesterov else v), v
 
         updates, velocity = _map(leaf, grads, state.velocity, outputs=2)
         return updates, TraceState(velocity)
@@ -432,9 +477,10 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
 
         def leaf(g, m, v):
             m, v = _ema(m, g, b1), _ema(v, g * g, b2)
-            t = count.astype(m.dtype)
-            m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-            return m_hat / (jnp.sqrt(v_hat) + eps), m, v
+            wide = _wide(m)
+            t = count.astype(wide)
+            m_hat, v_hat = m.astype(wide) / (1 - b1**t), v.astype(wide) / (1 - b2**t)
+            return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(m.dtype), m, v
 
         updates, mu, nu = _map(leaf, grads, state.mu, state.nu, outputs=3)
         return updates, AdamState(count, mu, nu)
@@ -570,9 +616,24 @@ def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizers: the published algorithms as short chains.
+# Optimizers: the published algorithms as short chains, each recording how it was built.
 
 
+def _recorded(factory: Callable[..., GradientTransformation]) -> Callable[..., Optimizer]:
+    """``factory``, made to return an :class:`Optimizer` that records its name and arguments."""
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def build(*args, **kwargs) -> Optimizer:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return Optimizer(*factory(*args, **kwargs), name=factory.__name__, hyperparams=bound.arguments)
+
+    return build
+
+
+
+@_recorded
 def sgd(learning_rate: float | Schedule) -> GradientTransformation:
     """Stochastic gradient descent: ``θ ← θ − α_t g``.
 
@@ -583,6 +644,7 @@ def sgd(learning_rate: float | Schedule) -> GradientTransformation:
     return scale_by_learning_rate(learning_rate)
 
 
+@_recorded
 def momentum(learning_rate: float | Schedule, momentum: float = 0.9) -> GradientTransformation:
     """Classic (heavy-ball) momentum: ``v ← ρv + g`` (``v₀ = 0``), ``θ ← θ − α_t v``; ``ρ = momentum ∈ [0, 1)``.
 
@@ -593,6 +655,7 @@ def momentum(learning_rate: float | Schedule, momentum: float = 0.9) -> Gradient
     return chain(trace(momentum), scale_by_learning_rate(learning_rate))
 
 
+@_recorded
 def nesterov(learning_rate: float | Schedule, momentum: float = 0.9) -> GradientTransformation:
     """Nesterov momentum: ``v ← ρv + g`` (``v₀ = 0``), ``θ ← θ − α_t (g + ρv)`` with the new ``v``.
 
@@ -607,6 +670,7 @@ def nesterov(learning_rate: float | Schedule, momentum: float = 0.9) -> Gradient
     return chain(trace(momentum, nesterov=True), scale_by_learning_rate(learning_rate))
 
 
+@_recorded
 def adagrad(learning_rate: float | Schedule, eps: float = 1e-7) -> GradientTransformation:
     """AdaGrad: ``r ← r + g ⊙ g`` (``r₀ = 0``), ``θ ← θ − α_t g / (δ + √r)``; ``δ = eps``.
 
@@ -617,6 +681,7 @@ def adagrad(learning_rate: float | Schedule, eps: float = 1e-7) -> GradientTrans
     return chain(scale_by_adagrad(eps), scale_by_learning_rate(learning_rate))
 
 
+@_recorded
 def rmsprop(
     learning_rate: float | Schedule,
     decay: float = 0.9,
@@ -641,6 +706,7 @@ def rmsprop(
     return chain(scale, trace(momentum), scale_by_learning_rate(learning_rate))
 
 
+@_recorded
 def adam(
     learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 ) -> GradientTransformation:
@@ -655,6 +721,7 @@ def adam(
     return chain(scale_by_adam(b1, b2, eps), scale_by_learning_rate(learning_rate))
 
 
+@_recorded
 def adamw(
     learning_rate: float | Schedule,
     b1: float = 0.9,
@@ -692,3 +759,77 @@ def newton(
     Reference: Nocedal & Wright, *Numerical Optimization*, 2nd ed., 2006, §3.3.
     """
     return chain(scale_by_newton(objective, damping), scale_by_learning_rate(learning_rate))
+
+
+OPTIMIZERS: Mapping[str, Callable[..., Optimizer]] = MappingProxyType(
+    {f.__name__: f for f in (sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw)})
+"""The optimizers :func:`from_description` can build, by name."""
+
+
+def describe(opt: Optimizer) -> dict:
+    """How ``opt`` was built, as JSON data: ``{"name": "adam", "hyperparams": {"learning_rate": 0.001, ...}}``.
+
+    Numbers become floats (the factories use them as floats) and bools stay bools. A function of
+    this module (the default mask :func:`weights_only`) is written ``{"function": "weights_only"}``.
+    Anything else, a learning-rate schedule or a custom mask, cannot be written down; it becomes
+    ``{"not_stored": "<module>.<qualified name>"}`` (e.g. ``"fnn.schedules.cosine_decay.<locals>
+    .schedule"``), which names its kind but not its arguments, and :func:`from_description`
+    refuses to rebuild it.
+
+    Raises ``TypeError`` for a transformation that is not an :class:`Optimizer` (a ``chain``,
+    :func:`newton`): those record nothing.
+    """
+    if not isinstance(opt, Optimizer) or opt.name not in OPTIMIZERS:
+        raise TypeError(
+            f"only the optimizers {sorted(OPTIMIZERS)} of fnn.optim record how they were built; got "
+            f"{type(opt).__name__}. Build the optimizer with one of them, or keep it out of the description."
+        )
+    return {"name": opt.name, "hyperparams": {k: _describe_value(v) for k, v in opt.hyperparams.items()}}
+
+
+def _describe_value(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    name = getattr(value, "__name__", None)
+    if callable(value) and globals().get(name) is value:
+        return {"function": name}
+    where = f"{getattr(value, '__module__', None) or type(value).__module__}."
+    return {"not_stored": where + getattr(value, "__qualname__", type(value).__qualname__)}
+
+
+def from_description(description: Mapping) -> Optimizer:
+    """The optimizer :func:`describe` wrote down, built again with the same hyper-parameters.
+
+    Raises ``ValueError`` naming the problem for an unknown optimizer or hyper-parameter, and for
+    a value that was not stored (a schedule, a custom mask): build that optimizer yourself.
+    """
+    try:
+        name, hyper = description["name"], dict(description["hyperparams"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"an optimizer description is {{'name': ..., 'hyperparams': {{...}}}}; got {description!r}."
+        ) from None
+    factory = OPTIMIZERS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown optimizer {name!r} in the description; expected one of {sorted(OPTIMIZERS)}.")
+    unknown = sorted(set(hyper) - set(inspect.signature(factory).parameters))
+    if unknown:
+        raise ValueError(f"{name} takes no hyper-parameter {', '.join(unknown)} (found in the description).")
+    for key, value in hyper.items():
+        if isinstance(value, dict) and "not_stored" in value:
+            raise ValueError(
+                f"the {name} optimizer's {key} is {value['not_stored']}, which a description cannot hold; "
+                f"build the optimizer yourself (fnn.optim.{name}({key}=...)) and pass it instead."
+            )
+        if isinstance(value, dict):
+            hyper[key] = _function_named(value)
+    return factory(**hyper)
+
+
+def _function_named(value: Mapping) -> Callable:
+    function = globals().get(value.get("function")) if set(value) == {"function"} else None
+    if not (callable(function) and getattr(function, "__module__", None) == __name__):
+        raise ValueError(f"{value!r} names no function of fnn.optim.")
+    return function

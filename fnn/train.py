@@ -37,7 +37,7 @@ from fnn.backprop import Trace, backprop_trace
 from fnn.gradcheck import autodiff_grads
 from fnn.losses import BINARY, CLASSES, Loss
 from fnn.mlp import MLP, Params, State
-from fnn.optim import SkipNonfiniteState
+from fnn.optim import ScaleByLearningRateState, SkipNonfiniteState, current_learning_rate
 
 
 def _manual(net, params, x, y, loss, l2, state):
@@ -116,6 +116,29 @@ def skipped_updates(opt_state) -> int | None:
     """Updates skipped so far by :func:`fnn.optim.skip_nonfinite` inside ``opt_state`` (``None`` if absent)."""
     found = [n for n in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_skip) if _is_skip(n)]
     return sum(int(n.skipped) for n in found) if found else None
+
+
+def _learning_rate_of(opt):
+    """The learning rate (float or schedule) of an :class:`fnn.optim.Optimizer` with exactly one
+    step counter, else ``None`` (a chain or a foreign transform: no rate is reported)."""
+    rate = getattr(opt, "hyperparams", {}).get("learning_rate")
+    if rate is None:
+        return None
+    try:
+        probe = jax.eval_shape(opt.init, [{"W": jax.ShapeDtypeStruct((1, 1), jnp.float32)}])
+    except (ValueError, TypeError):
+        return None
+    counters = [s for s in jax.tree_util.tree_leaves(probe, is_leaf=_is_rate) if _is_rate(s)]
+    return rate if len(counters) == 1 else None
+
+
+def _rate_of_last_update(rate, opt_state):
+    count = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_rate) if _is_rate(s)][0].count
+    return rate(jnp.maximum(count - 1, 0)) if callable(rate) else jnp.asarray(rate)
+
+
+def _is_rate(node) -> bool:
+    return isinstance(node, ScaleByLearningRateState)
 
 
 def _select(ok, new, old):
@@ -295,7 +318,10 @@ def fit(
 
     Returns:
       A :class:`FitResult`. ``history`` has one dict per epoch: ``epoch``, ``train_loss`` (mean cost
-      over the epoch's samples), ``grad_norm`` (mean global gradient norm), ``held_out_loss``,
+      over the epoch's samples), ``grad_norm`` (mean global gradient norm before clipping),
+      ``learning_rate`` and ``learning_rate_last`` (the rates of the epoch's first and last
+      updates, from the schedule and the state's step count; optimizers from :mod:`fnn.optim`),
+      ``skipped_updates`` (with :func:`fnn.optim.skip_nonfinite`), ``held_out_loss``,
       ``held_out_accuracy``, ``samples_per_s``, ``seconds`` (epoch wall time) and ``elapsed``.
       ``history`` entries are plain Python numbers.
     """
@@ -342,7 +368,9 @@ def fit(
 
     history, stopped, nan_report, start = [], None, None, time.perf_counter()
     epoch = start_epoch
+    rate = _learning_rate_of(opt)
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
+        lr_first = None if rate is None else float(distributed.to_host(current_learning_rate(rate, opt_state)))
         t0 = time.perf_counter()
         params, opt_state, state, key, stats = compiled(params, opt_state, state, key, x, y)
         stats = distributed.to_host(stats)
@@ -359,6 +387,10 @@ def fit(
             "seconds": seconds,
             "elapsed": time.perf_counter() - start,
         }
+        if rate is not None:  # the rates of the epoch's first and last updates, from the state's step count
+            record["learning_rate"] = lr_first
+            record["learning_rate_last"] = float(distributed.to_host(
+                _rate_of_last_update(rate, opt_state)))
         skipped = skipped_updates(opt_state)
         if skipped is not None:
             record["skipped_updates"] = skipped

@@ -1,5 +1,6 @@
 """Checkpoint files: round trip, atomic writes, and refusal of truncated or corrupt files."""
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -116,3 +117,138 @@ def test_prune_keeps_the_newest(tmp_path):
         _save(checkpoint.path_for(tmp_path, e), epoch=e)
     checkpoint.prune(tmp_path, keep=2)
     assert sorted(os.listdir(tmp_path)) == ["epoch-000004.npz", "epoch-000005.npz"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-describing checkpoints: the model configuration and the optimizer in the header.
+
+LOSS = fnn.losses.softmax_cross_entropy
+
+
+def _trained(net, opt, dtype=jnp.float32, steps=2):
+    """Params, optimizer state and batch-norm state after a few real steps (so that none is trivial)."""
+    params = net.init(jax.random.PRNGKey(0), dtype)
+    state = net.init_state(dtype) if net.has_state else None
+    opt_state = opt.init(params)
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, net.sizes[0]), dtype)
+    y = jnp.arange(8) % net.sizes[-1]
+    for _ in range(steps):
+        _, grads, *new_state = fnn.backprop(net, params, x, y, LOSS, state=state)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params, state = fnn.optim.apply_updates(params, updates), (new_state[0] if new_state else None)
+    return params, opt_state, state, grads
+
+
+def _save_described(path, net, opt, dtype=jnp.float32):
+    params, opt_state, state, grads = _trained(net, opt, dtype)
+    checkpoint.save(path, params=params, opt_state=opt_state, key=jax.random.PRNGKey(5), epoch=2, state=state,
+                    net=net, opt=opt)
+    return params, opt_state, state, grads
+
+
+@pytest.mark.parametrize("dtype, batch_norm, make", [
+    (jnp.float32, True, lambda: fnn.optim.adamw(0.01, b1=0.8, weight_decay=0.1)),
+    (jnp.float64, False, lambda: fnn.optim.rmsprop(0.01, centered=True, momentum=0.5)),
+])
+def test_load_without_templates_rebuilds_model_params_optimizer_and_state(tmp_path, dtype, batch_norm, make):
+    """Catches a configuration that does not survive JSON (tuples, bools, floats), params or state
+    restored into the wrong structure or dtype, and an optimizer rebuilt with any other
+    hyper-parameter: its next update must equal the original's bit for bit."""
+    net = fnn.MLP((3, 5, 4, 2), ("tanh", "relu"), "identity", init="he_normal", batch_norm=batch_norm,
+                  bn_momentum=0.8, bn_eps=1e-3)
+    opt = make()
+    params, opt_state, state, grads = _save_described(tmp_path / "a.npz", net, opt, dtype)
+    ck = checkpoint.load(tmp_path / "a.npz")
+    assert ck.net == net and hash(ck.net) == hash(net) and ck.epoch == 2
+    assert fnn.optim.describe(ck.opt) == fnn.optim.describe(opt)
+    leaves = jax.tree_util.tree_leaves
+    assert jax.tree_util.tree_structure((ck.params, ck.opt_state, ck.state)) == \
+        jax.tree_util.tree_structure((params, opt_state, state))
+    for a, b in zip(leaves((params, opt_state, state)), leaves((ck.params, ck.opt_state, ck.state))):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    expected = opt.update(grads, opt_state, params)
+    got = ck.opt.update(grads, ck.opt_state, ck.params)
+    for a, b in zip(leaves(expected), leaves(got)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("other, message", [
+    (fnn.MLP((3, 6, 4, 2), "tanh"), r"checkpoint has sizes \(3, 5, 4, 2\), expected \(3, 6, 4, 2\)"),
+    (fnn.MLP((3, 5, 4, 2), ("tanh", "sigmoid")), r"activation \('tanh', 'tanh'\), expected \('tanh', 'sigmoid'\)"),
+    (fnn.MLP((3, 5, 4, 2), "tanh", "softmax", init="xavier_normal"),
+     r"output 'identity', expected 'softmax'; initializer 'classic', expected 'xavier_normal'\."),
+    (fnn.MLP((3, 5, 4, 2), "tanh", batch_norm=(True, False)), r"batch_norm \(False, False\), expected \(True, False\)"),
+    (fnn.MLP((3, 5, 4, 2), "tanh", bn_eps=1e-3), r"bn_eps 1e-05, expected 0.001"),
+])
+def test_checkpoint_of_another_model_configuration_is_refused_naming_the_difference(tmp_path, other, message):
+    """Catches a comparison that misses a field (each case changes other ones) or hides which."""
+    net = fnn.MLP((3, 5, 4, 2), "tanh")
+    _save_described(tmp_path / "a.npz", net, fnn.optim.sgd(0.1))
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(tmp_path / "a.npz", net=other)
+    assert checkpoint.load(tmp_path / "a.npz", net=fnn.MLP((3, 5, 4, 2), "tanh")).net == net
+
+
+@pytest.mark.parametrize("other, message", [
+    (fnn.optim.adam(0.01, b1=0.8), r"checkpoint has adam b1=0.9, expected b1=0.8\."),
+    (fnn.optim.adam(0.02, eps=1e-7), r"adam learning_rate=0.01, expected learning_rate=0.02; adam eps=1e-08, expected "
+                                     r"eps=1e-07\."),
+    (fnn.optim.momentum(0.01), r"checkpoint has optimizer adam, expected momentum"),
+    (fnn.optim.adam(fnn.schedules.inverse_sqrt(0.01)),
+     r"adam learning_rate=0.01, expected learning_rate=fnn.schedules.inverse_sqrt"),
+])
+def test_checkpoint_of_another_optimizer_is_refused_naming_the_difference(tmp_path, other, message):
+    """Catches a checkpoint that resumes silently with other hyper-parameters."""
+    net = fnn.MLP((3, 4, 2), "tanh")
+    _save_described(tmp_path / "a.npz", net, fnn.optim.adam(0.01))
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load(tmp_path / "a.npz", opt=other)
+    assert checkpoint.load(tmp_path / "a.npz", opt=fnn.optim.adam(0.01)).epoch == 2
+
+
+def test_an_optimizer_with_a_schedule_is_not_rebuilt_without_the_caller(tmp_path):
+    """The schedule's arguments are not stored: load(path) must refuse (not guess) the optimizer,
+    but load with opt= (compared by everything that is stored) or with an opt_state template."""
+    net = fnn.MLP((3, 4, 2), "tanh")
+    opt = fnn.optim.adam(fnn.schedules.cosine_decay(0.01, 100))
+    params, opt_state, _, _ = _save_described(tmp_path / "a.npz", net, opt)
+    with pytest.raises(CheckpointError, match=r"cannot rebuild the optimizer.*learning_rate.*cosine_decay.*pass"):
+        checkpoint.load(tmp_path / "a.npz")
+    with pytest.raises(CheckpointError, match="b2=0.999, expected b2=0.99"):
+        checkpoint.load(tmp_path / "a.npz", opt=fnn.optim.adam(fnn.schedules.cosine_decay(0.01, 100), b2=0.99))
+    ck = checkpoint.load(tmp_path / "a.npz", opt=opt)
+    assert ck.opt is opt and np.array_equal(ck.opt_state[0].mu[0]["W"], opt_state[0].mu[0]["W"])
+    ck = checkpoint.load(tmp_path / "a.npz", opt_state=opt.init(params))
+    assert ck.opt is None and ck.net == net
+
+
+def test_a_checkpoint_without_description_still_needs_templates(tmp_path):
+    _save(tmp_path / "a.npz")
+    with pytest.raises(CheckpointError, match="does not describe its model: pass params="):
+        checkpoint.load(tmp_path / "a.npz")
+    params, _ = _state()
+    with pytest.raises(CheckpointError, match="does not describe its optimizer: pass opt_state="):
+        checkpoint.load(tmp_path / "a.npz", params=params)
+
+
+def test_save_checks_params_and_optimizer_state_against_net_and_opt(tmp_path):
+    net, opt = fnn.MLP((3, 4, 2), "tanh"), fnn.optim.adam(0.01)
+    params, opt_state, _, _ = _trained(net, opt)
+    save = functools.partial(checkpoint.save, tmp_path / "a.npz", key=jax.random.PRNGKey(0), epoch=1)
+    with pytest.raises(ValueError, match=r"params\[0\]\['W'\] must have shape \(5, 3\)"):
+        save(params=params, opt_state=opt_state, net=fnn.MLP((3, 5, 2), "tanh"))
+    with pytest.raises(ValueError, match="opt_state does not match opt.init"):
+        save(params=params, opt_state=fnn.optim.sgd(0.1).init(params), opt=opt)
+    with pytest.raises(TypeError, match="record how they were built"):
+        save(params=params, opt_state=(), opt=fnn.optim.chain())
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99])
+def test_truncated_self_describing_checkpoint_is_refused(tmp_path, cut):
+    path = tmp_path / "a.npz"
+    _save_described(path, fnn.MLP((3, 4, 2), "tanh"), fnn.optim.sgd(0.1))
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(path)

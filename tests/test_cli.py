@@ -22,8 +22,14 @@ def test_digits_run_checks_gradients_trains_and_plots(tmp_path, capsys):
     png, hist = tmp_path / "curves.png", tmp_path / "history.json"
     assert main(["--epochs", "3", "--plot", str(png), "--history", str(hist), "--hidden", "32"]) == 0
     out = capsys.readouterr().out
-    check = re.search(r"manual vs autodiff per layer: .*\(max ([0-9.e+-]+)\)", out)
-    assert check and float(check.group(1)) < 1e-5
+    check = re.search(r"manual vs autodiff per layer: .*\(max ([0-9.e+-]+)\); manual vs finite differences: "
+                      r"max ([0-9.e+-]+)", out)
+    assert check and float(check.group(1)) < 1e-5 and float(check.group(2)) < 1e-5
+    # the table: one line per layer and leaf of the 64-32-10 network, 16 coordinates (10 for b²)
+    table = re.findall(r"^ +(\d) (W|b) +([0-9.e+-]+) +([0-9.e+-]+) +(\d+)$", out, flags=re.M)
+    assert [(l, k, int(n)) for l, k, _, _, n in table] == [("1", "W", 16), ("1", "b", 16), ("2", "W", 16),
+                                                           ("2", "b", 10)]
+    assert max(float(v) for row in table for v in row[2:4]) < 1e-5
     assert len(re.findall(r"^epoch +\d+/3 .*samples/s", out, flags=re.M)) == 3
     assert re.search(r"held-out accuracy \d+\.\d+%, median [\d,]+ samples/s", out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -35,6 +41,11 @@ def test_resume_continues_to_the_same_result(tmp_path, capsys):
     main(base + [str(tmp_path / "straight.json")])
     ck = str(tmp_path / "ck")
     main(["--epochs", "2", "--hidden", "16", "--quiet", "--checkpoint-dir", ck])
+    # flags that describe another model or optimizer are refused, naming the difference
+    with pytest.raises(SystemExit, match=r"checkpoint has sizes \(64, 16, 10\), expected \(64, 8, 10\)"):
+        main(base + [str(tmp_path / "x.json"), "--hidden", "8", "--checkpoint-dir", ck, "--resume"])
+    with pytest.raises(SystemExit, match=r"checkpoint has adam b1=0.9, expected b1=0.8"):
+        main(base + [str(tmp_path / "x.json"), "--b1", "0.8", "--checkpoint-dir", ck, "--resume"])
     main(base + [str(tmp_path / "resumed.json"), "--checkpoint-dir", ck, "--resume"])
     assert "resumed from" in capsys.readouterr().out
     straight = json.loads((tmp_path / "straight.json").read_text())
@@ -62,3 +73,17 @@ def test_mnist_10k(mnist_dir, capsys):
 def test_bad_flag_combinations(argv, msg):
     with pytest.raises(SystemExit, match=msg):
         main(argv)
+
+
+def test_debug_nans_replays_the_failing_batch(capsys):
+    code = main(["--epochs", "5", "--hidden", "16", "--optimizer", "sgd", "--lr", "1e4", "--activation", "relu",
+                 "--init", "he_normal", "--loss", "mse", "--quiet", "--debug-nans"])
+    captured = capsys.readouterr()
+    assert code == 1 and "non-finite values at epoch" in captured.err
+    assert "replay of a batch of" in captured.out
+    assert re.search(r"^ +1 +\S+ +\d+ +\S+ +\d+ +\S+ +\d+$", captured.out, flags=re.M)
+
+
+def test_data_parallel_flag_on_one_device(capsys):
+    assert main(["--epochs", "1", "--hidden", "8", "--quiet", "--data-parallel", "--batch-size", "100",
+                 "--last-batch", "drop"]) == 0

@@ -300,3 +300,14 @@ def test_epochs_keep_every_dtype_and_trace_once(dtype, monkeypatch):
     assert [a.dtype for a in after] == [b.dtype for b in before]
     assert not any(getattr(a, "weak_type", False) for a in after)
     assert all(leaf.dtype == dtype for leaf in jax.tree_util.tree_leaves(result.params))
+
+
+def test_history_reports_the_learning_rate_actually_used():
+    x, y = _toy(100)
+    sched = fnn.schedules.inverse_sqrt(0.5)
+    result = fit(NET, NET.init(jax.random.PRNGKey(0)), optim.sgd(learning_rate=sched), (x, y), loss=SCE, epochs=3,
+                 batch_size=10, key=jax.random.PRNGKey(1), quiet=True)
+    for e, r in enumerate(result.history):  # 10 updates per epoch: steps 10e .. 10e + 9
+        assert r["learning_rate"] == pytest.approx(0.5 / np.sqrt(10 * e + 1), rel=1e-6)
+        assert r["learning_rate_last"] == pytest.approx(0.5 / np.sqrt(10 * e + 10), rel=1e-6)
+    assert all(r["grad_norm"] > 0 for r in result.history)
