@@ -32,11 +32,11 @@ def rel_err(a, b) -> float:
 ULPS = 64
 
 
-def gradient_errors(manual, reference, rtol: float):
+def gradient_errors(manual, reference, rtol: float, ulps: int = ULPS):
     """Per leaf ``(path, error)`` where error ≤ 1 means the leaf agrees with the reference.
 
     A leaf agrees when ``max |m − r| ≤ rtol · max(|m|, |r|)`` over the leaf, or when the difference
-    is within ``ULPS`` units in the last place of the largest gradient entry of the whole tree. The
+    is within ``ulps`` units in the last place of the largest gradient entry of the whole tree. The
     second clause covers leaves whose exact gradient is (nearly) zero, where both sides hold only
     rounding noise from terms of the size of the other gradients (a bias in front of batch norm,
     a softmax whose upstream gradient is constant over the classes); a relative error there is
@@ -48,7 +48,7 @@ def gradient_errors(manual, reference, rtol: float):
     r_leaves = jax.tree_util.tree_leaves(reference)
     dtype = np.asarray(r_leaves[0]).dtype
     top = max(float(np.abs(np.asarray(r, np.float64)).max(initial=0)) for r in r_leaves)
-    atol = ULPS * float(np.finfo(dtype).eps) * top
+    atol = ulps * float(np.finfo(dtype).eps) * top
     out = []
     for (path, m), r in zip(m_leaves, r_leaves):
         m, r = np.asarray(m, np.float64), np.asarray(r, np.float64)
