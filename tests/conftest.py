@@ -10,12 +10,12 @@ from hypothesis import HealthCheck, settings
 jax.config.update("jax_enable_x64", True)  # tests choose dtypes explicitly; float64 must exist
 jax.config.update("jax_default_matmul_precision", "highest")  # no TF32/bf16 passes on GPUs
 
-settings.register_profile(
-    "default",
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=True,
-)
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               print_blob=True)
+# "default" draws the same pseudo-random examples on every run, so CI is reproducible;
+# HYPOTHESIS_PROFILE=explore draws fresh ones each run (and keeps failures in .hypothesis/).
+settings.register_profile("default", derandomize=True, database=None, **_common)
+settings.register_profile("explore", **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 

@@ -26,7 +26,6 @@ PAIRS = [
     *[(loss, out) for loss in ("mse", "half_mse", "mae") for out in ("identity", "sigmoid", "tanh", "softmax")
       if (loss, out) != ("mae", "softmax")],
     ("binary_cross_entropy", "sigmoid"),
-    ("binary_cross_entropy", "softmax"),
     ("binary_cross_entropy_with_logits", "identity"),
     ("categorical_cross_entropy", "softmax"),
     ("categorical_cross_entropy", "sigmoid"),
