@@ -1,0 +1,85 @@
+"""The benchmark script runs in ``--quick`` mode and writes a complete JSON (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def numbers(tree, path="$"):
+    """Every number in a JSON tree as ``(path, value)``; non-finite floats are saved as strings."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from numbers(value, f"{path}.{key}")
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from numbers(value, f"{path}[{i}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+    elif isinstance(tree, str):
+        assert tree.lower() not in {"nan", "inf", "-inf"}, f"{path} is {tree}"
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_quick(tmp_path):
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    bench = importlib.import_module("bench")
+    returned = bench.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["quick"] is True and saved["seconds"] > 0
+    assert set(returned) <= set(saved)
+    assert {"machine", "steps", "epochs", "gpu", "targets", "samples", "repeats"} <= set(saved)
+    for path, value in numbers(saved):
+        assert math.isfinite(value), f"{path} = {value}"
+
+    assert saved["machine"]["cores"] >= 1 and saved["machine"]["platform"]
+    for step in saved["steps"]:
+        assert step["steps_per_call"] >= 1
+        assert set(step["ms"]) == set(step["ms_best"]) == set(step["cpu_per_wall"])
+        assert {"step, manual backprop", "step, jax.grad", "fnn.train epoch, manual"} <= set(step["ms"])
+        assert all(positive(v) for v in step["ms"].values())
+        for key in ("manual_over_autodiff", "fnn_epoch_manual_over_autodiff", "fnn_epoch_over_plain_step"):
+            ratio = step[key]
+            assert positive(ratio["median"]) and len(ratio["rounds"]) == saved["repeats"]
+        for program in step["compiled_ops"].values():
+            assert program["instructions"] > 0 and program["dots"] + program["library_fusions"] > 0
+
+    torch_present = saved["torch_version"] is not None
+    for epoch in saved["epochs"]:
+        assert epoch["samples"] == saved["samples"] and positive(epoch["params"])
+        assert positive(epoch["matmul"]["gflops"]) and positive(epoch["fnn_over_reference"]["median"])
+        for name in ("fnn", "jax.grad reference"):
+            c = epoch["contenders"][name]
+            assert all(positive(c[k]) for k in ("samples_per_s", "samples_per_s_best", "gflops", "fraction_of_matmul",
+                                                 "executed_fraction_of_matmul", "cpu_per_wall"))
+        for timing in epoch["compile"].values():
+            assert positive(timing["lower_s"]) and positive(timing["compile_s"])
+        torch_rows = [name for name in epoch["contenders"] if name.startswith("torch")]
+        if torch_present:
+            assert len(torch_rows) == 2 and positive(epoch["fnn_over_fastest_torch"]["median"])
+        else:  # torch is an optional extra: its columns are left out, with the reason
+            assert not torch_rows and epoch["torch"] == saved["torch_skipped"] and "torch" in saved["torch_skipped"]
+
+    for row in saved["gpu"]:
+        assert row["dtype"] in {"float32", "bfloat16"}
+        if saved["machine"]["platform"] == "cpu":
+            assert row["measured"] is False and "unmeasured" in row["reason"]
+        else:
+            assert row["measured"] is True and positive(row["contenders"]["fnn"]["samples_per_s"])
+
+    assert len(saved["targets"]) == 3 + len(saved["steps"])  # torch, reference, matmul; one per step row
+    for target in saved["targets"]:
+        assert target["met"] in (True, False, None)
+        assert (target["met"] is None) == (target["value"] is None) == (target["range"] is None)
+        if target["range"] is not None:
+            low, high = target["range"]
+            assert low <= target["value"] <= high
