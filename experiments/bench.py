@@ -11,16 +11,17 @@ with ``α = 10⁻³``, the same initial parameters everywhere):
   two compiled programs, a comparison that no load on the machine can disturb. Beside them, the
   pieces of a step, each timed the same way (the forward pass alone, forward plus gradients, the
   Adam update alone), and the step as :func:`fnn.fit` runs it: :func:`fnn.train.make_epoch` on an
-  epoch of exactly ``K`` batches, which adds the shuffle, the gather of each batch and the NaN
-  guard (finiteness checks, gradient norm, ``where(ok, new, old)`` over params and optimizer
-  state), with either gradient source.
-- **Epoch throughput** (samples/s) of :func:`fnn.train.make_epoch`, jitted with params and optimizer
-  state donated exactly as :func:`fnn.fit` does, against (a) a PyTorch eager loop of the same model
+  epoch of exactly ``K`` batches with ``guard=False``, which adds the shuffle, the gather of each
+  batch, the gradient norm and one finiteness check at the end, with either gradient source; and
+  the guarded epoch that ``fit`` runs only to find a failure (finiteness checks of every ``z^l``,
+  ``a^l``, ``δ^l``, gradient and update, ``where(ok, new, old)`` over params and optimizer state).
+- **Epoch throughput** (samples/s) of :func:`fnn.train.make_epoch`, jitted exactly as :func:`fnn.fit`
+  runs it (``guard=False``, nothing donated), against (a) a PyTorch eager loop of the same model
   and optimizer (``torch.optim.Adam`` with its defaults; torch threads set to the core count, and
   to one thread; a repeat runs up to ``TORCH_SECONDS`` of an epoch, as every step costs the same)
   and (b) a plain ``jax.value_and_grad`` reference with a hand-written Adam in the same jit
   structure (shuffle, ``lax.scan`` over index batches gathered in the step, one smaller last
-  batch), without the NaN guard. Each round also times a burst of jitted ``1024 × 1024 @ 1024 ×
+  batch). Each round also times a burst of jitted ``1024 × 1024 @ 1024 ×
   1024`` float32 products with half the FLOPs of an fnn epoch, so that the achieved rate
   ``6 · P · samples/s`` (``P`` parameters) is read as a fraction of the matmul rate measured
   under the same load.
@@ -71,6 +72,7 @@ TORCH_SECONDS = 2.0  # the most one torch repeat runs; it stops at the end of it
 CPU_MATMUL, GPU_MATMUL = 1024, 8192  # n of the (n, n) @ (n, n) products that give the matmul rate
 MANUAL_STEP, AUTODIFF_STEP = "step, manual backprop", "step, jax.grad"
 FNN_MANUAL, FNN_AUTODIFF = "fnn.train epoch, manual", "fnn.train epoch, jax.grad"
+FNN_GUARDED = "fnn.train guarded epoch (replay), manual"
 
 
 class Case(NamedTuple):
@@ -224,7 +226,7 @@ def reference_epoch(num_samples: int, batch_size: int) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------
-# Contenders: each a closure that runs one timed unit and keeps its own (donated) state.
+# Contenders: each a closure that runs one timed unit and keeps its own state.
 
 
 def compiled(fn: Callable, donate: tuple[int, ...], *args) -> tuple[Callable, dict]:
@@ -250,11 +252,11 @@ def epoch_contender(run: Callable, state: list, x: jax.Array, y: jax.Array) -> C
 
 
 def fnn_epoch_contender(case: Case, x: jax.Array, y: jax.Array) -> tuple[Callable[[], float], dict]:
-    """An epoch of :func:`fnn.train.make_epoch` per call, params and optimizer state donated as in ``fit``."""
+    """An epoch of :func:`fnn.train.make_epoch` per call, unguarded and not donated, as ``fit`` runs it."""
     net, loss, opt, params = fnn_model(case)
-    epoch = make_epoch(net, loss, opt, num_samples=x.shape[0], batch_size=case.batch)
+    epoch = make_epoch(net, loss, opt, num_samples=x.shape[0], batch_size=case.batch, guard=False)
     state = [params, opt.init(params), None, jax.random.PRNGKey(1)]  # (params, opt_state, bn_state, key)
-    run, seconds = compiled(epoch, (0, 1, 2), *state, x, y)
+    run, seconds = compiled(epoch, (), *state, x, y)
     return epoch_contender(run, state, x, y), seconds
 
 
@@ -394,13 +396,16 @@ def scan_contender(body: Callable, init, xs: jax.Array, ys: jax.Array) -> tuple[
     return contender, run.as_text()
 
 
-def fnn_steps_contender(case: Case, x: jax.Array, y: jax.Array, grad_source: str) -> Callable[[], float]:
+def fnn_steps_contender(case: Case, x: jax.Array, y: jax.Array, grad_source: str,
+                        guard: bool = False) -> Callable[[], float]:
     """:func:`fnn.train.make_epoch` on an epoch of exactly ``K`` batches (``x (K·B, 784)``): ``K`` steps
-    with everything ``fit`` adds to a step (the shuffle, the gather of each batch, the NaN guard)."""
+    with everything ``fit`` adds to a step (the shuffle, the gather of each batch, the gradient norm,
+    the finiteness check at the end, or with ``guard`` the checks of every step)."""
     net, loss, opt, params = fnn_model(case)
-    epoch = make_epoch(net, loss, opt, num_samples=x.shape[0], batch_size=case.batch, grad_source=grad_source)
+    epoch = make_epoch(net, loss, opt, num_samples=x.shape[0], batch_size=case.batch, grad_source=grad_source,
+                       guard=guard)
     state = [params, opt.init(params), None, jax.random.PRNGKey(1)]
-    run, _ = compiled(epoch, (0, 1, 2), *state, x, y)
+    run, _ = compiled(epoch, (), *state, x, y)
     contender = epoch_contender(run, state, x, y)
     return lambda: contender() / case.batch
 
@@ -428,6 +433,7 @@ def bench_steps(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
         contenders[name], programs[name] = scan_contender(body, init, xs, ys)
     contenders[FNN_MANUAL] = fnn_steps_contender(case, xk, yk, "manual")
     contenders[FNN_AUTODIFF] = fnn_steps_contender(case, xk, yk, "autodiff")
+    contenders[FNN_GUARDED] = fnn_steps_contender(case, xk, yk, "manual", guard=True)
     timings = alternate(contenders, args.repeats, args.warmup)
     ms = {name: rate_summary(t, 1e-3) for name, t in timings.items()}  # steps per ms
 
@@ -443,6 +449,7 @@ def bench_steps(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
         "manual_over_autodiff": time_ratio(MANUAL_STEP, AUTODIFF_STEP),
         "fnn_epoch_manual_over_autodiff": time_ratio(FNN_MANUAL, FNN_AUTODIFF),
         "fnn_epoch_over_plain_step": time_ratio(FNN_MANUAL, MANUAL_STEP),
+        "guarded_over_fnn_epoch": time_ratio(FNN_GUARDED, FNN_MANUAL),
         "compiled_ops": {"manual": compiled_ops(programs[MANUAL_STEP]),
                          "autodiff": compiled_ops(programs[AUTODIFF_STEP])},
     }
@@ -585,7 +592,8 @@ def _load() -> list[float] | None:
 
 STEP_RATIOS = (("step, manual / jax.grad", "manual_over_autodiff"),
                ("fnn.train epoch, manual / jax.grad", "fnn_epoch_manual_over_autodiff"),
-               ("fnn.train epoch / step, manual", "fnn_epoch_over_plain_step"))
+               ("fnn.train epoch / step, manual", "fnn_epoch_over_plain_step"),
+               ("guarded epoch / fnn.train epoch", "guarded_over_fnn_epoch"))
 
 
 def _ratio(ratio: dict) -> str:

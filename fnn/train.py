@@ -10,14 +10,27 @@ An epoch, as the theory describes it:
    optimizer update.
 
 The whole epoch is one jitted function: ``lax.scan`` over the full batches plus, if any, one step on
-the smaller batch, with params and optimizer state donated. No Python runs per batch.
+the smaller batch. No Python runs per batch.
 
-A non-finite cost, gradient or updated parameter stops training: inside the compiled epoch the
-failing update is not applied (nor any after it), so the params returned are the last finite ones,
-and :func:`fit` reports the epoch, the step, the batch and the first place (``z^l``, ``a^l``,
-cost, ``δ^l``, gradient or update, see :func:`nan_sites`) where a non-finite value appeared: the
-manual backward pass makes every ``δ^l`` available, and the check is recorded in the scan carry,
-with no host callback in the loop.
+A non-finite cost, gradient or updated parameter stops training, and :func:`fit` reports the epoch,
+the step, the batch and the first place (``z^l``, ``a^l``, cost, ``δ^l``, gradient or update, see
+:func:`nan_sites`) where a non-finite value appeared; the params it returns are the last finite
+ones, from just before the failing step. Checking every step costs time (it doubles the number of
+XLA kernels in a step), so the check is split in two:
+
+- ``make_epoch(..., guard=False)``, what :func:`fit` runs every epoch: every update is applied,
+  and once at the end the epoch checks that all its costs, gradient norms and final params are
+  finite. A non-finite value in a gradient or an update reaches the params through ``p + u``
+  (Adam's ``m/√v`` included), so a failure anywhere in the epoch shows there.
+- ``make_epoch(..., guard=True)``, run only when that check fails, from the same inputs (same
+  params, same key, hence the same order): every step is checked leaf by leaf inside the
+  compiled scan, the failing update is not applied (nor any after it), and the first failure's
+  step, site and batch are recorded in the scan carry, with no host callback in the loop. The
+  manual backward pass makes every ``δ^l`` available to the check.
+
+One case is seen only by the guarded epoch: a non-finite ``z^l`` that ``φ`` maps back to finite
+values (``tanh(±∞)``, ``sigmoid(±∞)``, ``relu(NaN) = 0``) with everything after it finite; the
+unguarded epoch lets such a step update the params.
 """
 
 from __future__ import annotations
@@ -112,6 +125,11 @@ def _is_skip(node) -> bool:
     return isinstance(node, SkipNonfiniteState)
 
 
+def _has_skip(opt_state) -> bool:
+    """Whether the optimizer state holds a :func:`fnn.optim.skip_nonfinite` (known at trace time)."""
+    return any(map(_is_skip, jax.tree_util.tree_leaves(opt_state, is_leaf=_is_skip)))
+
+
 def skipped_updates(opt_state) -> int | None:
     """Updates skipped so far by :func:`fnn.optim.skip_nonfinite` inside ``opt_state`` (``None`` if absent)."""
     found = [n for n in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_skip) if _is_skip(n)]
@@ -169,6 +187,7 @@ def make_epoch(
     grad_source: str = "manual",
     last_batch: str = "smaller",
     mesh=None,
+    guard: bool = True,
 ) -> Callable:
     """The (un-jitted) epoch function
     ``(params, opt_state, state, key, x, y) -> (params, opt_state, state, key, stats)``.
@@ -177,14 +196,19 @@ def make_epoch(
     statistics (``None`` without batch norm). The key is split once per epoch; the returned key is
     the one to pass to the next epoch. With a ``mesh`` (see :mod:`fnn.distributed`) every batch is
     sharded over its ``"data"`` axis.
+
+    ``guard=True`` checks every step and stops updating at the first non-finite value, recording
+    where (``stats.first_bad_step``, ``first_bad_site``, ``bad_batch``). ``guard=False`` applies
+    every update and checks only once, at the end: ``first_bad_step`` is then ``steps`` (one past
+    the last step) when a cost, a gradient norm or a final param is non-finite, else −1, and the
+    site and batch are not known (−1); rerun the epoch with ``guard=True`` from the same inputs to
+    find them. With :func:`fnn.optim.skip_nonfinite` in the optimizer, non-finite costs and
+    gradients are its business and only the params (and batch-norm state) are checked.
     """
     grads_of = _checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
     _checks.lookup(dict.fromkeys(LAST_BATCH), "last_batch rule", last_batch)
 
-    def step(x, y, carry, batch):
-        params, opt_state, state, bad, site, bad_batch = carry
-        skips = any(map(_is_skip, jax.tree_util.tree_leaves(opt_state, is_leaf=_is_skip)))  # static
-        i, idx = batch
+    def gradients_and_update(x, y, params, opt_state, state, idx):
         xb, yb = x[idx], y[idx]
         if mesh is not None:  # data parallel: the partitioner turns batch sums into all-reduces
             xb, yb = (jax.lax.with_sharding_constraint(t, distributed.batch_sharded(mesh)) for t in (xb, yb))
@@ -192,6 +216,19 @@ def make_epoch(
         norm = global_norm(grads)
         updates, new_state = opt.update(grads, opt_state, params)
         new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        return cost, grads, norm, trace, new_params, new_state, new_bn
+
+    def plain_step(x, y, carry, batch):
+        params, opt_state, state = carry
+        cost, _, norm, _, params, opt_state, state = gradients_and_update(x, y, *carry, batch[1])
+        return (params, opt_state, state), (cost, norm)
+
+    def step(x, y, carry, batch):
+        params, opt_state, state, bad, site, bad_batch = carry
+        skips = _has_skip(opt_state)
+        i, idx = batch
+        cost, grads, norm, trace, new_params, new_state, new_bn = gradients_and_update(
+            x, y, params, opt_state, state, idx)
         # Checked leaf by leaf (the norm may overflow for huge finite gradients), without host
         # callbacks: the first failure's step, site and batch are recorded in the carry. With
         # skip_nonfinite in the optimizer a non-finite gradient is its business; the update is not.
@@ -211,15 +248,23 @@ def make_epoch(
         batches, rest = shuffled_batches(shuffle_key, num_samples, batch_size, last_batch)
         full = batches.shape[0]
         minus = jnp.asarray(-1, jnp.int32)
-        carry = (params, opt_state, state, minus, minus, jnp.full((batch_size,), -1, jnp.int32))
-        body = functools.partial(step, x, y)
+        unknown = jnp.full((batch_size,), -1, jnp.int32)
+        carry = (params, opt_state, state, minus, minus, unknown) if guard else (params, opt_state, state)
+        body = functools.partial(step if guard else plain_step, x, y)
         carry, (costs, norms) = jax.lax.scan(body, carry, (jnp.arange(full, dtype=jnp.int32), batches))
         sizes = jnp.full((full,), batch_size, jnp.int32)
         if rest.shape[0]:
             carry, (c, g) = body(carry, (jnp.asarray(full, jnp.int32), rest))
             costs, norms = jnp.append(costs, c), jnp.append(norms, g)
             sizes = jnp.append(sizes, jnp.asarray(rest.shape[0], jnp.int32))
-        params, opt_state, state, bad, site, bad_batch = carry
+        if guard:
+            params, opt_state, state, bad, site, bad_batch = carry
+        else:
+            params, opt_state, state = carry
+            finite = all_finite((params, state))
+            if not _has_skip(opt_state):
+                finite = finite & all_finite((costs, norms))
+            bad, site, bad_batch = jnp.where(finite, -1, costs.shape[0]).astype(jnp.int32), minus, unknown
         return params, opt_state, state, key, EpochStats(costs, norms, sizes, bad, site, bad_batch)
 
     return epoch
@@ -348,14 +393,12 @@ def fit(
             f"1 sample, which has no batch variance; use last_batch='drop' or another batch size."
         )
 
-    epoch_fn = make_epoch(net, loss, opt, num_samples=n, batch_size=batch_size, l2=l2,
-                          grad_source=grad_source, last_batch=last_batch, mesh=mesh)
+    epoch_kw = dict(num_samples=n, batch_size=batch_size, l2=l2, grad_source=grad_source, last_batch=last_batch,
+                    mesh=mesh)
     opt_state = opt.init(params) if opt_state is None else opt_state
     if state is None and net.has_state:
         state = net.init_state(x.dtype)
     net.check_state(state)
-    # Copy what will be donated so the caller's arrays stay valid.
-    params, opt_state, state = jax.tree_util.tree_map(jnp.copy, (params, opt_state, state))
     if mesh is not None:
         distributed.check_divisible(mesh, batch_size, n % batch_size if last_batch == "smaller" else 0)
         everywhere = distributed.replicated(mesh)
@@ -364,7 +407,11 @@ def fit(
             x, y = jax.device_put((x, y), everywhere)
         if held_out is not None:
             held_out = jax.device_put(held_out, everywhere)
-    compiled = jax.jit(epoch_fn, donate_argnums=(0, 1, 2)).lower(params, opt_state, state, key, x, y).compile()
+    # The normal path: unguarded and not donated, so that a failed epoch can be run again, guarded,
+    # from the same inputs. The guarded epoch is compiled only if it is ever needed.
+    fast = jax.jit(make_epoch(net, loss, opt, guard=False, **epoch_kw)).lower(
+        params, opt_state, state, key, x, y).compile()
+    guarded = functools.cache(lambda: jax.jit(make_epoch(net, loss, opt, guard=True, **epoch_kw)))
 
     history, stopped, nan_report, start = [], None, None, time.perf_counter()
     epoch = start_epoch
@@ -372,8 +419,12 @@ def fit(
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         lr_first = None if rate is None else float(distributed.to_host(current_learning_rate(rate, opt_state)))
         t0 = time.perf_counter()
-        params, opt_state, state, key, stats = compiled(params, opt_state, state, key, x, y)
+        before = (params, opt_state, state, key)
+        params, opt_state, state, key, stats = fast(*before, x, y)
         stats = distributed.to_host(stats)
+        if int(stats.first_bad_step) >= 0:  # find where, and keep the params from before that step
+            params, opt_state, state, key, stats = guarded()(*before, x, y)
+            stats = distributed.to_host(stats)
         seconds = time.perf_counter() - t0
         bad = int(stats.first_bad_step)
         good = slice(None) if bad < 0 else slice(0, bad)

@@ -49,13 +49,14 @@ def test_last_smaller_batch_is_a_real_step():
     np.testing.assert_array_equal(stats.batch_size, [5, 5, 5, 5])
 
 
-def test_epoch_matches_a_python_loop_over_batches():
+@pytest.mark.parametrize("guard", [True, False])
+def test_epoch_matches_a_python_loop_over_batches(guard):
     """The scan-compiled epoch does exactly: shuffle, then per batch backprop → update."""
     x, y = _toy(23)
     params = NET.init(jax.random.PRNGKey(0))
     opt = optim.momentum(learning_rate=0.05, momentum=0.9)
     key = jax.random.PRNGKey(3)
-    epoch = jax.jit(make_epoch(NET, SCE, opt, num_samples=23, batch_size=5))
+    epoch = jax.jit(make_epoch(NET, SCE, opt, num_samples=23, batch_size=5, guard=guard))
     got, _, _, _, _ = epoch(params, opt.init(params), None, key, x, y)
     _, shuffle_key = jax.random.split(key)
     full, rest = shuffled_batches(shuffle_key, 23, 5)
@@ -119,7 +120,7 @@ def test_manual_and_autodiff_training_agree():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_same_seed_same_params_and_caller_arrays_survive_donation():
+def test_same_seed_same_params_and_the_callers_arrays_stay_valid():
     x, y = _toy(300)
     params = NET.init(jax.random.PRNGKey(0))
     a = fit(NET, params, optim.adam(learning_rate=1e-2), (x, y), loss=SCE, epochs=2, batch_size=32,
@@ -198,6 +199,44 @@ def test_nan_guard_stops_and_keeps_the_last_finite_params():
     first = next(name for name, value in places if not finite(value))
     assert result.nan_report["site"] == first, (result.nan_report, first)
     assert first in result.stopped
+
+
+def test_unguarded_epoch_checks_once_at_the_end_and_the_guarded_one_finds_the_step():
+    x, y = _toy(100)
+    x = x.at[37, 2].set(jnp.inf)
+    params = NET.init(jax.random.PRNGKey(0))
+    opt = optim.sgd(learning_rate=0.1)
+    args = (params, opt.init(params), None, jax.random.PRNGKey(1), x, y)
+    outs = {g: jax.jit(make_epoch(NET, SCE, opt, num_samples=100, batch_size=10, guard=g))(*args)
+            for g in (True, False)}
+    fast, slow = outs[False][-1], outs[True][-1]
+    assert int(fast.first_bad_step) == 10 and int(fast.first_bad_site) == -1  # "somewhere in this epoch"
+    assert np.all(np.asarray(fast.bad_batch) == -1)
+    step = int(slow.first_bad_step)
+    assert 0 <= step < 10 and 37 in np.asarray(slow.bad_batch)
+    assert not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(outs[False][0]))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(outs[True][0]))
+    # Up to the failing step both epochs computed the same costs.
+    np.testing.assert_array_equal(np.asarray(fast.cost)[:step], np.asarray(slow.cost)[:step])
+    clean = (params, opt.init(params), None, jax.random.PRNGKey(1), x.at[37, 2].set(0.0), y)
+    for g in (True, False):
+        stats = jax.jit(make_epoch(NET, SCE, opt, num_samples=100, batch_size=10, guard=g))(*clean)[-1]
+        assert int(stats.first_bad_step) == -1
+
+
+def test_a_false_alarm_of_the_unguarded_check_is_cleared_by_the_guarded_rerun():
+    """Finite gradients whose global norm overflows float32 fail the cheap end-of-epoch check; the
+    leaf-by-leaf guarded rerun finds every value finite, so training goes on."""
+    net = fnn.MLP((1, 512, 1), "relu", "identity", init="he_uniform")
+    x = jnp.ones((8, 1), jnp.float32)
+    y = jnp.full((8, 1), 1e18, jnp.float32)  # cost ≈ 1e36: finite; ‖∂C/∂W²‖² ≈ 512 · (1e18 · 30)²: not
+    first, last = net.init(jax.random.PRNGKey(0))
+    params = [{"W": jnp.abs(first["W"]), "b": jnp.full_like(first["b"], 30.0)}, last]  # every a¹ ≥ 30
+    result = fit(net, params, optim.sgd(learning_rate=1e-30), (x, y), loss=fnn.losses.mse, epochs=2,
+                 batch_size=4, key=jax.random.PRNGKey(1), quiet=True)
+    assert result.stopped is None and result.epoch == 2
+    assert all(np.isinf(r["grad_norm"]) and np.isfinite(r["train_loss"]) for r in result.history)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.params))
 
 
 def test_nan_report_names_the_layer_where_a_bad_sample_turns_non_finite():
