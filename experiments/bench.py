@@ -16,7 +16,8 @@ with ``α = 10⁻³``, the same initial parameters everywhere):
   the guarded epoch that ``fit`` runs only to find a failure (finiteness checks of every ``z^l``,
   ``a^l``, ``δ^l``, gradient and update, ``where(ok, new, old)`` over params and optimizer state).
 - **Epoch throughput** (samples/s) of :func:`fnn.train.make_epoch`, jitted exactly as :func:`fnn.fit`
-  runs it (``guard=False``, nothing donated), against (a) a PyTorch eager loop of the same model
+  runs it (``guard=False``, nothing donated), with and without the per-step gradient norm
+  (``fit(..., grad_norm=False)``), against (a) a PyTorch eager loop of the same model
   and optimizer (``torch.optim.Adam`` with its defaults; torch threads set to the core count, and
   to one thread; a repeat runs up to ``TORCH_SECONDS`` of an epoch, as every step costs the same)
   and (b) a plain ``jax.value_and_grad`` reference with a hand-written Adam in the same jit
@@ -44,6 +45,7 @@ Output: tables on stdout (Markdown) and ``bench.json``. Run it by hand, never as
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -73,14 +75,21 @@ CPU_MATMUL, GPU_MATMUL = 1024, 8192  # n of the (n, n) @ (n, n) products that gi
 MANUAL_STEP, AUTODIFF_STEP = "step, manual backprop", "step, jax.grad"
 FNN_MANUAL, FNN_AUTODIFF = "fnn.train epoch, manual", "fnn.train epoch, jax.grad"
 FNN_GUARDED = "fnn.train guarded epoch (replay), manual"
+NO_NORM = "fnn, grad_norm=False"
 
 
 class Case(NamedTuple):
-    """One benchmarked configuration: layer sizes, batch size and dtype."""
+    """One benchmarked configuration: layer sizes, batch size, the params' dtype and the matmuls'
+    (``compute``: ``None`` for the params' dtype, ``"bfloat16"`` for fnn's mixed precision)."""
 
     sizes: tuple[int, ...]
     batch: int
     dtype: str = "float32"
+    compute: str | None = None
+
+    @property
+    def precision(self) -> str:
+        return self.dtype if self.compute is None else f"{self.compute} matmuls, {self.dtype} params"
 
     @property
     def name(self) -> str:
@@ -101,8 +110,8 @@ class Case(NamedTuple):
 
 CPU_CASES = (Case((784, 256, 256, 10), 128), Case((784, 1024, 1024, 10), 256))
 QUICK_CASES = (Case((784, 64, 64, 10), 128),)  # stands in for both CPU cases
-GPU_CASES = (Case((784, 4096, 4096, 10), 8192), Case((784, 4096, 4096, 10), 8192, "bfloat16"))
-QUICK_GPU_CASES = (Case((784, 256, 256, 10), 512), Case((784, 256, 256, 10), 512, "bfloat16"))
+GPU_CASES = (Case((784, 4096, 4096, 10), 8192), Case((784, 4096, 4096, 10), 8192, compute="bfloat16"))
+QUICK_GPU_CASES = (Case((784, 256, 256, 10), 512), Case((784, 256, 256, 10), 512, compute="bfloat16"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,18 +175,24 @@ def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def fnn_model(case: Case):
     """``(net, loss, opt, params)``: the network, its loss, Adam and the initial params in ``case.dtype``."""
-    net = fnn.MLP(case.sizes, "relu", "identity")
+    net = fnn.MLP(case.sizes, "relu", "identity", compute_dtype=case.compute)
     params = net.init(jax.random.PRNGKey(0), jnp.dtype(case.dtype))
     return net, fnn.losses.softmax_cross_entropy, fnn.optim.adam(LEARNING_RATE), params
 
 
-def _reference_cost(params, x, y):
-    """Mean softmax cross-entropy of the relu MLP ``params = [(W (out, in), b (out,)), ...]``."""
+def _reference_cost(params, x, y, compute=None):
+    """Mean softmax cross-entropy of the relu MLP ``params = [(W (out, in), b (out,)), ...]``; with
+    ``compute`` the matmul operands are cast to it and the products summed in the params' dtype."""
+    def dot(a, W):
+        if compute is None:
+            return a @ W.T
+        return jnp.matmul(a.astype(compute), W.T.astype(compute), preferred_element_type=a.dtype)
+
     a = x
     for W, b in params[:-1]:
-        a = jnp.maximum(a @ W.T + b, 0)
+        a = jnp.maximum(dot(a, W) + b, 0)
     W, b = params[-1]
-    z = a @ W.T + b
+    z = dot(a, W) + b
     return jnp.mean(jax.nn.logsumexp(z, axis=1) - jnp.take_along_axis(z, y[:, None], axis=1)[:, 0])
 
 
@@ -190,9 +205,9 @@ def _reference_adam(p, g, m, v, t):
     return new.astype(p.dtype), m.astype(p.dtype), v.astype(p.dtype)
 
 
-def _reference_step(carry, batch):
+def _reference_step(carry, batch, compute=None):
     params, m, v, count = carry
-    cost, grads = jax.value_and_grad(_reference_cost)(params, *batch)
+    cost, grads = jax.value_and_grad(functools.partial(_reference_cost, compute=compute))(params, *batch)
     count = count + 1
     t = count.astype(jnp.float32)
     leaves, treedef = jax.tree.flatten(params)
@@ -201,7 +216,7 @@ def _reference_step(carry, batch):
     return (params, m, v, count), cost
 
 
-def reference_epoch(num_samples: int, batch_size: int) -> Callable:
+def reference_epoch(num_samples: int, batch_size: int, compute: str | None = None) -> Callable:
     """``(params, m, v, count, key, x, y) -> (params, m, v, count, key, costs)``: the plain-JAX epoch.
 
     The structure of :func:`fnn.train.make_epoch`: a fresh permutation, ``lax.scan`` over the full
@@ -212,7 +227,7 @@ def reference_epoch(num_samples: int, batch_size: int) -> Callable:
 
     def epoch(params, m, v, count, key, x, y):
         def step(carry, idx):
-            return _reference_step(carry, (x[idx], y[idx]))
+            return _reference_step(carry, (x[idx], y[idx]), compute)
 
         key, shuffle = jax.random.split(key)
         order = jax.random.permutation(shuffle, num_samples)
@@ -251,10 +266,13 @@ def epoch_contender(run: Callable, state: list, x: jax.Array, y: jax.Array) -> C
     return contender
 
 
-def fnn_epoch_contender(case: Case, x: jax.Array, y: jax.Array) -> tuple[Callable[[], float], dict]:
-    """An epoch of :func:`fnn.train.make_epoch` per call, unguarded and not donated, as ``fit`` runs it."""
+def fnn_epoch_contender(case: Case, x: jax.Array, y: jax.Array,
+                        grad_norm: bool = True) -> tuple[Callable[[], float], dict]:
+    """An epoch of :func:`fnn.train.make_epoch` per call, unguarded and not donated, as ``fit`` runs it
+    (``grad_norm=False``: as ``fit(..., grad_norm=False)`` runs it)."""
     net, loss, opt, params = fnn_model(case)
-    epoch = make_epoch(net, loss, opt, num_samples=x.shape[0], batch_size=case.batch, guard=False)
+    epoch = make_epoch(net, loss, opt, num_samples=x.shape[0], batch_size=case.batch, guard=False,
+                       grad_norm=grad_norm)
     state = [params, opt.init(params), None, jax.random.PRNGKey(1)]  # (params, opt_state, bn_state, key)
     run, seconds = compiled(epoch, (), *state, x, y)
     return epoch_contender(run, state, x, y), seconds
@@ -266,7 +284,7 @@ def reference_epoch_contender(case: Case, x: jax.Array, y: jax.Array) -> tuple[C
     m = jax.tree.map(jnp.zeros_like, params)
     v = jax.tree.map(jnp.zeros_like, params)
     state = [params, m, v, jnp.zeros((), jnp.int32), jax.random.PRNGKey(1)]
-    run, seconds = compiled(reference_epoch(x.shape[0], case.batch), (0, 1, 2), *state, x, y)
+    run, seconds = compiled(reference_epoch(x.shape[0], case.batch, case.compute), (0, 1, 2), *state, x, y)
     return epoch_contender(run, state, x, y), seconds
 
 
@@ -467,17 +485,19 @@ def bench_epochs(case: Case, x_np: np.ndarray, y_np: np.ndarray, args, torch, ma
     executed = case.matmul_flops
     contenders, compile_seconds = {}, {}
     contenders["fnn"], compile_seconds["fnn"] = fnn_epoch_contender(case, x, y)
+    contenders[NO_NORM], compile_seconds[NO_NORM] = fnn_epoch_contender(case, x, y, grad_norm=False)
     contenders["jax.grad reference"], compile_seconds["jax.grad reference"] = reference_epoch_contender(case, x, y)
     cores = os.cpu_count() or 1
     torch_names = {f"torch eager, {cores} threads": cores, "torch eager, 1 thread": 1} if torch else {}
     for name, threads in torch_names.items():
         contenders[name] = torch_contender(torch, case, x_np, y_np, threads, args.torch_seconds)
     calls = max(1, math.ceil(flops * n / 2 / (2 * matmul_n**3)))  # half an fnn epoch's FLOPs
-    contenders["matmul"] = matmul_contender(matmul_n, case.dtype, calls)
+    contenders["matmul"] = matmul_contender(matmul_n, case.compute or case.dtype, calls)
     timings = alternate(contenders, args.repeats, args.warmup)
 
     matmul = rate_summary(timings["matmul"], 1e-9)
-    out = {"model": case.name, "batch": case.batch, "dtype": case.dtype, "params": case.params,
+    out = {"model": case.name, "batch": case.batch, "dtype": case.dtype, "compute_dtype": case.compute,
+           "precision": case.precision, "params": case.params,
            "samples": n, "flops_per_sample": flops, "matmul_flops_per_sample": executed,
            "matmul": {"n": matmul_n, "calls": calls, "gflops": matmul["median"], "gflops_best": matmul["best"],
                       "gflops_all": matmul["all"], "cpu_per_wall": matmul["cpu_per_wall"]},
@@ -494,6 +514,7 @@ def bench_epochs(case: Case, x_np: np.ndarray, y_np: np.ndarray, args, torch, ma
             "executed_fraction_of_matmul": fraction["median"] * executed / flops,
         }
     out["fnn_over_reference"] = paired_ratio(timings["fnn"], timings["jax.grad reference"])
+    out["no_norm_over_reference"] = paired_ratio(timings[NO_NORM], timings["jax.grad reference"])
     if torch_names:
         over = {name: paired_ratio(timings["fnn"], timings[name]) for name in torch_names}
         fastest = max(torch_names, key=lambda name: out["contenders"][name]["samples_per_s"])
@@ -507,15 +528,17 @@ def bench_epochs(case: Case, x_np: np.ndarray, y_np: np.ndarray, args, torch, ma
     return out
 
 
-def gpu_rows(args, device_platform: str, x_np: np.ndarray, y_np: np.ndarray) -> list[dict]:
+def gpu_rows(args, device_platform: str, x_np: np.ndarray, y_np: np.ndarray,
+             matmul_n: int = GPU_MATMUL) -> list[dict]:
     """The GPU-only rows: measured (fnn, reference, matmul; no torch) off a CPU, else marked unmeasured."""
     rows = []
     for case in QUICK_GPU_CASES if args.quick else GPU_CASES:
-        row = {"model": case.name, "batch": case.batch, "dtype": case.dtype}
+        row = {"model": case.name, "batch": case.batch, "dtype": case.dtype, "compute_dtype": case.compute,
+               "precision": case.precision}
         if device_platform == "cpu":
             row.update(measured=False, reason="unmeasured: no GPU here (jax platform cpu)")
         else:
-            row.update(measured=True, **bench_epochs(case, x_np, y_np, args, None, GPU_MATMUL))
+            row.update(measured=True, **bench_epochs(case, x_np, y_np, args, None, matmul_n))
             row["torch"] = "not run: the torch contenders are a CPU comparison"
         rows.append(row)
     return rows
@@ -539,6 +562,8 @@ def targets(steps: list[dict], epochs: list[dict], device_platform: str) -> list
          small.get("fnn_over_fastest_torch") if cpu else None),
         (f"fnn / jax.grad reference, {small['model']} B={small['batch']} (CPU)", ">=", 1.0,
          small["fnn_over_reference"] if cpu else None),
+        (f"fnn (grad_norm=False) / jax.grad reference, {small['model']} B={small['batch']} (CPU)", ">=", 1.0,
+         small["no_norm_over_reference"] if cpu else None),
         (f"fnn GFLOP/s (6·P) / matmul GFLOP/s, {large['model']} B={large['batch']} (CPU)", ">=", 0.9,
          {"median": fraction["fraction_of_matmul"], "rounds": fraction["fraction_of_matmul_rounds"]} if cpu else None),
     ] + [(f"manual / jax.grad step time, {s['model']} B={s['batch']}", "<=", 1.0, s["manual_over_autodiff"])
@@ -621,7 +646,7 @@ def print_tables(results: dict) -> None:
           "median of the per-round fractions")
     rows = []
     for e in results["epochs"] + [g for g in results["gpu"] if g["measured"]]:
-        label = f"{e['model']} B={e['batch']} {e['dtype']}"
+        label = f"{e['model']} B={e['batch']} {e['precision']}"
         for name, c in e["contenders"].items():
             rows.append([label, name, f"{c['samples_per_s']:,.0f} ({c['samples_per_s_best']:,.0f})", c["gflops"],
                          c["fraction_of_matmul"], c["executed_fraction_of_matmul"], c["cpu_per_wall"]])
@@ -632,7 +657,8 @@ def print_tables(results: dict) -> None:
     print("executed: the fraction counting the matmul FLOPs a step runs (no δ for the input layer) instead of 6·P")
     ratios = []
     for e in results["epochs"]:
-        line = f"{e['model']} B={e['batch']}: fnn / reference {_ratio(e['fnn_over_reference'])}"
+        line = (f"{e['model']} B={e['batch']}: fnn / reference {_ratio(e['fnn_over_reference'])}; "
+                f"{NO_NORM} / reference {_ratio(e['no_norm_over_reference'])}")
         if "fnn_over_torch" in e:
             line += "".join(f"; fnn / {k} {_ratio(v)}" for k, v in e["fnn_over_torch"].items())
             line += f"; bound at the matmul rate {e['fnn_over_torch_bound']:.2f}"
@@ -649,7 +675,7 @@ def print_tables(results: dict) -> None:
 
     print("\nGPU rows")
     print(table(["case", "fnn samples/s", "of matmul", "note"],
-                [[f"{g['model']} B={g['batch']} {g['dtype']}",
+                [[f"{g['model']} B={g['batch']} {g['precision']}",
                   g["contenders"]["fnn"]["samples_per_s"] if g["measured"] else None,
                   g["contenders"]["fnn"]["fraction_of_matmul"] if g["measured"] else None,
                   g.get("reason", "measured")] for g in results["gpu"]]))

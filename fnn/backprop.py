@@ -11,7 +11,8 @@ For a batch of N samples (rows) and the cost ``C = (1/N) Σ_x C_x + ½β Σ_l �
 Here ``δ^l`` is kept per sample, shape ``(N, n_l)``; the batch mean ``1/N`` is applied once, in
 BP3/BP4, exactly as ``C = (1/N) Σ_x C_x`` says. A batch-normalized layer passes δ through its own
 hand-derived backward (:func:`fnn.batchnorm.backward`) before BP4, and has ∂C/∂γ, ∂C/∂β instead of
-∂C/∂b.
+∂C/∂b. The two matmuls of BP2 and BP4 go through :meth:`fnn.MLP.matmul`, so a network with a
+``compute_dtype`` (mixed precision) runs them on rounded operands as its forward pass does.
 """
 
 from __future__ import annotations
@@ -104,12 +105,12 @@ def backprop_trace(net: MLP, params: Params, x, y, loss: Loss, l2: float = 0.0, 
         else:
             delta, g_gamma, g_beta = batchnorm.backward(delta, params[l]["gamma"], fwd.bn[l], train=train)
             grads[l] = {"gamma": g_gamma, "beta": g_beta}
-        grads[l]["W"] = delta.T @ acts[l] / n  # BP4
+        grads[l]["W"] = net.matmul(delta.T, acts[l]) / n  # BP4
         if _nonzero(l2):
             grads[l]["W"] = grads[l]["W"] + l2 * params[l]["W"]
         if l > 0:
             # BP2: δ^l = (δ^{l+1} W^{l+1}) ⊙ φ'(z^l)
-            delta = phi[l - 1].backward(zs[l - 1], acts[l], delta @ params[l]["W"])
+            delta = phi[l - 1].backward(zs[l - 1], acts[l], net.matmul(delta, params[l]["W"]))
     grads = [{k: g[k] for k in params[l]} for l, g in enumerate(grads)]  # the params' own key order
     return cost, grads, fwd.state, Trace(zs, acts, deltas)
 

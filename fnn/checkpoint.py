@@ -8,8 +8,8 @@ under the final name. A truncated or corrupt file is refused with :class:`Checkp
 
 Saved with ``net=`` and ``opt=``, a checkpoint describes itself: the header also holds the
 :class:`fnn.MLP` configuration (``sizes``, ``activation``, ``output``, ``initializer``,
-``batch_norm``, ``bn_momentum``, ``bn_eps``) and the optimizer's name and hyper-parameters
-(:func:`fnn.optim.describe`), as JSON. Then ``load(path)`` needs no templates: it rebuilds the
+``batch_norm``, ``bn_momentum``, ``bn_eps``, ``compute_dtype``) and the optimizer's name and
+hyper-parameters (:func:`fnn.optim.describe`), as JSON. Then ``load(path)`` needs no templates: it rebuilds the
 network, the optimizer, and from them the structure of params, optimizer state and batch-norm
 state. Given the expected ``net``/``opt``, ``load`` refuses a checkpoint written by another
 configuration and names the difference::
@@ -82,6 +82,8 @@ def _net_config(net: MLP) -> dict:
 
 
 def _net_from_config(path, config) -> MLP:
+    if isinstance(config, dict):
+        config = {"compute_dtype": None, **config}  # written before mixed precision existed
     if not isinstance(config, dict) or set(config) != set(_MLP_FIELDS):
         raise CheckpointError(f"{path}: the stored model configuration {config!r} does not have the fields "
                               f"{list(_MLP_FIELDS)} of fnn.MLP.")

@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-norm", action="store_true", help="batch normalization in every hidden layer")
     m.add_argument("--l2", type=float, default=0.0, help="beta of the L2 term ½β Σ‖W‖²")
     m.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    m.add_argument("--compute-dtype", default=None, choices=["bfloat16"],
+                   help="mixed precision: every matmul on bfloat16 operands, summed in --dtype; params, "
+                        "optimizer state and loss stay in --dtype")
     o = p.add_argument_group("optimizer")
     o.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     o.add_argument("--lr", type=float, default=1e-3, help="learning rate (peak value with a schedule)")
@@ -126,8 +129,9 @@ def main(argv=None) -> int:
     if classes and loss.targets != CLASSES:  # class labels as one-hot rows for binary/regression losses
         y_train, y_test = (np.eye(ds.num_classes, dtype=dtype)[y] for y in (y_train, y_test))
     out_width = ds.num_classes if classes else np.shape(ds.y_train)[1]
-    net = MLP((x_train.shape[1], *args.hidden, out_width), args.activation, args.output, init=args.init,
-              batch_norm=args.batch_norm)
+    config = dict(sizes=(x_train.shape[1], *args.hidden, out_width), activation=args.activation,
+                  output=args.output, init=args.init, batch_norm=args.batch_norm)
+    net = MLP(**config, compute_dtype=args.compute_dtype)
     key = jax.random.PRNGKey(args.seed)
     init_key, key = jax.random.split(key)
     params = net.init(init_key, dtype)
@@ -135,13 +139,17 @@ def main(argv=None) -> int:
     opt = make_optimizer(args, steps)
     print(f"fnn-train: {ds.name}: {len(x_train)} train / {len(x_test)} held out, network {net.sizes} "
           f"{args.activation}->{args.output}, {loss.name}, {args.optimizer} lr={args.lr}, batch {args.batch_size}, "
-          f"gradients: {args.grad_source}, on {jax.devices()[0].platform}")
+          f"gradients: {args.grad_source}, "
+          + (f"{args.compute_dtype} matmuls, " if args.compute_dtype else "")
+          + f"on {jax.devices()[0].platform}")
 
     b = min(args.batch_size, len(x_train))
     bn_state = net.init_state(dtype) if net.has_state else None
-    report = gradient_report(net, params, jnp.asarray(x_train[:b]), jnp.asarray(y_train[:b]), loss, args.l2,
-                             bn_state)
-    print("gradient check on the first batch, relative differences per leaf:\n"
+    # Checked in full precision: finite differences of a cost with rounded matmul operands are noise.
+    report = gradient_report(MLP(**config), params, jnp.asarray(x_train[:b]), jnp.asarray(y_train[:b]), loss,
+                             args.l2, bn_state)
+    print(f"gradient check on the first batch{' (matmuls in ' + args.dtype + ')' if args.compute_dtype else ''}, "
+          "relative differences per leaf:\n"
           + textwrap.indent(format_report(report), "  "))
     rel = [max(r.manual_vs_autodiff for r in report if r.layer == l) for l in range(1, net.num_layers + 1)]
     print("gradient check on the first batch, max relative difference manual vs autodiff per layer: "

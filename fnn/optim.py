@@ -77,6 +77,7 @@ __all__ = [
     "scale_by_adam",
     "add_decayed_weights",
     "clip_by_global_norm",
+    "global_norm",
     "scale_by_newton",
     "skip_nonfinite",
     # optimizers
@@ -529,6 +530,25 @@ def add_decayed_weights(weight_decay: float = 1e-4, mask: Mask = weights_only) -
     return GradientTransformation(init, update)
 
 
+SMALL_LEAF = 4096  # see global_norm
+
+
+def global_norm(tree) -> jax.Array:
+    """``‖tree‖₂ = √(Σ_leaves Σ x²)``, in the leaves' dtype.
+
+    Leaves of fewer than ``SMALL_LEAF`` entries (biases, γ, β) are joined into one vector and
+    reduced once: on a CPU each reduction kernel costs microseconds whatever its size, and one per
+    bias made the norm take 5 % of a 784-256-256-10 training step.
+    """
+    leaves = jax.tree.leaves(tree)
+    small = [leaf.ravel() for leaf in leaves if leaf.size < SMALL_LEAF]
+    squares = [jnp.vdot(leaf.ravel(), leaf.ravel()) for leaf in leaves if leaf.size >= SMALL_LEAF]
+    if small:
+        joined = jnp.concatenate(small)
+        squares.append(jnp.vdot(joined, joined))
+    return jnp.sqrt(sum(squares)) if squares else jnp.zeros(())
+
+
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """``u = g · min(1, c / ‖g‖)`` with ``‖g‖ = √(Σ_leaves Σ g²)`` the norm of the whole tree, ``c = max_norm > 0``.
 
@@ -542,7 +562,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return EmptyState()
 
     def update(grads, state, params=None):
-        norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+        norm = global_norm(grads)
         factor = jnp.where(norm > c, c / norm, 1.0)
 
         def leaf(g):

@@ -50,7 +50,7 @@ from fnn.backprop import Trace, backprop_trace
 from fnn.gradcheck import autodiff_grads
 from fnn.losses import BINARY, CLASSES, Loss
 from fnn.mlp import MLP, Params, State
-from fnn.optim import ScaleByLearningRateState, SkipNonfiniteState, current_learning_rate
+from fnn.optim import ScaleByLearningRateState, SkipNonfiniteState, current_learning_rate, global_norm
 
 
 def _manual(net, params, x, y, loss, l2, state):
@@ -109,11 +109,6 @@ class FitResult(NamedTuple):
     stopped: str | None  # why training stopped early, or None
     state: State | None = None  # batch-norm running statistics, for networks that have them
     nan_report: dict | None = None  # where the first non-finite value appeared, see fit
-
-
-def global_norm(tree) -> jax.Array:
-    """``‖tree‖₂ = sqrt(Σ_leaves Σ x²)``."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
 def all_finite(tree) -> jax.Array:
@@ -188,6 +183,7 @@ def make_epoch(
     last_batch: str = "smaller",
     mesh=None,
     guard: bool = True,
+    grad_norm: bool = True,
 ) -> Callable:
     """The (un-jitted) epoch function
     ``(params, opt_state, state, key, x, y) -> (params, opt_state, state, key, stats)``.
@@ -204,6 +200,9 @@ def make_epoch(
     site and batch are not known (−1); rerun the epoch with ``guard=True`` from the same inputs to
     find them. With :func:`fnn.optim.skip_nonfinite` in the optimizer, non-finite costs and
     gradients are its business and only the params (and batch-norm state) are checked.
+
+    ``grad_norm=False`` leaves out the global gradient norm of every step (``stats.grad_norm`` is
+    then NaN): it saves one pass over the gradients per step, 2-5 % of a step on a CPU.
     """
     grads_of = _checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
     _checks.lookup(dict.fromkeys(LAST_BATCH), "last_batch rule", last_batch)
@@ -213,7 +212,7 @@ def make_epoch(
         if mesh is not None:  # data parallel: the partitioner turns batch sums into all-reduces
             xb, yb = (jax.lax.with_sharding_constraint(t, distributed.batch_sharded(mesh)) for t in (xb, yb))
         cost, grads, new_bn, trace = grads_of(net, params, xb, yb, loss, l2, state)
-        norm = global_norm(grads)
+        norm = global_norm(grads) if grad_norm else jnp.full((), jnp.nan, cost.dtype)
         updates, new_state = opt.update(grads, opt_state, params)
         new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
         return cost, grads, norm, trace, new_params, new_state, new_bn
@@ -263,7 +262,7 @@ def make_epoch(
             params, opt_state, state = carry
             finite = all_finite((params, state))
             if not _has_skip(opt_state):
-                finite = finite & all_finite((costs, norms))
+                finite = finite & all_finite((costs, norms) if grad_norm else costs)
             bad, site, bad_batch = jnp.where(finite, -1, costs.shape[0]).astype(jnp.int32), minus, unknown
         return params, opt_state, state, key, EpochStats(costs, norms, sizes, bad, site, bad_batch)
 
@@ -336,6 +335,7 @@ def fit(
     on_epoch_end: Callable[[FitResult], None] | None = None,
     mesh=None,
     data_parallel: bool = False,
+    grad_norm: bool = True,
     quiet: bool = False,
     print_fn: Callable[[str], None] = print,
 ) -> FitResult:
@@ -359,12 +359,14 @@ def fit(
         batch is sharded over it, params and optimizer state replicated. ``train`` may hold global
         arrays made by :func:`fnn.distributed.global_batch_arrays` (one shard per process).
       data_parallel: shorthand for ``mesh=fnn.distributed.data_mesh()`` (every device).
+      grad_norm: record the global gradient norm of every step (the default); ``False`` saves
+        2-5 % of a step on a CPU and leaves ``grad_norm`` out of the history.
       quiet: no progress lines.
 
     Returns:
       A :class:`FitResult`. ``history`` has one dict per epoch: ``epoch``, ``train_loss`` (mean cost
-      over the epoch's samples), ``grad_norm`` (mean global gradient norm before clipping),
-      ``learning_rate`` and ``learning_rate_last`` (the rates of the epoch's first and last
+      over the epoch's samples), ``grad_norm`` (mean over the epoch's steps of the global gradient
+      norm before clipping), ``learning_rate`` and ``learning_rate_last`` (the rates of the epoch's first and last
       updates, from the schedule and the state's step count; optimizers from :mod:`fnn.optim`),
       ``skipped_updates`` (with :func:`fnn.optim.skip_nonfinite`), ``held_out_loss``,
       ``held_out_accuracy``, ``samples_per_s``, ``seconds`` (epoch wall time) and ``elapsed``.
@@ -394,7 +396,7 @@ def fit(
         )
 
     epoch_kw = dict(num_samples=n, batch_size=batch_size, l2=l2, grad_source=grad_source, last_batch=last_batch,
-                    mesh=mesh)
+                    mesh=mesh, grad_norm=grad_norm)
     opt_state = opt.init(params) if opt_state is None else opt_state
     if state is None and net.has_state:
         state = net.init_state(x.dtype)
@@ -433,11 +435,12 @@ def fit(
         record = {
             "epoch": epoch,
             "train_loss": _weighted_mean(stats.cost[good][kept], sizes),
-            "grad_norm": _weighted_mean(stats.grad_norm[good][kept], np.ones_like(sizes)),
             "samples_per_s": n / seconds,
             "seconds": seconds,
             "elapsed": time.perf_counter() - start,
         }
+        if grad_norm:
+            record["grad_norm"] = _weighted_mean(stats.grad_norm[good][kept], np.ones_like(sizes))
         if rate is not None:  # the rates of the epoch's first and last updates, from the state's step count
             record["learning_rate"] = lr_first
             record["learning_rate_last"] = float(distributed.to_host(

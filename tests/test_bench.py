@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import sys
+import types
 from pathlib import Path
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -57,7 +58,7 @@ def test_bench_quick(tmp_path):
     for epoch in saved["epochs"]:
         assert epoch["samples"] == saved["samples"] and positive(epoch["params"])
         assert positive(epoch["matmul"]["gflops"]) and positive(epoch["fnn_over_reference"]["median"])
-        for name in ("fnn", "jax.grad reference"):
+        for name in ("fnn", "fnn, grad_norm=False", "jax.grad reference"):
             c = epoch["contenders"][name]
             assert all(positive(c[k]) for k in ("samples_per_s", "samples_per_s_best", "gflops", "fraction_of_matmul",
                                                  "executed_fraction_of_matmul", "cpu_per_wall"))
@@ -70,16 +71,33 @@ def test_bench_quick(tmp_path):
             assert not torch_rows and epoch["torch"] == saved["torch_skipped"] and "torch" in saved["torch_skipped"]
 
     for row in saved["gpu"]:
-        assert row["dtype"] in {"float32", "bfloat16"}
+        assert row["dtype"] == "float32" and row["compute_dtype"] in {None, "bfloat16"}
         if saved["machine"]["platform"] == "cpu":
             assert row["measured"] is False and "unmeasured" in row["reason"]
         else:
             assert row["measured"] is True and positive(row["contenders"]["fnn"]["samples_per_s"])
 
-    assert len(saved["targets"]) == 3 + len(saved["steps"])  # torch, reference, matmul; one per step row
+    assert len(saved["targets"]) == 4 + len(saved["steps"])  # torch, reference (with and without the norm),
+    # matmul; one per step row
     for target in saved["targets"]:
         assert target["met"] in (True, False, None)
         assert (target["met"] is None) == (target["value"] is None) == (target["range"] is None)
         if target["range"] is not None:
             low, high = target["range"]
             assert low <= target["value"] <= high
+
+
+def test_gpu_rows_code_path():
+    """The rows that only a GPU measures, run here on the CPU with small sizes: the float32 and the
+    bfloat16 mixed-precision epochs compile, train and are reported (timings are meaningless)."""
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    bench = importlib.import_module("bench")
+    args = types.SimpleNamespace(quick=True, repeats=1, warmup=0, torch_seconds=0.1, torch_skipped="not run")
+    x, y = bench.synthetic(1024)
+    rows = bench.gpu_rows(args, "gpu", x, y, matmul_n=128)
+    assert [row["compute_dtype"] for row in rows] == [None, "bfloat16"]
+    for row in rows:
+        assert row["measured"] is True and row["samples"] == 1024
+        for name in ("fnn", "jax.grad reference"):
+            assert positive(row["contenders"][name]["samples_per_s"])

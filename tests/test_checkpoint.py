@@ -1,6 +1,7 @@
 """Checkpoint files: round trip, atomic writes, and refusal of truncated or corrupt files."""
 
 import functools
+import json
 import os
 from typing import NamedTuple
 
@@ -155,7 +156,7 @@ def test_load_without_templates_rebuilds_model_params_optimizer_and_state(tmp_pa
     restored into the wrong structure or dtype, and an optimizer rebuilt with any other
     hyper-parameter: its next update must equal the original's bit for bit."""
     net = fnn.MLP((3, 5, 4, 2), ("tanh", "relu"), "identity", init="he_normal", batch_norm=batch_norm,
-                  bn_momentum=0.8, bn_eps=1e-3)
+                  bn_momentum=0.8, bn_eps=1e-3, compute_dtype="bfloat16" if batch_norm else None)
     opt = make()
     params, opt_state, state, grads = _save_described(tmp_path / "a.npz", net, opt, dtype)
     ck = checkpoint.load(tmp_path / "a.npz")
@@ -179,6 +180,7 @@ def test_load_without_templates_rebuilds_model_params_optimizer_and_state(tmp_pa
      r"output 'identity', expected 'softmax'; initializer 'classic', expected 'xavier_normal'\."),
     (fnn.MLP((3, 5, 4, 2), "tanh", batch_norm=(True, False)), r"batch_norm \(False, False\), expected \(True, False\)"),
     (fnn.MLP((3, 5, 4, 2), "tanh", bn_eps=1e-3), r"bn_eps 1e-05, expected 0.001"),
+    (fnn.MLP((3, 5, 4, 2), "tanh", compute_dtype="bfloat16"), r"compute_dtype None, expected 'bfloat16'"),
 ])
 def test_checkpoint_of_another_model_configuration_is_refused_naming_the_difference(tmp_path, other, message):
     """Catches a comparison that misses a field (each case changes other ones) or hides which."""
@@ -229,6 +231,18 @@ def test_a_checkpoint_without_description_still_needs_templates(tmp_path):
     params, _ = _state()
     with pytest.raises(CheckpointError, match="does not describe its optimizer: pass opt_state="):
         checkpoint.load(tmp_path / "a.npz", params=params)
+
+
+def test_a_model_description_from_before_mixed_precision_loads_as_full_precision(tmp_path):
+    net = fnn.MLP((3, 4, 2), "tanh")
+    _save_described(tmp_path / "a.npz", net, fnn.optim.sgd(0.1))
+    with np.load(tmp_path / "a.npz") as f:
+        arrays = dict(f)
+    header = json.loads(arrays["header"].tobytes().decode())
+    del header["net"]["compute_dtype"]  # the field did not exist then
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(tmp_path / "old.npz", **arrays)
+    assert checkpoint.load(tmp_path / "old.npz").net == net
 
 
 def test_save_checks_params_and_optimizer_state_against_net_and_opt(tmp_path):

@@ -5,8 +5,10 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+import fnn
 from fnn.cli import main
 
 
@@ -59,6 +61,15 @@ def test_autodiff_source_and_other_optimizers(capsys):
     assert main(["--epochs", "1", "--hidden", "8", "--grad-source", "autodiff", "--optimizer", "rmsprop",
                  "--decay", "0.95", "--quiet"]) == 0
     assert "gradients: autodiff" in capsys.readouterr().out
+
+
+def test_mixed_precision_flag(tmp_path, capsys):
+    assert main(["--epochs", "2", "--hidden", "32", "--compute-dtype", "bfloat16", "--quiet",
+                 "--checkpoint-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16 matmuls" in out and "gradient check on the first batch (matmuls in float32)" in out
+    ck = fnn.checkpoint.load(fnn.checkpoint.latest(tmp_path))
+    assert ck.net.compute_dtype == "bfloat16" and ck.params[0]["W"].dtype == np.float32
 
 
 def test_mnist_10k(mnist_dir, capsys):

@@ -57,16 +57,42 @@ def test_epoch_matches_a_python_loop_over_batches(guard):
     opt = optim.momentum(learning_rate=0.05, momentum=0.9)
     key = jax.random.PRNGKey(3)
     epoch = jax.jit(make_epoch(NET, SCE, opt, num_samples=23, batch_size=5, guard=guard))
-    got, _, _, _, _ = epoch(params, opt.init(params), None, key, x, y)
+    got, _, _, _, stats = epoch(params, opt.init(params), None, key, x, y)
     _, shuffle_key = jax.random.split(key)
     full, rest = shuffled_batches(shuffle_key, 23, 5)
     p, s = params, opt.init(params)
+    costs, norms = [], []
     for idx in [*np.asarray(full), np.asarray(rest)]:
-        _, g = fnn.backprop(NET, p, x[idx], y[idx], SCE)
+        c, g = fnn.backprop(NET, p, x[idx], y[idx], SCE)
+        costs.append(float(c))
+        norms.append(np.sqrt(sum(np.sum(np.asarray(leaf, np.float64) ** 2) for leaf in jax.tree_util.tree_leaves(g))))
         u, s = opt.update(g, s, p)
         p = optim.apply_updates(p, u)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(p)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.cost, costs, rtol=2e-5)
+    np.testing.assert_allclose(stats.grad_norm, norms, rtol=2e-5)  # ‖∇C‖₂ of each step, before its update
+
+
+def test_global_norm_of_many_small_and_large_leaves():
+    rng = np.random.default_rng(0)
+    tree = {"big": rng.normal(size=(70, 80)), "small": [rng.normal(size=(n,)) for n in (1, 5, 300)], "s": 2.0}
+    tree = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), tree)
+    want = np.sqrt(sum(np.sum(np.asarray(leaf, np.float64) ** 2) for leaf in jax.tree_util.tree_leaves(tree)))
+    np.testing.assert_allclose(optim.global_norm(tree), want, rtol=1e-6)
+    assert float(optim.global_norm([])) == 0.0
+
+
+def test_grad_norm_can_be_left_out():
+    x, y = _toy(100)
+    params = NET.init(jax.random.PRNGKey(0))
+    kw = dict(loss=SCE, epochs=2, batch_size=10, key=jax.random.PRNGKey(1), quiet=True)
+    with_norm = fit(NET, params, optim.adam(learning_rate=1e-2), (x, y), **kw)
+    without = fit(NET, params, optim.adam(learning_rate=1e-2), (x, y), grad_norm=False, **kw)
+    assert all("grad_norm" not in r for r in without.history) and without.stopped is None
+    assert all(r["grad_norm"] > 0 for r in with_norm.history)
+    for a, b in zip(jax.tree_util.tree_leaves(with_norm.params), jax.tree_util.tree_leaves(without.params)):
+        np.testing.assert_array_equal(a, b)  # the norm is only recorded; training is the same
 
 
 def _count_epoch_traces(monkeypatch) -> list:
