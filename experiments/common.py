@@ -39,6 +39,24 @@ def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.N
     return args
 
 
+def mnist_10k(args: argparse.Namespace, quick_rows: int):
+    """``(x_train (8000, 784), y_train, x_test (2000, 784), y_test, raw)`` of ``mnist-10k``: float32
+    jax arrays z-scored with statistics of the training split, and the raw :class:`fnn.data.Dataset`
+    (pixels in [0, 1]); with ``--quick`` only the first ``quick_rows`` training rows (a multiple of
+    the batch size: no smaller last batch to compile)."""
+    import jax.numpy as jnp
+
+    import fnn
+
+    raw = fnn.data.load_dataset("mnist-10k", args.data_dir)
+    data, _ = fnn.data.zscore_dataset(raw)
+    x_train, x_test = (jnp.asarray(x, jnp.float32) for x in (data.x_train, data.x_test))
+    y_train, y_test = jnp.asarray(data.y_train), jnp.asarray(data.y_test)
+    if args.quick:
+        x_train, y_train = x_train[:quick_rows], y_train[:quick_rows]
+    return x_train, y_train, x_test, y_test, raw
+
+
 def _plain(value):
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}

@@ -37,13 +37,7 @@ def main(argv=None) -> dict:
     """Run the experiment (``argv``: the command line); returns the results written to the JSON."""
     args = common.parse_args("gradient_agreement", __doc__.splitlines()[0], argv)
     epochs = 2 if args.quick else 10
-    data = fnn.data.load_dataset("mnist-10k", args.data_dir)
-    norm = fnn.data.fit_zscore(data.x_train)
-    x_train = jnp.asarray(fnn.data.zscore(norm, data.x_train), jnp.float32)  # (8000, 784)
-    x_test = jnp.asarray(fnn.data.zscore(norm, data.x_test), jnp.float32)  # (2000, 784)
-    y_train, y_test = jnp.asarray(data.y_train), jnp.asarray(data.y_test)
-    if args.quick:  # a multiple of the batch size: no smaller last batch to compile
-        x_train, y_train = x_train[:2048], y_train[:2048]
+    x_train, y_train, x_test, y_test, _ = common.mnist_10k(args, quick_rows=2048)
 
     net = fnn.MLP(SIZES, ACTIVATIONS, "identity", init="he_normal")
     loss = fnn.losses.softmax_cross_entropy
