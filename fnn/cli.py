@@ -57,8 +57,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--l2", type=float, default=0.0, help="beta of the L2 term ½β Σ‖W‖²")
     m.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     m.add_argument("--compute-dtype", default=None, choices=["bfloat16"],
-                   help="mixed precision: every matmul on bfloat16 operands, summed in --dtype; params, "
-                        "optimizer state and loss stay in --dtype")
+                   help="mixed precision: every matmul of the forward pass and of the manual backprop on "
+                        "bfloat16 operands, summed in --dtype; params, optimizer state and loss stay in --dtype")
     o = p.add_argument_group("optimizer")
     o.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     o.add_argument("--lr", type=float, default=1e-3, help="learning rate (peak value with a schedule)")
@@ -129,9 +129,8 @@ def main(argv=None) -> int:
     if classes and loss.targets != CLASSES:  # class labels as one-hot rows for binary/regression losses
         y_train, y_test = (np.eye(ds.num_classes, dtype=dtype)[y] for y in (y_train, y_test))
     out_width = ds.num_classes if classes else np.shape(ds.y_train)[1]
-    config = dict(sizes=(x_train.shape[1], *args.hidden, out_width), activation=args.activation,
-                  output=args.output, init=args.init, batch_norm=args.batch_norm)
-    net = MLP(**config, compute_dtype=args.compute_dtype)
+    net = MLP((x_train.shape[1], *args.hidden, out_width), args.activation, args.output, init=args.init,
+              batch_norm=args.batch_norm, compute_dtype=args.compute_dtype)
     key = jax.random.PRNGKey(args.seed)
     init_key, key = jax.random.split(key)
     params = net.init(init_key, dtype)
@@ -145,9 +144,9 @@ def main(argv=None) -> int:
 
     b = min(args.batch_size, len(x_train))
     bn_state = net.init_state(dtype) if net.has_state else None
-    # Checked in full precision: finite differences of a cost with rounded matmul operands are noise.
-    report = gradient_report(MLP(**config), params, jnp.asarray(x_train[:b]), jnp.asarray(y_train[:b]), loss,
-                             args.l2, bn_state)
+    # gradient_report checks a mixed-precision network in full precision (see its docstring).
+    report = gradient_report(net, params, jnp.asarray(x_train[:b]), jnp.asarray(y_train[:b]), loss, args.l2,
+                             bn_state)
     print(f"gradient check on the first batch{' (matmuls in ' + args.dtype + ')' if args.compute_dtype else ''}, "
           "relative differences per leaf:\n"
           + textwrap.indent(format_report(report), "  "))

@@ -69,8 +69,11 @@ def check_gradients(
 
     Returns an array of shape ``(L,)``: entry ``l`` is the max over the layer's leaves (``W^l`` and
     ``b^l``, or ``γ^l`` and ``β^l``) of :func:`relative_difference`. Expect about ``1e-6`` in
-    float32 and ``1e-13`` in float64.
+    float32 and ``1e-13`` in float64. A network with a ``compute_dtype`` (mixed precision) is
+    checked in full precision, ``net.replace(compute_dtype=None)``: the same code without the
+    rounding, which would otherwise dominate the differences.
     """
+    net = net.replace(compute_dtype=None)
     manual = backprop(net, params, x, y, loss, l2, state, train)[1]
     auto = autodiff_grads(net, params, x, y, loss, l2, state, train)[1]
     return jnp.stack([jnp.max(jnp.stack(list(d.values()))) for d in _leaf_differences(manual, auto)])
@@ -126,7 +129,8 @@ def gradient_report(
     If JAX's 64-bit mode is off, it is switched on only for the finite differences, with the
     scoped ``jax.enable_x64`` (thread-local; restored on exit). Not jit-able itself (it draws
     coordinates and switches precision; it compiles its parts): use :func:`check_gradients` under
-    ``jit``.
+    ``jit``. A network with a ``compute_dtype`` is checked in full precision, as in
+    :func:`check_gradients` (finite differences of a cost with rounded operands measure the rounding).
 
     Args: as :func:`check_gradients`, plus
       num_coords: coordinates per leaf checked by finite differences (``≥ 1``).
@@ -141,6 +145,7 @@ def gradient_report(
     if not 0 < eps < 1e-2:
         raise ValueError(f"eps must be in (0, 1e-2), a small relative step (about 1e-6); got {eps!r}.")
     key = jax.random.PRNGKey(0) if key is None else key
+    net = net.replace(compute_dtype=None)
     manual, versus_auto = _manual_and_autodiff(net, params, x, y, loss, l2, state, train)
 
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]  # the order of ravel_pytree

@@ -17,7 +17,10 @@ Mixed precision: ``MLP(..., compute_dtype="bfloat16")`` runs every matmul of the
 to bfloat16 and products accumulated and returned in the params' dtype (float32): the master
 weights, biases, activations, the loss, the gradients and the optimizer state all stay float32.
 That is the mode for hardware with fast bfloat16 matmuls (GPU tensor cores, TPUs); results differ
-from a float32 run by bfloat16 rounding of the matmul operands (relative 2⁻⁹ per operand).
+from a float32 run by bfloat16 rounding of the matmul operands (relative error at most 2⁻⁸ per
+operand). bfloat16 has float32's exponent range, so no loss scaling is needed. (``jax.grad`` of
+such a network differentiates the same rounded forward pass, but its backward matmuls take a
+float32 cotangent and run in float32; only the manual backprop keeps them in bfloat16.)
 """
 
 from __future__ import annotations
@@ -37,16 +40,19 @@ Params = list  # list[dict[str, jax.Array]]: [{"W": (n_l, n_{l-1}), "b": (n_l,)}
 State = list  # list[dict[str, jax.Array]]: [{"mean": (n_l,), "var": (n_l,)} or {}, ...]
 
 
+COMPUTE_DTYPES = ("bfloat16",)  # float16 would need loss scaling (its range ends at 65504)
+
+
 def _compute_dtype_name(dtype) -> str | None:
-    """``None``, or the canonical name of a floating dtype given by name or type."""
+    """``None``, or the canonical name of one of ``COMPUTE_DTYPES`` given by name or type."""
     if dtype is None:
         return None
     try:
         name = jnp.dtype(dtype).name
     except TypeError:
         name = None
-    if name is None or not jnp.issubdtype(jnp.dtype(name), jnp.floating):
-        raise ValueError(f"compute_dtype must be None or a floating dtype such as 'bfloat16'; got {dtype!r}.")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be None or one of {list(COMPUTE_DTYPES)}; got {dtype!r}.")
     return name
 
 
@@ -73,8 +79,8 @@ class MLP:
         method :meth:`init` creates parameters).
       batch_norm: ``True`` for every hidden layer, or one bool per hidden layer.
       bn_momentum: ``ρ`` of the running averages; bn_eps: ``ε`` of ``√(σ² + ε)``.
-      compute_dtype: ``None`` (matmuls in the params' dtype) or the name of a floating dtype,
-        e.g. ``"bfloat16"``, for the operands of every matmul (see :meth:`matmul`).
+      compute_dtype: ``None`` (matmuls in the params' dtype) or ``"bfloat16"`` for the operands
+        of every matmul (see :meth:`matmul`).
 
     Example: ``MLP((784, 256, 10), "relu", "identity")`` has two layers, W^1 (256, 784), W^2 (10, 256).
     """
@@ -130,6 +136,16 @@ class MLP:
                              ("batch_norm", bn), ("bn_momentum", bn_momentum), ("bn_eps", bn_eps),
                              ("compute_dtype", compute_dtype)):
             object.__setattr__(self, field, value)
+
+    def replace(self, **changes) -> MLP:
+        """A copy with some of the constructor's arguments changed, e.g. ``net.replace(compute_dtype=None)``."""
+        args = dict(sizes=self.sizes, activation=self.activation, output=self.output, init=self.initializer,
+                    batch_norm=self.batch_norm, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps,
+                    compute_dtype=self.compute_dtype)
+        unknown = set(changes) - set(args)
+        if unknown:
+            raise TypeError(f"MLP.replace: unknown arguments {sorted(unknown)}; expected some of {sorted(args)}.")
+        return MLP(**{**args, **changes})
 
     @property
     def num_layers(self) -> int:

@@ -12,16 +12,18 @@ An epoch, as the theory describes it:
 The whole epoch is one jitted function: ``lax.scan`` over the full batches plus, if any, one step on
 the smaller batch. No Python runs per batch.
 
-A non-finite cost, gradient or updated parameter stops training, and :func:`fit` reports the epoch,
-the step, the batch and the first place (``z^l``, ``a^l``, cost, ``δ^l``, gradient or update, see
-:func:`nan_sites`) where a non-finite value appeared; the params it returns are the last finite
-ones, from just before the failing step. Checking every step costs time (it doubles the number of
-XLA kernels in a step), so the check is split in two:
+A non-finite cost, gradient or updated value (params, optimizer state, batch-norm statistics)
+stops training, and :func:`fit` reports the epoch, the step, the batch and the first place
+(``z^l``, ``a^l``, cost, ``δ^l``, gradient or update, see :func:`nan_sites`) where a non-finite
+value appeared; the params it returns are the last finite ones, from just before the failing
+step. Checking every step costs time (it doubles the number of XLA kernels in a step), so the
+check is split in two:
 
 - ``make_epoch(..., guard=False)``, what :func:`fit` runs every epoch: every update is applied,
-  and once at the end the epoch checks that all its costs, gradient norms and final params are
-  finite. A non-finite value in a gradient or an update reaches the params through ``p + u``
-  (Adam's ``m/√v`` included), so a failure anywhere in the epoch shows there.
+  and once at the end the epoch checks that all its costs and gradient norms and its final
+  params, optimizer state and batch-norm statistics are finite. A non-finite value in a gradient
+  or an update reaches the params or the optimizer state (a NaN through ``p + u``, an overflow
+  of Adam's ``v`` in ``v`` itself), so a failure anywhere in the epoch shows there.
 - ``make_epoch(..., guard=True)``, run only when that check fails, from the same inputs (same
   params, same key, hence the same order): every step is checked leaf by leaf inside the
   compiled scan, the failing update is not applied (nor any after it), and the first failure's
@@ -30,7 +32,9 @@ XLA kernels in a step), so the check is split in two:
 
 One case is seen only by the guarded epoch: a non-finite ``z^l`` that ``φ`` maps back to finite
 values (``tanh(±∞)``, ``sigmoid(±∞)``, ``relu(NaN) = 0``) with everything after it finite; the
-unguarded epoch lets such a step update the params.
+unguarded epoch lets such a step update the params. The other way round, a finite gradient whose
+global norm overflows fails the end-of-epoch check; the guarded rerun then finds every value
+finite and training goes on with its result.
 """
 
 from __future__ import annotations
@@ -81,21 +85,23 @@ class EpochStats(NamedTuple):
 
 def nan_sites(net: MLP) -> tuple[str, ...]:
     """Where a step's values are checked for NaN/inf, in the order they are computed:
-    ``z^1, a^1, …, z^L, a^L, cost, δ^L, …, δ^1, gradient, update``."""
+    ``z^1, a^1, …, z^L, a^L, cost, δ^L, …, δ^1, gradient, update`` (the update: new params,
+    optimizer state and batch-norm statistics)."""
     forward = [f"{kind}^{l}" for l in range(1, net.num_layers + 1) for kind in ("z", "a")]
     backward = [f"δ^{l}" for l in range(net.num_layers, 0, -1)]
     return (*forward, "cost", *backward, "gradient", "update")
 
 
-def _site_flags(net: MLP, cost, trace: Trace | None, grads, new_params) -> jax.Array:
-    """One bool per :func:`nan_sites` entry: True where every value is finite (or not recorded)."""
+def _site_flags(net: MLP, cost, trace: Trace | None, grads, updated) -> jax.Array:
+    """One bool per :func:`nan_sites` entry: True where every value is finite (or not recorded);
+    ``updated`` is what the step writes: new params, optimizer state and batch-norm statistics."""
     if trace is None:  # autodiff: only the cost, the gradient and the update are seen
         inner = [jnp.asarray(True)] * (3 * net.num_layers)
     else:
         forward = [all_finite(t) for pair in zip(trace.zs, trace.acts[1:]) for t in pair]
         inner = forward + [all_finite(d) for d in reversed(trace.deltas)]
     flags = inner[: 2 * net.num_layers] + [jnp.isfinite(cost)] + inner[2 * net.num_layers:]
-    return jnp.stack(flags + [all_finite(grads), all_finite(new_params)])
+    return jnp.stack(flags + [all_finite(grads), all_finite(updated)])
 
 
 class FitResult(NamedTuple):
@@ -196,13 +202,15 @@ def make_epoch(
     ``guard=True`` checks every step and stops updating at the first non-finite value, recording
     where (``stats.first_bad_step``, ``first_bad_site``, ``bad_batch``). ``guard=False`` applies
     every update and checks only once, at the end: ``first_bad_step`` is then ``steps`` (one past
-    the last step) when a cost, a gradient norm or a final param is non-finite, else −1, and the
-    site and batch are not known (−1); rerun the epoch with ``guard=True`` from the same inputs to
-    find them. With :func:`fnn.optim.skip_nonfinite` in the optimizer, non-finite costs and
-    gradients are its business and only the params (and batch-norm state) are checked.
+    the last step) when a cost, a gradient norm (if recorded) or a final param, optimizer-state
+    or batch-norm entry is non-finite, else −1, and the site and batch are not known (−1); rerun
+    the epoch with ``guard=True`` from the same inputs to find them. With
+    :func:`fnn.optim.skip_nonfinite` in the optimizer, non-finite costs and gradients are its
+    business: a skipped step changes neither the params nor the batch-norm statistics, and only
+    the updated values are checked.
 
     ``grad_norm=False`` leaves out the global gradient norm of every step (``stats.grad_norm`` is
-    then NaN): it saves one pass over the gradients per step, 2-5 % of a step on a CPU.
+    then NaN): it saves one pass over the gradients per step, 3–5 % of a small model's step on a CPU.
     """
     grads_of = _checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
     _checks.lookup(dict.fromkeys(LAST_BATCH), "last_batch rule", last_batch)
@@ -215,6 +223,8 @@ def make_epoch(
         norm = global_norm(grads) if grad_norm else jnp.full((), jnp.nan, cost.dtype)
         updates, new_state = opt.update(grads, opt_state, params)
         new_params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        if state is not None and _has_skip(opt_state):  # a skipped step leaves the running statistics too
+            new_bn = _select(all_finite((grads, new_bn)), new_bn, state)
         return cost, grads, norm, trace, new_params, new_state, new_bn
 
     def plain_step(x, y, carry, batch):
@@ -231,7 +241,7 @@ def make_epoch(
         # Checked leaf by leaf (the norm may overflow for huge finite gradients), without host
         # callbacks: the first failure's step, site and batch are recorded in the carry. With
         # skip_nonfinite in the optimizer a non-finite gradient is its business; the update is not.
-        flags = _site_flags(net, cost, trace, grads, new_params)
+        flags = _site_flags(net, cost, trace, grads, (new_params, new_state, new_bn))
         finite = flags[-1] if skips else jnp.all(flags)
         first = (bad < 0) & ~finite
         bad = jnp.where(first, i, bad)
@@ -260,7 +270,7 @@ def make_epoch(
             params, opt_state, state, bad, site, bad_batch = carry
         else:
             params, opt_state, state = carry
-            finite = all_finite((params, state))
+            finite = all_finite((params, opt_state, state))
             if not _has_skip(opt_state):
                 finite = finite & all_finite((costs, norms) if grad_norm else costs)
             bad, site, bad_batch = jnp.where(finite, -1, costs.shape[0]).astype(jnp.int32), minus, unknown
@@ -360,7 +370,7 @@ def fit(
         arrays made by :func:`fnn.distributed.global_batch_arrays` (one shard per process).
       data_parallel: shorthand for ``mesh=fnn.distributed.data_mesh()`` (every device).
       grad_norm: record the global gradient norm of every step (the default); ``False`` saves
-        2-5 % of a step on a CPU and leaves ``grad_norm`` out of the history.
+        3–5 % of a small model's step on a CPU and leaves ``grad_norm`` out of the history.
       quiet: no progress lines.
 
     Returns:
@@ -413,7 +423,8 @@ def fit(
     # from the same inputs. The guarded epoch is compiled only if it is ever needed.
     fast = jax.jit(make_epoch(net, loss, opt, guard=False, **epoch_kw)).lower(
         params, opt_state, state, key, x, y).compile()
-    guarded = functools.cache(lambda: jax.jit(make_epoch(net, loss, opt, guard=True, **epoch_kw)))
+    guarded = functools.cache(lambda: jax.jit(make_epoch(net, loss, opt, guard=True,
+                                                         **{**epoch_kw, "grad_norm": True})))
 
     history, stopped, nan_report, start = [], None, None, time.perf_counter()
     epoch = start_epoch

@@ -23,7 +23,7 @@ from fnn import optim
 
 from helpers import np_sigmoid, np_softmax, rel_err
 
-BF16 = 2.0**-8  # bfloat16 spacing at 1: 8 significand bits
+BF16 = 2.0**-8  # bfloat16's unit roundoff (8 significand bits): rounding errs by at most this, relatively
 
 
 def _r(a):
@@ -162,8 +162,8 @@ def test_mixed_precision_backprop_matches_jax_grad_of_the_mixed_forward(hidden, 
 
 
 def test_bad_compute_dtype():
-    for bad in ("int8", "bf16", 3):
-        with pytest.raises(ValueError, match="compute_dtype must be None or a floating dtype"):
+    for bad in ("int8", "bf16", 3, "float16", "float32", jnp.float64):  # float16 would need loss scaling
+        with pytest.raises(ValueError, match=r"compute_dtype must be None or one of \['bfloat16'\]"):
             fnn.MLP((3, 2), compute_dtype=bad)
     assert fnn.MLP((3, 2), compute_dtype=jnp.bfloat16).compute_dtype == "bfloat16"
     assert fnn.MLP((3, 2), compute_dtype="bfloat16") == fnn.MLP((3, 2), compute_dtype=jnp.bfloat16)
@@ -173,7 +173,7 @@ def test_mixed_precision_matches_float32_accuracy_on_mnist_10k(mnist_dir):
     """784-256-10, Adam, 10 epochs, the same seeds: bfloat16 matmuls within 0.5 points of float32."""
     ds, _ = fnn.data.zscore_dataset(fnn.data.load_dataset("mnist-10k", mnist_dir))
     x_train, x_test = ds.x_train, ds.x_test
-    acc = {}
+    acc, final = {}, {}
     for compute in (None, "bfloat16"):
         net = fnn.MLP((784, 256, 10), "relu", init="he_normal", compute_dtype=compute)
         result = fnn.fit(net, net.init(jax.random.PRNGKey(0)), optim.adam(learning_rate=1e-3),
@@ -182,4 +182,22 @@ def test_mixed_precision_matches_float32_accuracy_on_mnist_10k(mnist_dir):
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves((result.params, result.opt_state))
                    if jnp.issubdtype(leaf.dtype, jnp.floating))
         acc[compute] = result.history[-1]["held_out_accuracy"]
+        final[compute] = result.params[0]["W"]
     assert acc[None] >= 0.95 and abs(acc["bfloat16"] - acc[None]) <= 0.005, acc
+    assert rel_err(final[None], final["bfloat16"]) > 1e-3  # two different trainings, not one twice
+
+
+def test_gradient_checks_judge_a_mixed_network_in_full_precision():
+    net = fnn.MLP((6, 5, 3), "tanh", compute_dtype="bfloat16")
+    plain = net.replace(compute_dtype=None)
+    assert plain == fnn.MLP((6, 5, 3), "tanh") and net.replace() == net
+    params = net.init(jax.random.PRNGKey(0), jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 6), jnp.float64)
+    y = jnp.arange(4) % 3
+    loss = fnn.losses.softmax_cross_entropy
+    np.testing.assert_array_equal(fnn.check_gradients(net, params, x, y, loss),
+                                  fnn.check_gradients(plain, params, x, y, loss))
+    assert fnn.gradcheck.gradient_report(net, params, x, y, loss) == fnn.gradcheck.gradient_report(plain, params, x, y,
+                                                                                                  loss)
+    with pytest.raises(TypeError, match="unknown arguments"):
+        net.replace(hidden=3)

@@ -558,6 +558,11 @@ def test_clip_by_global_norm():
     flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(out)])
     np.testing.assert_allclose(np.linalg.norm(flat), 1.0, rtol=1e-14)
     np.testing.assert_allclose(flat, np.concatenate([np.full(4, 3.0), [4.0, -12.0]]) / 14, rtol=1e-14)
+    # float32 gradients whose Σ g² overflows (norm 1.4e20): clipped all the same, not zeroed
+    huge = [{"W": jnp.full((2, 2), 3e19, jnp.float32), "b": jnp.array([4e19, -12e19], jnp.float32)}]
+    out, _ = jax.jit(clip.update)(huge, clip.init(huge))
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(out)])
+    np.testing.assert_allclose(flat, np.concatenate([np.full(4, 3.0), [4.0, -12.0]]) / 14, rtol=1e-6)
 
 
 def test_skip_nonfinite_skips_and_counts():

@@ -81,6 +81,13 @@ def test_global_norm_of_many_small_and_large_leaves():
     want = np.sqrt(sum(np.sum(np.asarray(leaf, np.float64) ** 2) for leaf in jax.tree_util.tree_leaves(tree)))
     np.testing.assert_allclose(optim.global_norm(tree), want, rtol=1e-6)
     assert float(optim.global_norm([])) == 0.0
+    assert float(optim.global_norm([3.0, 4])) == 5.0  # Python numbers are leaves too
+    mixed = [jnp.full((5000,), 0.5, jnp.bfloat16), jnp.ones((3,), jnp.float32)]
+    np.testing.assert_allclose(optim.global_norm(mixed), np.sqrt(5000 * 0.25 + 3), rtol=1e-6)
+    huge = [jnp.full((10,), 3e19, jnp.float32), jnp.full((2,), 4e19, jnp.float32)]
+    assert np.isinf(optim.global_norm(huge))  # Σ x² overflows float32 ...
+    np.testing.assert_allclose(optim.scaled_global_norm(huge), np.sqrt(10 * 9e38 + 2 * 16e38), rtol=1e-6)  # this not
+    assert np.isnan(optim.scaled_global_norm([jnp.asarray([1.0, np.nan])]))
 
 
 def test_grad_norm_can_be_left_out():
@@ -250,7 +257,7 @@ def test_unguarded_epoch_checks_once_at_the_end_and_the_guarded_one_finds_the_st
         assert int(stats.first_bad_step) == -1
 
 
-def test_a_false_alarm_of_the_unguarded_check_is_cleared_by_the_guarded_rerun():
+def test_a_false_alarm_of_the_unguarded_check_is_cleared_by_the_guarded_rerun(monkeypatch):
     """Finite gradients whose global norm overflows float32 fail the cheap end-of-epoch check; the
     leaf-by-leaf guarded rerun finds every value finite, so training goes on."""
     net = fnn.MLP((1, 512, 1), "relu", "identity", init="he_uniform")
@@ -258,11 +265,42 @@ def test_a_false_alarm_of_the_unguarded_check_is_cleared_by_the_guarded_rerun():
     y = jnp.full((8, 1), 1e18, jnp.float32)  # cost ≈ 1e36: finite; ‖∂C/∂W²‖² ≈ 512 · (1e18 · 30)²: not
     first, last = net.init(jax.random.PRNGKey(0))
     params = [{"W": jnp.abs(first["W"]), "b": jnp.full_like(first["b"], 30.0)}, last]  # every a¹ ≥ 30
+    traces = _count_epoch_traces(monkeypatch)
     result = fit(net, params, optim.sgd(learning_rate=1e-30), (x, y), loss=fnn.losses.mse, epochs=2,
                  batch_size=4, key=jax.random.PRNGKey(1), quiet=True)
+    assert len(traces) == 2  # the unguarded epoch and, once, the guarded rerun
     assert result.stopped is None and result.epoch == 2
     assert all(np.isinf(r["grad_norm"]) and np.isfinite(r["train_loss"]) for r in result.history)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.params))
+
+
+def _overflowing_regression():
+    """A 1-512-1 relu regression whose finite gradients are about 1e19 · 30: their squares overflow float32."""
+    net = fnn.MLP((1, 512, 1), "relu", "identity", init="he_uniform")
+    first, last = net.init(jax.random.PRNGKey(0))
+    params = [{"W": jnp.abs(first["W"]), "b": jnp.full_like(first["b"], 30.0)}, last]
+    return net, params, (jnp.ones((8, 1), jnp.float32), jnp.full((8, 1), 1e18, jnp.float32))
+
+
+@pytest.mark.parametrize("grad_norm", [True, False])
+def test_an_overflow_in_the_optimizer_state_stops_training(grad_norm):
+    """Adam's ``v += (1 − β₂) g²`` overflows for |g| ≳ 2e19 although g, the cost and the params are
+    finite (that coordinate would be frozen for good): a failure at the update."""
+    net, params, data = _overflowing_regression()
+    result = fit(net, params, optim.adam(learning_rate=1e-3), data, loss=fnn.losses.mse, epochs=2, batch_size=4,
+                 key=jax.random.PRNGKey(1), quiet=True, grad_norm=grad_norm)
+    assert result.stopped is not None and result.nan_report["site"] == "update"
+    assert result.nan_report["step"] == 0 and result.epoch == 0
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.opt_state))
+
+
+def test_without_grad_norm_the_failure_report_is_the_same():
+    x, y = _toy(100)
+    x = x.at[37, 2].set(jnp.inf)
+    runs = [fit(NET, NET.init(jax.random.PRNGKey(0)), optim.sgd(learning_rate=0.1), (x, y), loss=SCE, epochs=3,
+                batch_size=10, key=jax.random.PRNGKey(1), quiet=True, grad_norm=g) for g in (True, False)]
+    assert runs[0].nan_report is not None
+    assert str(runs[0].nan_report) == str(runs[1].nan_report)  # (NaN != NaN: compared as text)
 
 
 def test_nan_report_names_the_layer_where_a_bad_sample_turns_non_finite():
@@ -285,6 +323,20 @@ def test_skip_nonfinite_skips_and_counts_instead_of_stopping():
     assert [r["skipped_updates"] for r in result.history] == [1, 2, 3]
     assert all(np.isfinite(r["train_loss"]) for r in result.history)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.params))
+
+
+def test_a_skipped_step_leaves_the_batch_norm_statistics_alone(monkeypatch):
+    x, y = _toy(100)
+    x = x.at[37, 2].set(jnp.nan)  # its batch's mean and variance are NaN once per epoch
+    net = fnn.MLP((5, 16, 3), "tanh", batch_norm=True)
+    opt = optim.skip_nonfinite(optim.sgd(learning_rate=0.1))
+    traces = _count_epoch_traces(monkeypatch)
+    result = fit(net, net.init(jax.random.PRNGKey(0)), opt, (x, y), loss=SCE, epochs=3, batch_size=10,
+                 key=jax.random.PRNGKey(1), quiet=True, held_out=(x[:36], y[:36]))
+    assert result.stopped is None and [r["skipped_updates"] for r in result.history] == [1, 2, 3]
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.state))
+    assert all(np.isfinite(r["held_out_loss"]) for r in result.history)
+    assert len(traces) == 1  # the end-of-epoch check passed: no guarded rerun
 
 
 def test_bad_arguments():
