@@ -27,9 +27,12 @@ with ``α = 10⁻³``, the same initial parameters everywhere):
   ``6 · P · samples/s`` (``P`` parameters) is read as a fraction of the matmul rate measured
   under the same load.
 - **Compile time** of each epoch function: ``jax.jit(...).lower(...)`` and ``.compile()``, once each.
-- **GPU rows**: ``784-4096-4096-10`` at ``B = 8192`` in float32 and bfloat16, run only when the
-  default device is not a CPU (fnn, the reference and the matmul rate in that dtype, no torch);
-  on a CPU they are listed as unmeasured.
+- **GPU rows**: ``784-4096-4096-10`` at ``B = 8192`` in float32 and in bfloat16 mixed precision
+  (``MLP(..., compute_dtype="bfloat16")``), run only when the default device is not a CPU (fnn,
+  the reference and the matmul rate in the matmuls' dtype, no torch); on a CPU they are listed as
+  unmeasured. In the mixed row the reference casts its forward matmuls the same way, but
+  ``jax.grad`` runs its backward matmuls in float32 (a float32 cotangent times a bfloat16
+  operand), so only fnn's time there is a bfloat16 step.
 
 Every comparison alternates its contenders (given order in even rounds, reversed in odd ones)
 after ``--warmup`` untimed rounds and reports the median of ``--repeats`` rounds, and the best.
