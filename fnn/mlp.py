@@ -139,9 +139,7 @@ class MLP:
 
     def replace(self, **changes) -> MLP:
         """A copy with some of the constructor's arguments changed, e.g. ``net.replace(compute_dtype=None)``."""
-        args = dict(sizes=self.sizes, activation=self.activation, output=self.output, init=self.initializer,
-                    batch_norm=self.batch_norm, bn_momentum=self.bn_momentum, bn_eps=self.bn_eps,
-                    compute_dtype=self.compute_dtype)
+        args = {"init" if f.name == "initializer" else f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         unknown = set(changes) - set(args)
         if unknown:
             raise TypeError(f"MLP.replace: unknown arguments {sorted(unknown)}; expected some of {sorted(args)}.")
