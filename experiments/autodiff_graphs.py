@@ -153,8 +153,7 @@ def sgd_step(net: fnn.MLP, loss: fnn.Loss, grads_of):
 
     def step(params, x, y):
         cost, grads = grads_of(net, params, x, y, loss)
-        updates, _ = opt.update(grads, opt.init(params), params)
-        return fnn.optim.apply_updates(params, updates), cost
+        return fnn.optim.step(opt, grads, opt.init(params), params)[0], cost
 
     return step
 

@@ -79,6 +79,7 @@ MANUAL_STEP, AUTODIFF_STEP = "step, manual backprop", "step, jax.grad"
 FNN_MANUAL, FNN_AUTODIFF = "fnn.train epoch, manual", "fnn.train epoch, jax.grad"
 FNN_GUARDED = "fnn.train guarded epoch (replay), manual"
 NO_NORM = "fnn, grad_norm=False"
+SECTIONS = ("steps", "epochs", "gpu", "per_example")
 
 
 class Case(NamedTuple):
@@ -373,8 +374,7 @@ def step_pieces(case: Case, x: jax.Array, y: jax.Array) -> dict[str, tuple[Calla
         def body(carry, batch):
             p, s = carry
             cost, grads = grads_of(net, p, *batch, loss)
-            updates, s = opt.update(grads, s, p)
-            return (fnn.optim.apply_updates(p, updates), s), cost
+            return fnn.optim.step(opt, grads, s, p), cost
         return body
 
     def forward(acc, batch):
@@ -388,8 +388,7 @@ def step_pieces(case: Case, x: jax.Array, y: jax.Array) -> dict[str, tuple[Calla
 
     def adam(carry, batch):
         p, s = carry
-        updates, s = opt.update(grads0, s, p)
-        return (fnn.optim.apply_updates(p, updates), s), None
+        return fnn.optim.step(opt, grads0, s, p), None
 
     zero = jnp.zeros((), jnp.dtype(case.dtype))
     trained = (params, opt.init(params))
@@ -477,6 +476,97 @@ def bench_steps(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-example quantities: the δ route against vmap(jax.grad).
+
+CLIP = 1.0  # the clip norm c of the clipped sums
+
+
+def _per_sample_grads(net, loss, params, x, y):
+    """The autodiff route: ``vmap`` over samples of ``jax.grad`` of each sample's own cost (``N × P``)."""
+    return jax.vmap(jax.grad(lambda p, xi, yi: fnn.objective(net, p, xi[None], yi[None], loss)),
+                    in_axes=(None, 0, 0))(params, x, y)
+
+
+def _vmap_norms(g) -> jax.Array:
+    n = jax.tree.leaves(g)[0].shape[0]
+    return jnp.sqrt(sum(jnp.sum(t.reshape(n, -1) ** 2, axis=1) for t in jax.tree.leaves(g)))
+
+
+def per_example_pieces(case: Case) -> dict[str, Callable]:
+    """Per quantity, ``(params, x, y) -> result``: the δ route (one :func:`fnn.backprop_trace` and a
+    contraction from :mod:`fnn.per_example`) and the ``vmap(jax.grad)`` route, each summed to one
+    number so that XLA computes all of it, except the per-example gradients themselves, which are
+    returned (materialized, ``N × P``; summed, XLA would fuse them away); and the plain gradient
+    (cost and ``∇C``) for scale."""
+    net, loss, _, _ = fnn_model(case)
+    pe = fnn.per_example
+
+    def trace(params, x, y):
+        return fnn.backprop_trace(net, params, x, y, loss)[3]
+
+    def clip_weights(norms):
+        return jnp.minimum(1, CLIP / jnp.maximum(norms, 1e-30))
+
+    def via_vmap(quantity, reduce=_total):
+        return lambda params, x, y: reduce(quantity(_per_sample_grads(net, loss, params, x, y)))
+
+    def via_delta(quantity, reduce=_total):
+        return lambda params, x, y: reduce(quantity(params, trace(params, x, y)))
+
+    def materialized(tree):
+        return tree
+
+    return {
+        "gradient (fnn.backprop)": lambda params, x, y: _total(fnn.backprop(net, params, x, y, loss)),
+        "norms, δ": via_delta(lambda p, t: pe.grad_norms(net, p, t)),
+        "norms, vmap(grad)": via_vmap(_vmap_norms),
+        "clipped sum, δ": via_delta(lambda p, t: pe.clipped_sum(net, p, t, CLIP)[0]),
+        "clipped sum, vmap(grad)": via_vmap(
+            lambda g: jax.tree.map(lambda t: jnp.tensordot(clip_weights(_vmap_norms(g)), t, 1), g)),
+        "sum_grad_squared, δ": via_delta(lambda p, t: pe.sum_grad_squared(net, p, t)),
+        "sum_grad_squared, vmap(grad)": via_vmap(lambda g: jax.tree.map(lambda t: jnp.sum(t * t, axis=0), g)),
+        "noise scale, δ": via_delta(lambda p, t: pe.noise_scale(net, p, t)),
+        "batch_grad, δ": via_delta(lambda p, t: pe.batch_grad(net, p, t), materialized),
+        "batch_grad, vmap(grad)": via_vmap(lambda g: g, materialized),
+    }
+
+
+def bench_per_example(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
+    """Milliseconds per batch of each per-example quantity by both routes, alternated, with the memory
+    of each compiled program (XLA's memory analysis: temporary buffers plus outputs)."""
+    params = fnn_model(case)[3]
+    xb, yb = x[: case.batch], y[: case.batch]
+    contenders, memory = {}, {}
+    for name, fn in per_example_pieces(case).items():
+        run = jax.jit(fn).lower(params, xb, yb).compile()
+        analysis = run.memory_analysis()
+        memory[name] = None if analysis is None else analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+        jax.block_until_ready(run(params, xb, yb))
+        start = time.perf_counter()
+        jax.block_until_ready(run(params, xb, yb))
+        calls = max(1, round(args.per_example_seconds / (time.perf_counter() - start)))  # a timing ≈ that long
+
+        def contender(run=run, calls=calls) -> float:
+            for _ in range(calls):
+                out = run(params, xb, yb)
+            jax.block_until_ready(out)
+            return calls
+
+        contenders[name] = contender
+    timings = alternate(contenders, args.repeats, args.warmup)
+    ms = {name: 1 / rate_summary(t, 1e-3)["median"] for name, t in timings.items()}
+    plain = "gradient (fnn.backprop)"
+    ratios = {}
+    for name in timings:
+        if name.endswith(", δ"):
+            ratios[name] = {"over_gradient": paired_ratio(timings[plain], timings[name])}
+            other = name.replace(", δ", ", vmap(grad)")
+            if other in timings:
+                ratios[name]["vmap_over_delta"] = paired_ratio(timings[name], timings[other])
+    return {"model": case.name, "batch": case.batch, "ms": ms, "memory_bytes": memory, "ratios": ratios}
+
+
+# ---------------------------------------------------------------------------------------------
 # Epoch throughput.
 
 
@@ -553,15 +643,16 @@ def gpu_rows(args, device_platform: str, x_np: np.ndarray, y_np: np.ndarray,
 # Targets and tables.
 
 
-def targets(steps: list[dict], epochs: list[dict], device_platform: str) -> list[dict]:
+def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_example: list[dict] = ()) -> list[dict]:
     """Each target with its measured value (a median of per-round ratios) and its verdict.
 
     ``met`` is ``None`` where nothing was measured; ``within_noise`` is true when the goal lies
     between the smallest and the largest per-round ratio, so that the verdict could flip on a rerun.
     """
-    small, large = epochs[0], epochs[-1]  # the B=128 and the B=256 case (one stand-in in quick mode)
     cpu = device_platform == "cpu"
-    fraction = large["contenders"]["fnn"]
+    if epochs:
+        small, large = epochs[0], epochs[-1]  # the B=128 and the B=256 case (one stand-in in quick mode)
+        fraction = large["contenders"]["fnn"]
     rows = [
         (f"fnn / fastest torch eager, {small['model']} B={small['batch']} (CPU)", ">=", 2.2,
          small.get("fnn_over_fastest_torch") if cpu else None),
@@ -571,8 +662,19 @@ def targets(steps: list[dict], epochs: list[dict], device_platform: str) -> list
          small["no_norm_over_reference"] if cpu else None),
         (f"fnn GFLOP/s (6·P) / matmul GFLOP/s, {large['model']} B={large['batch']} (CPU)", ">=", 0.9,
          {"median": fraction["fraction_of_matmul"], "rounds": fraction["fraction_of_matmul_rounds"]} if cpu else None),
-    ] + [(f"manual / jax.grad step time, {s['model']} B={s['batch']}", "<=", 1.0, s["manual_over_autodiff"])
-         for s in steps]
+    ] if epochs else []
+    rows += [(f"manual / jax.grad step time, {s['model']} B={s['batch']}", "<=", 1.0, s["manual_over_autodiff"])
+             for s in steps]
+    if per_example:
+        big = per_example[-1]
+        for name, sense, goal, key in (("norms, δ", ">=", 50, "vmap_over_delta"),
+                                       ("clipped sum, δ", ">=", 50, "vmap_over_delta"),
+                                       ("norms, δ", "<=", 1.3, "over_gradient"),
+                                       ("clipped sum, δ", "<=", 1.3, "over_gradient"),
+                                       ("batch_grad, δ", ">=", 1.0, "vmap_over_delta")):
+            what = "vmap(grad) time / δ time" if key == "vmap_over_delta" else "time / plain gradient"
+            rows.append((f"{name[:-3]}: {what}, {big['model']} B={big['batch']}", sense, goal,
+                         big["ratios"][name][key]))
     out = []
     for name, sense, goal, ratio in rows:
         row = {"target": name, "goal": f"{sense} {goal}", "value": None, "range": None, "met": None,
@@ -638,6 +740,23 @@ def print_tables(results: dict) -> None:
           f"(1, 5, 15 min) {m['load_average_start']} at the start, {m['load_average_end']} at the end")
 
     steps = results["steps"]
+    if steps:
+        _print_steps(steps)
+    if results["epochs"] or any(g["measured"] for g in results["gpu"]):
+        _print_epochs(results)
+    if results["gpu"]:
+        _print_gpu(results["gpu"])
+    if results["per_example"]:
+        _print_per_example(results["per_example"])
+    print("\nTargets")
+    verdict = {True: "met", False: "missed", None: "not measured"}
+    rows = [[t["target"], t["goal"], t["value"], None if t["range"] is None else "{:.3g}–{:.3g}".format(*t["range"]),
+             verdict[t["met"]] + (" (goal within the rounds' range)" if t["within_noise"] else "")]
+            for t in results["targets"]]
+    print(table(["target", "goal", "median", "rounds", "verdict"], rows))
+
+
+def _print_steps(steps: list[dict]) -> None:
     print("\nStep time: ms per step, median (best) of the rounds, and cpu/wall")
     print(table(["piece"] + [f"{s['model']} B={s['batch']}, K={s['steps_per_call']}" for s in steps],
                 [[name] + [f"{s['ms'][name]:.3f} ({s['ms_best'][name]:.3f}) {s['cpu_per_wall'][name]:.2f}"
@@ -647,6 +766,8 @@ def print_tables(results: dict) -> None:
                    + [f"{s['compiled_ops']['manual'][what]} / {s['compiled_ops']['autodiff'][what]}" for s in steps]
                    for what in ("instructions", "fusions", "dots", "library_fusions")]))
 
+
+def _print_epochs(results: dict) -> None:
     print("\nEpoch throughput: samples/s median (best); GFLOP/s = 6·P·samples/s at the median; of matmul: "
           "median of the per-round fractions")
     rows = []
@@ -679,19 +800,29 @@ def print_tables(results: dict) -> None:
                   f"{c['compile_s']:.2f} ({c['compile_cpu_s']:.2f})"]
                  for e in results["epochs"] for name, c in e["compile"].items()]))
 
+
+def _print_gpu(gpu: list[dict]) -> None:
     print("\nGPU rows")
     print(table(["case", "fnn samples/s", "of matmul", "note"],
                 [[f"{g['model']} B={g['batch']} {g['precision']}",
                   g["contenders"]["fnn"]["samples_per_s"] if g["measured"] else None,
                   g["contenders"]["fnn"]["fraction_of_matmul"] if g["measured"] else None,
-                  g.get("reason", "measured")] for g in results["gpu"]]))
+                  g.get("reason", "measured")] for g in gpu]))
 
-    print("\nTargets")
-    verdict = {True: "met", False: "missed", None: "not measured"}
-    rows = [[t["target"], t["goal"], t["value"], None if t["range"] is None else "{:.3g}–{:.3g}".format(*t["range"]),
-             verdict[t["met"]] + (" (goal within the rounds' range)" if t["within_noise"] else "")]
-            for t in results["targets"]]
-    print(table(["target", "goal", "median", "rounds", "verdict"], rows))
+
+def _print_per_example(per: list[dict]) -> None:
+    print("\nPer-example quantities: ms per batch (median), time / plain gradient, vmap(grad) time / δ time "
+          "(paired medians [range]), XLA memory (temporaries and outputs)")
+    rows = []
+    for p in per:
+        for name, ms in p["ms"].items():
+            r = p["ratios"].get(name, {})
+            mem = p["memory_bytes"][name]
+            rows.append([f"{p['model']} B={p['batch']}", name, f"{ms:.3f}",
+                         _ratio(r["over_gradient"]) if "over_gradient" in r else None,
+                         _ratio(r["vmap_over_delta"]) if "vmap_over_delta" in r else None,
+                         None if mem is None else f"{mem / 2**20:,.1f} MiB"])
+    print(table(["case", "quantity, route", "ms", "/ gradient", "vmap / δ", "memory"], rows))
 
 
 def main(argv=None) -> dict:
@@ -700,6 +831,8 @@ def main(argv=None) -> dict:
         p.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 5, quick 1)")
         p.add_argument("--warmup", type=int, default=1, help="untimed rounds before them (default 1)")
         p.add_argument("--no-torch", action="store_true", help="leave the PyTorch contenders out")
+        p.add_argument("--sections", default=",".join(SECTIONS),
+                       help=f"comma-separated parts to run, of {','.join(SECTIONS)} (default: all)")
 
     args = common.parse_args("bench", __doc__.splitlines()[0], argv, extra)
     args.repeats = args.repeats or (1 if args.quick else 5)
@@ -707,20 +840,26 @@ def main(argv=None) -> dict:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0; got {args.repeats} and {args.warmup}.")
     args.torch_seconds = 0.2 if args.quick else TORCH_SECONDS
     args.step_flops = STEP_FLOPS / 20 if args.quick else STEP_FLOPS
+    args.per_example_seconds = 0.02 if args.quick else 0.3
     torch, args.torch_skipped = import_torch(args.no_torch)
     info = machine()
     x_np, y_np = synthetic(QUICK_SAMPLES if args.quick else SAMPLES)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
 
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        raise ValueError(f"--sections takes some of {','.join(SECTIONS)}; got {args.sections!r}.")
     cases = QUICK_CASES if args.quick else CPU_CASES
-    steps = [bench_steps(case, x, y, args) for case in cases]
+    steps = [bench_steps(case, x, y, args) for case in cases] if "steps" in sections else []
     matmul_n = CPU_MATMUL if info["platform"] == "cpu" else GPU_MATMUL
-    epochs = [bench_epochs(case, x_np, y_np, args, torch, matmul_n) for case in cases]
-    gpu = gpu_rows(args, info["platform"], x_np, y_np)
+    epochs = [bench_epochs(case, x_np, y_np, args, torch, matmul_n) for case in cases] if "epochs" in sections else []
+    gpu = gpu_rows(args, info["platform"], x_np, y_np) if "gpu" in sections else []
+    per = [bench_per_example(case, x, y, args) for case in cases] if "per_example" in sections else []
     info["load_average_end"] = _load()
     results = {"machine": info, "samples": int(x.shape[0]), "repeats": args.repeats, "warmup": args.warmup,
                "torch_version": torch.__version__ if torch else None, "torch_skipped": args.torch_skipped,
-               "steps": steps, "epochs": epochs, "gpu": gpu, "targets": targets(steps, epochs, info["platform"])}
+               "steps": steps, "epochs": epochs, "gpu": gpu, "per_example": per,
+               "targets": targets(steps, epochs, info["platform"], per)}
     print_tables(results)
     path = common.save_json(args, results)
     print(f"\n[bench] wrote {path} in {time.perf_counter() - args.started:.1f}s")

@@ -61,8 +61,7 @@ def iterate(cost, opt: fnn.optim.GradientTransformation, theta0: jax.Array, step
     def run(theta):
         def step(carry, _):
             theta, state = carry
-            updates, state = opt.update(jax.grad(cost)(theta), state, theta)
-            theta = fnn.optim.apply_updates(theta, updates)
+            theta, state = fnn.optim.step(opt, jax.grad(cost)(theta), state, theta)
             return (theta, state), theta
 
         _, path = jax.lax.scan(step, (theta, opt.init(theta)), None, length=steps)

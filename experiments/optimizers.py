@@ -60,9 +60,8 @@ def make_epoch(net: fnn.MLP, opt: fnn.optim.GradientTransformation):
     def epoch(params, state, x, y, batches):
         def step(carry, idx):
             params, state = carry
-            cost, grads = fnn.backprop(net, params, x[idx], y[idx], LOSS)
-            updates, state = opt.update(grads, state, params)
-            return (fnn.optim.apply_updates(params, updates), state), cost
+            r = fnn.train_step(net, opt, params, state, x[idx], y[idx], LOSS)
+            return (r.params, r.opt_state), r.cost
 
         return jax.lax.scan(step, (params, state), batches)
 

@@ -36,9 +36,8 @@ def descend(net: fnn.MLP, opt, params, x, y, loss, steps: int):
 
     def step(carry, _):
         params, state = carry
-        cost, grads = fnn.backprop(net, params, x, y, loss)  # BP1–BP4 by hand
-        updates, state = opt.update(grads, state, params)
-        return (fnn.optim.apply_updates(params, updates), state), cost
+        r = fnn.train_step(net, opt, params, state, x, y, loss)  # BP1–BP4 by hand, then the update
+        return (r.params, r.opt_state), r.cost
 
     (params, _), costs = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
     return params, costs

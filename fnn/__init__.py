@@ -15,30 +15,40 @@ from fnn import (
     batchnorm,
     checkpoint,
     data,
+    diagnose,
     distributed,
     initializers,
     losses,
     optim,
+    per_example,
     perceptron,
     schedules,
 )
-from fnn.backprop import backprop, objective
-from fnn.gradcheck import LeafCheck, autodiff_grads, check_gradients, format_report, gradient_report
+from fnn.backprop import Trace, backprop, backprop_trace
+from fnn.gradcheck import LeafCheck, check_gradients, format_report, gradient_report
 from fnn.losses import Loss, l2_penalty
-from fnn.mlp import MLP
-from fnn.train import FitResult, evaluate, fit
+from fnn.metrics import evaluate
+from fnn.mlp import MLP, ForwardTrace
+from fnn.objective import autodiff_grads, objective
+from fnn.step import StepResult, train_step
+from fnn.train import FitResult, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MLP",
+    "ForwardTrace",
     "backprop",
+    "backprop_trace",
+    "Trace",
     "objective",
     "check_gradients",
     "gradient_report",
     "format_report",
     "LeafCheck",
     "autodiff_grads",
+    "train_step",
+    "StepResult",
     "fit",
     "evaluate",
     "FitResult",
@@ -51,7 +61,9 @@ __all__ = [
     "schedules",
     "data",
     "checkpoint",
+    "diagnose",
     "batchnorm",
     "distributed",
+    "per_example",
     "perceptron",
 ]

@@ -23,22 +23,49 @@ import jax
 import jax.numpy as jnp
 
 from fnn import batchnorm
-from fnn.losses import Loss, l2_penalty, mark_invalid
-from fnn.mlp import MLP, Params, State
+from fnn.losses import Loss, l2_active, l2_penalty, mark_invalid
+from fnn.mlp import MLP, ForwardTrace, Params, State
 
 
-def _nonzero(beta) -> bool:
-    """False only for a Python 0 (then the L2 terms are left out of the graph); traced β counts."""
-    return not (isinstance(beta, (int, float)) and beta == 0)
+def __getattr__(name):  # ``from fnn.backprop import objective`` still works, without importing autodiff here
+    if name == "objective":
+        from fnn.objective import objective
+
+        return objective
+    raise AttributeError(f"module 'fnn.backprop' has no attribute {name!r}")
 
 
 class Trace(NamedTuple):
-    """Every intermediate of one backprop, layer by layer ``l = 1..L``: ``zs[l-1] = z^l``,
-    ``acts[l] = a^l`` (``acts[0] = x``) and ``deltas[l-1] = δ^l = ∂C_x/∂z^l`` (per sample)."""
+    """One backprop, kept whole: the :class:`fnn.mlp.ForwardTrace` and the δ's, per sample.
 
-    zs: list
-    acts: list
+    - ``forward``: every ``h^l``, ``z^l``, ``a^l`` and batch-norm cache (``trace.zs`` and
+      ``trace.acts`` are short for ``trace.forward.zs`` and ``trace.forward.acts``);
+    - ``costs``: ``C_x`` of every sample, shape ``(N,)``, without the L2 term (their mean plus
+      ``½β Σ‖W‖²`` is ``C``);
+    - ``deltas[l-1] = δ^l = ∂C_x/∂z^l``, shape ``(N, n_l)``: the gradient of sample x's own cost
+      ``C_x``, not yet divided by ``N`` (NaN rows for samples whose label is out of range);
+    - ``weight_deltas[l-1]``: the rows that meet ``a^{l-1}`` in BP4, ``∂C_x/∂h^l``: ``δ^l`` itself
+      for a plain layer, ``δ_h = γ/√(v+ε) ⊙ δ^l`` for a batch-normalized layer in eval mode, and
+      ``None`` for one in train mode, where every sample's row depends on the whole batch through
+      μ and σ² (so no per-sample gradient exists).
+
+    Per-example quantities (:mod:`fnn.per_example`) are contractions of these rows:
+    ``∂C_x/∂W^l = weight_deltas[l-1]_xᵀ acts[l-1]_x``. (Before per-example quantities existed the
+    trace was the triple ``(zs, acts, deltas)``; those names still work as attributes.)
+    """
+
+    forward: ForwardTrace
+    costs: jax.Array
     deltas: list
+    weight_deltas: list
+
+    @property
+    def zs(self) -> list:
+        return self.forward.zs
+
+    @property
+    def acts(self) -> list:
+        return self.forward.acts
 
 
 def backprop(
@@ -74,7 +101,7 @@ def backprop(
 
 def backprop_trace(net: MLP, params: Params, x, y, loss: Loss, l2: float = 0.0, state: State | None = None,
                    train: bool = True) -> tuple[jax.Array, Params, State | None, Trace]:
-    """:func:`backprop` that also returns its :class:`Trace` (every z^l, a^l and δ^l), for diagnostics.
+    """:func:`backprop` that also returns its :class:`Trace` (every z^l, a^l and δ^l, per sample).
 
     Returns ``(C, grads, new_state, trace)``; ``new_state`` is ``None`` without batch norm.
     """
@@ -83,12 +110,12 @@ def backprop_trace(net: MLP, params: Params, x, y, loss: Loss, l2: float = 0.0, 
             f"backprop needs an fnn.losses.Loss (a cost paired with its derivative); got "
             f"{type(loss).__name__}. Use one of fnn.losses.LOSSES or build a Loss(...)."
         )
-    fwd = net._forward(params, x, state, train=train)
+    fwd = net.forward_trace(params, x, state, train=train)
     zs, acts = fwd.zs, fwd.acts
     target, valid = loss.target(acts[-1], y)
     n = acts[0].shape[0]
-    cost = jnp.mean(mark_invalid(loss.per_sample(acts[-1], target), valid))
-    cost = cost + l2_penalty(params, l2)
+    costs = mark_invalid(loss.per_sample(acts[-1], target), valid)
+    cost = jnp.mean(costs) + l2_penalty(params, l2)
 
     phi = net.activations
     if loss.canonical_output == net.output:
@@ -97,42 +124,21 @@ def backprop_trace(net: MLP, params: Params, x, y, loss: Loss, l2: float = 0.0, 
         delta = phi[-1].backward(zs[-1], acts[-1], loss.grad(acts[-1], target))  # BP1
     delta = mark_invalid(delta, valid)
 
-    grads, deltas = [None] * net.num_layers, [None] * net.num_layers
-    for l in reversed(range(net.num_layers)):  # l indexes layer l+1 of the notes
+    L = net.num_layers
+    grads, deltas, weight_deltas = [None] * L, [None] * L, [None] * L
+    for l in reversed(range(L)):  # l indexes layer l+1 of the notes
         deltas[l] = delta
         if fwd.bn[l] is None:
             grads[l] = {"b": jnp.sum(delta, axis=0) / n}  # BP3
         else:
             delta, g_gamma, g_beta = batchnorm.backward(delta, params[l]["gamma"], fwd.bn[l], train=train)
             grads[l] = {"gamma": g_gamma, "beta": g_beta}
+        weight_deltas[l] = None if fwd.bn[l] is not None and train else delta
         grads[l]["W"] = net.matmul(delta.T, acts[l]) / n  # BP4
-        if _nonzero(l2):
+        if l2_active(l2):
             grads[l]["W"] = grads[l]["W"] + l2 * params[l]["W"]
         if l > 0:
             # BP2: δ^l = (δ^{l+1} W^{l+1}) ⊙ φ'(z^l)
             delta = phi[l - 1].backward(zs[l - 1], acts[l], net.matmul(delta, params[l]["W"]))
     grads = [{k: g[k] for k in params[l]} for l, g in enumerate(grads)]  # the params' own key order
-    return cost, grads, fwd.state, Trace(zs, acts, deltas)
-
-
-def objective(
-    net: MLP,
-    params: Params,
-    x: jax.Array,
-    y: jax.Array,
-    loss: Loss,
-    l2: float = 0.0,
-    state: State | None = None,
-    train: bool = True,
-):
-    """The scalar cost ``C = loss(net(params, x), y) + ½β Σ‖W‖²`` that :func:`backprop` differentiates.
-
-    With a batch-norm ``state`` it returns ``(C, new_state)``, the network run in train or eval mode.
-    """
-    if state is None:
-        return loss(net.apply(params, x), y) + l2_penalty(params, l2)
-    if train:
-        out, new_state = net.apply_train(params, x, state)
-    else:
-        out, new_state = net.apply(params, x, state), state
-    return loss(out, y) + l2_penalty(params, l2), new_state
+    return cost, grads, fwd.state, Trace(fwd, costs, deltas, weight_deltas)

@@ -23,15 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn import checkpoint, data, optim, schedules
-from fnn.activations import ACTIVATIONS
+from fnn.activations import ACTIVATIONS, OUTPUT_ONLY
+from fnn.diagnose import replay_step
 from fnn.gradcheck import format_report, gradient_report
 from fnn.initializers import INITIALIZERS
 from fnn.losses import CLASSES, LOSSES
 from fnn.mlp import MLP
-from fnn.train import GRAD_SOURCES, LAST_BATCH, fit, replay_step
+from fnn.step import GRAD_SOURCES
+from fnn.train import LAST_BATCH, fit
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw")
-SCHEDULES = ("constant", "inverse_sqrt", "cosine", "exponential", "step")
+OPTIMIZERS = list(optim.OPTIMIZERS)
+SCHEDULES = {  # name -> (peak rate, total steps) -> learning rate or schedule
+    "constant": lambda lr, total: lr,
+    "inverse_sqrt": lambda lr, total: schedules.inverse_sqrt(lr),
+    "cosine": lambda lr, total: schedules.cosine_decay(lr, total),
+    "exponential": lambda lr, total: schedules.exponential_decay(lr, 0.1, total),
+    "step": lambda lr, total: schedules.step_decay(lr, 0.5, max(1, total // 4)),
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--no-normalize", action="store_true", help="skip the z-score fitted on the training split")
     m = p.add_argument_group("model")
     m.add_argument("--hidden", type=int, nargs="*", default=[256], help="hidden layer widths")
-    m.add_argument("--activation", default="relu", choices=sorted(set(ACTIVATIONS) - {"softmax"}))
+    m.add_argument("--activation", default="relu", choices=sorted(set(ACTIVATIONS) - set(OUTPUT_ONLY)))
     m.add_argument("--output", default="identity", choices=sorted(ACTIVATIONS), help="output activation")
     m.add_argument("--loss", default=None, choices=sorted(LOSSES),
                    help="default: softmax_cross_entropy for classes, mse for regression")
@@ -62,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("optimizer")
     o.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     o.add_argument("--lr", type=float, default=1e-3, help="learning rate (peak value with a schedule)")
-    o.add_argument("--schedule", default="constant", choices=SCHEDULES)
+    o.add_argument("--schedule", default="constant", choices=list(SCHEDULES))
     o.add_argument("--momentum", type=float, default=None)
     o.add_argument("--b1", type=float, default=None)
     o.add_argument("--b2", type=float, default=None)
@@ -92,14 +100,8 @@ def parser() -> argparse.ArgumentParser:
 def make_optimizer(args, steps_per_epoch: int):
     """The optimizer named by the flags; hyper-parameters not given keep the optimizer's defaults."""
     total = max(1, steps_per_epoch * args.epochs)
-    lr = {
-        "constant": lambda: args.lr,
-        "inverse_sqrt": lambda: schedules.inverse_sqrt(args.lr),
-        "cosine": lambda: schedules.cosine_decay(args.lr, total),
-        "exponential": lambda: schedules.exponential_decay(args.lr, 0.1, total),
-        "step": lambda: schedules.step_decay(args.lr, 0.5, max(1, total // 4)),
-    }[args.schedule]()
-    factory = getattr(optim, args.optimizer)
+    lr = SCHEDULES[args.schedule](args.lr, total)
+    factory = optim.OPTIMIZERS[args.optimizer]
     given = {"momentum": args.momentum, "b1": args.b1, "b2": args.b2, "eps": args.eps, "decay": args.decay,
              "weight_decay": args.weight_decay}
     accepted = inspect.signature(factory).parameters

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import _checks
+from fnn import checks
 
 
 class DataError(ValueError):
@@ -418,7 +418,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     ``data_dir`` is searched first by the file-backed sets (``mnist``, ``mnist-10k``); the others
     ignore it.
     """
-    return _checks.lookup(DATASETS, "data set", name)(data_dir)
+    return checks.lookup(DATASETS, "data set", name)(data_dir)
 
 
 # ------------------------------------------------------------------------------------- z-score

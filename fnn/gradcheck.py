@@ -17,30 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fnn.backprop import backprop, objective
+from fnn.backprop import backprop
 from fnn.losses import Loss
 from fnn.mlp import MLP, Params, State
-
-
-def autodiff_grads(
-    net: MLP,
-    params: Params,
-    x: jax.Array,
-    y: jax.Array,
-    loss: Loss,
-    l2: float = 0.0,
-    state: State | None = None,
-    train: bool = True,
-):
-    """``(C, ∂C/∂params)`` (plus the new state, with one) from ``jax.value_and_grad``: the reference.
-
-    Same arguments and results as :func:`fnn.backprop`.
-    """
-    if state is None:
-        return jax.value_and_grad(lambda p: objective(net, p, x, y, loss, l2))(params)
-    (cost, new_state), grads = jax.value_and_grad(
-        lambda p: objective(net, p, x, y, loss, l2, state, train), has_aux=True)(params)
-    return cost, grads, new_state
+from fnn.objective import autodiff_grads, objective
 
 
 def relative_difference(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fnn import _checks
+from fnn import checks
 from fnn.activations import softmax
 
 Array = jax.Array
@@ -88,7 +88,7 @@ class Loss(NamedTuple):
         Returns ``(y, valid)``: ``valid`` is ``None`` when every label is known to be in range,
         else an ``(N,)`` boolean mask (labels traced under jit).
         """
-        output = _checks.float_array("output", output, ndim=2)
+        output = checks.float_array("output", output, ndim=2)
         n, k = output.shape
         if self.targets == CLASSES:
             return _class_targets(target, n, k, output.dtype)
@@ -100,7 +100,7 @@ class Loss(NamedTuple):
                 f"{self.name}: target shape {target.shape} does not match output shape "
                 f"{output.shape}; expected {output.shape}" + (" or (N,)" if k == 1 else "") + "."
             )
-        if self.targets == BINARY and _checks.is_concrete(target):
+        if self.targets == BINARY and checks.is_concrete(target):
             values = np.asarray(target)
             lo, hi = float(values.min()), float(values.max())
             if lo < 0 or hi > 1:
@@ -127,7 +127,7 @@ def _class_targets(target, n, k, dtype):
                 f"integer class labels must have shape (N,) = ({n},); got {tuple(target.shape)}. "
                 f"Pass one-hot targets as a floating (N, K) = ({n}, {k}) array."
             )
-        if _checks.is_concrete(target) and n:
+        if checks.is_concrete(target) and n:
             values = np.asarray(target)
             lo, hi = int(values.min()), int(values.max())
             if lo < 0 or hi >= k:
@@ -244,8 +244,13 @@ LOSSES: dict[str, Loss] = {
 """Every loss by name."""
 
 
+def l2_active(beta) -> bool:
+    """False only for a Python ``0`` (the L2 terms are then left out of the graph); a traced β counts."""
+    return not (isinstance(beta, (int, float)) and beta == 0)
+
+
 def l2_penalty(params, beta: float) -> Array:
     """The L2 term ``½ β Σ_l ‖W^l‖²`` over the weights only (biases are not penalised)."""
-    if isinstance(beta, (int, float)) and beta == 0:
+    if not l2_active(beta):
         return jnp.zeros((), jnp.result_type(params[0]["W"]))  # keep the squares out of the graph
     return 0.5 * beta * sum(jnp.sum(layer["W"] ** 2) for layer in params)

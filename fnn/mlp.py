@@ -32,7 +32,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fnn import _checks, batchnorm
+from fnn import batchnorm, checks
 from fnn.activations import ACTIVATIONS, OUTPUT_ONLY, Activation
 from fnn.initializers import INITIALIZERS
 
@@ -56,14 +56,27 @@ def _compute_dtype_name(dtype) -> str | None:
     return name
 
 
-class Cache(NamedTuple):
-    """The forward pass kept for backprop: ``zs = [z^1..z^L]`` (the inputs of φ), ``acts =
-    [a^0..a^L]``, the batch-norm caches (``None`` for plain layers) and the new running state."""
+class ForwardTrace(NamedTuple):
+    """Every intermediate of one forward pass, layer by layer ``l = 1..L`` (all ``(N, n_l)``):
+
+    - ``zs[l-1] = z^l``, the input of φ (``h^l + b^l``, or ``γ ⊙ x̂ + β`` with batch norm);
+    - ``acts[l] = a^l = φ(z^l)``, with ``acts[0] = x``;
+    - ``bn[l-1]``: the :class:`fnn.batchnorm.Cache` of a batch-normalized layer, ``None`` elsewhere;
+    - ``state``: the new running statistics (``None`` when no state was passed);
+    - ``hs[l-1] = h^l = a^{l-1} (W^l)ᵀ``, the matmul's output before the bias or batch norm.
+
+    This is what the backprop consumes (:func:`fnn.backprop.backprop_trace`) and what diagnostics
+    and per-example quantities read. Under ``jit``, entries nobody reads cost nothing.
+    """
 
     zs: list
     acts: list
     bn: list
     state: State | None
+    hs: list
+
+
+Cache = ForwardTrace  # the former name (which had the first four fields)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -124,13 +137,13 @@ class MLP:
         if not all(isinstance(b, bool) for b in bn):
             raise ValueError(f"batch_norm must be a bool or a sequence of bools; got {batch_norm!r}.")
         for name in names:
-            _checks.lookup(ACTIVATIONS, "activation", name)
+            checks.lookup(ACTIVATIONS, "activation", name)
             if name in OUTPUT_ONLY:
                 raise ValueError(f"{name!r} acts on a whole row and is only allowed as output.")
-        _checks.lookup(ACTIVATIONS, "activation", output)
-        _checks.lookup(INITIALIZERS, "initializer", init)
-        bn_momentum = _checks.real_in("bn_momentum", bn_momentum, 0.0, 1.0, high_open=True)
-        bn_eps = _checks.real_in("bn_eps", bn_eps, 0.0, low_open=True)
+        checks.lookup(ACTIVATIONS, "activation", output)
+        checks.lookup(INITIALIZERS, "initializer", init)
+        bn_momentum = checks.real_in("bn_momentum", bn_momentum, 0.0, 1.0, high_open=True)
+        bn_eps = checks.real_in("bn_eps", bn_eps, 0.0, low_open=True)
         compute_dtype = _compute_dtype_name(compute_dtype)
         for field, value in (("sizes", sizes), ("activation", names), ("output", output), ("initializer", init),
                              ("batch_norm", bn), ("bn_momentum", bn_momentum), ("bn_eps", bn_eps),
@@ -197,38 +210,46 @@ class MLP:
 
         With batch norm, ``state`` is required and its running statistics are used (eval mode).
         """
-        return self._forward(params, x, state, train=False).acts[-1]
+        return self.forward_trace(params, x, state).acts[-1]
 
     def apply_train(self, params: Params, x: jax.Array, state: State) -> tuple[jax.Array, State]:
         """Train-mode output with batch statistics, and the updated running statistics."""
-        cache = self._forward(params, x, state, train=True)
-        return cache.acts[-1], cache.state
+        fwd = self.forward_trace(params, x, state, train=True)
+        return fwd.acts[-1], fwd.state
 
     def forward(self, params: Params, x: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
         """The forward pass keeping every layer: ``zs = [z^1..z^L]``, ``acts = [a^0=x, a^1..a^L]``.
 
-        ``z^l`` and ``a^l`` have shape ``(N, n_l)``; this is what the backprop consumes.
+        ``z^l`` and ``a^l`` have shape ``(N, n_l)``. A network with batch norm needs
+        :meth:`forward_trace` (and its state).
         """
-        cache = self._forward(params, x, None, train=False)
-        return cache.zs, cache.acts
+        fwd = self.forward_trace(params, x)
+        return fwd.zs, fwd.acts
 
-    def _forward(self, params: Params, x, state: State | None, *, train: bool) -> Cache:
+    def forward_trace(self, params: Params, x: jax.Array, state: State | None = None, *,
+                      train: bool = False) -> ForwardTrace:
+        """The forward pass with every intermediate kept, as a :class:`ForwardTrace`.
+
+        ``x (N, n_0)``; with batch norm, ``state`` is required and ``train`` chooses the batch's
+        statistics (``True``, a new running state is returned in the trace) or the running ones.
+        """
         x = self.check_input(params, x)
         self.check_state(state)
-        zs, acts, caches, new_state = [], [x], [], []
+        hs, zs, acts, caches, new_state = [], [], [x], [], []
         for l, (layer, act, bn) in enumerate(zip(params, self.activations, self.normalized)):
-            if bn:
-                h = self.matmul(acts[-1], layer["W"].T)  # h^l = W^l a^{l-1}; β replaces the bias
+            h = self.matmul(acts[-1], layer["W"].T)  # h^l = W^l a^{l-1}
+            if bn:  # β replaces the bias
                 z, cache, running = batchnorm.forward(h, layer["gamma"], layer["beta"], state[l], train=train,
                                                       momentum=self.bn_momentum, eps=self.bn_eps)
             else:
-                z = self.matmul(acts[-1], layer["W"].T) + layer["b"]  # z^l = W^l a^{l-1} + b^l
+                z = h + layer["b"]  # z^l = W^l a^{l-1} + b^l
                 cache, running = None, {}
+            hs.append(h)
             zs.append(z)
             acts.append(act.phi(z))  # a^l = φ(z^l)
             caches.append(cache)
             new_state.append(running)
-        return Cache(zs, acts, caches, new_state if state is not None else None)
+        return ForwardTrace(zs, acts, caches, new_state if state is not None else None, hs)
 
     def check_params(self, params: Params) -> None:
         """Raise ``ValueError``/``TypeError`` unless ``params`` matches this configuration."""
@@ -277,7 +298,7 @@ class MLP:
     def check_input(self, params: Params, x) -> jax.Array:
         """``x`` as an array after checking it against this configuration and ``params``."""
         self.check_params(params)
-        x = _checks.float_array("x", x, ndim=2)
+        x = checks.float_array("x", x, ndim=2)
         if x.shape[1] != self.sizes[0]:
             raise ValueError(
                 f"x has {x.shape[1]} features per sample but the network expects "

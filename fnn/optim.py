@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fnn._checks import real_in
+from fnn.checks import real_in
 from fnn.schedules import Schedule, constant
 
 Params = Any  # a pytree of floating arrays, e.g. [{"W": (n_l, n_{l-1}), "b": (n_l,)}, ...]
@@ -65,6 +65,10 @@ __all__ = [
     "describe",
     "from_description",
     "apply_updates",
+    "step",
+    "scheduled_learning_rate",
+    "skipped_updates",
+    "has_skip_nonfinite",
     "chain",
     "current_learning_rate",
     "weights_only",
@@ -288,6 +292,16 @@ def _add_leaf(p, u):
     return (p + u).astype(jnp.result_type(p))
 
 
+def step(opt: GradientTransformation, grads: Updates, state: State, params: Params) -> tuple[Params, State]:
+    """One optimizer step: ``u, state ← opt.update(g, state, θ)``, then ``θ ← θ + u``.
+
+    Returns ``(new_params, new_state)``; pure and jit-able. :func:`fnn.train_step` puts the
+    gradient computation in front of it.
+    """
+    updates, state = opt.update(grads, state, params)
+    return apply_updates(params, updates), state
+
+
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """The composition: ``updates`` flow through ``transforms`` left to right.
 
@@ -336,6 +350,20 @@ def current_learning_rate(learning_rate: float | Schedule, state: State) -> jax.
 
 def _is_rate_state(node) -> bool:
     return isinstance(node, ScaleByLearningRateState)
+
+
+def scheduled_learning_rate(opt, state: State, offset: int = 0) -> jax.Array | None:
+    """``α_{t+offset}`` of an :class:`Optimizer` whose ``state`` has the step counter ``t``, or ``None``.
+
+    ``offset=0`` is the rate of the next update, ``offset=-1`` that of the update just done
+    (clamped at step 0). ``None`` when ``opt`` records no ``learning_rate`` (a :func:`chain` or a
+    foreign transform) or its state does not hold exactly one step counter.
+    """
+    rate = getattr(opt, "hyperparams", {}).get("learning_rate")
+    found = [s for s in jax.tree.leaves(state, is_leaf=_is_rate_state) if _is_rate_state(s)]
+    if rate is None or len(found) != 1:
+        return None
+    return _rate(_as_schedule(rate), jnp.maximum(found[0].count + offset, 0))
 
 
 def weights_only(params: Params) -> Mask:
@@ -654,6 +682,21 @@ def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
         return _map(zero_unless_finite, updates), new_state
 
     return GradientTransformation(init, update)
+
+
+def _is_skip(node) -> bool:
+    return isinstance(node, SkipNonfiniteState)
+
+
+def has_skip_nonfinite(state: State) -> bool:
+    """Whether an optimizer state holds a :func:`skip_nonfinite` (known at trace time)."""
+    return any(map(_is_skip, jax.tree.leaves(state, is_leaf=_is_skip)))
+
+
+def skipped_updates(state: State) -> int | None:
+    """Updates skipped so far by :func:`skip_nonfinite` inside ``state`` (``None`` if there is none)."""
+    found = [s for s in jax.tree.leaves(state, is_leaf=_is_skip) if _is_skip(s)]
+    return sum(int(s.skipped) for s in found) if found else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fnn import _checks
+from fnn import checks
 
 __all__ = ["PerceptronResult", "augment", "signs", "train", "predict", "mistake_bound"]
 
@@ -50,7 +50,7 @@ class PerceptronResult(NamedTuple):
 
 def augment(x) -> jax.Array:
     """``x (N, d) -> x' = (x, 1) (N, d + 1)``: a constant 1 appended to every sample, same dtype."""
-    x = _checks.float_array("x", x, ndim=2)
+    x = checks.float_array("x", x, ndim=2)
     return jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
 
 
@@ -68,7 +68,7 @@ def signs(y) -> jax.Array:
         raise ValueError(f"labels y must have shape (N,); got {tuple(y.shape)}.")
     if not (jnp.issubdtype(y.dtype, jnp.integer) or jnp.issubdtype(y.dtype, jnp.floating)):
         raise TypeError(f"labels y must be integers or floats in {{-1, +1}} or {{0, 1}}; got dtype {y.dtype}.")
-    if _checks.is_concrete(y):
+    if checks.is_concrete(y):
         values = set(np.unique(np.asarray(y)).tolist())
         if not (values <= {-1, 1} or values <= {0, 1}):
             raise ValueError(
@@ -97,7 +97,7 @@ def train(x, y, max_epochs: int = 100) -> PerceptronResult:
         raise ValueError(f"y has {s.shape[0]} labels but x has {xa.shape[0]} samples; they must agree.")
     if xa.shape[0] == 0:
         raise ValueError("x must hold at least one sample; got shape (0, d).")
-    max_epochs = _checks.positive_int("max_epochs", max_epochs)
+    max_epochs = checks.positive_int("max_epochs", max_epochs)
     w, updates, epochs, mistakes = _run(xa, s, jnp.asarray(max_epochs, jnp.int32))
     w = jnp.where(jnp.all(s != 0), w, jnp.nan)  # a traced label outside {−1, 0, 1}
     return PerceptronResult(w, updates, epochs, mistakes == 0)
@@ -130,7 +130,7 @@ def _run(xa, s, max_epochs):
 def predict(w, x) -> jax.Array:
     """Signs ``(N,)`` int32: ``+1`` where ``w'·x' > 0``, else ``−1``; ``w (d + 1,)``, ``x (N, d)``."""
     xa = augment(x)
-    w = _checks.float_array("w", w, ndim=1)
+    w = checks.float_array("w", w, ndim=1)
     if w.shape[0] != xa.shape[1]:
         raise ValueError(f"w must have shape (d + 1,) = ({xa.shape[1]},) for x of shape {x.shape}; got {w.shape}.")
     return jnp.where(xa @ w > 0, 1, -1).astype(jnp.int32)
@@ -145,7 +145,7 @@ def mistake_bound(x, y, u) -> tuple[jax.Array, jax.Array, jax.Array]:
     """
     xa = augment(x)
     s = signs(y).astype(xa.dtype)
-    u = _checks.float_array("u", u, ndim=1)
+    u = checks.float_array("u", u, ndim=1)
     if u.shape[0] != xa.shape[1]:
         raise ValueError(f"u must have shape (d + 1,) = ({xa.shape[1]},) for x of shape {x.shape}; got {u.shape}.")
     radius = jnp.max(jnp.linalg.norm(xa, axis=1))

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fnn import _checks
+from fnn import checks
 
 Schedule = Callable[[jax.Array], jax.Array]
 """``step (int array, any shape) -> η_t (float array, same shape)``."""
@@ -48,7 +48,7 @@ __all__ = [
 
 def constant(value: float) -> Schedule:
     """``η_t = value`` for every step; ``value ≥ 0``."""
-    value = _checks.real_in("value", value, 0.0)
+    value = checks.real_in("value", value, 0.0)
 
     def schedule(step):
         return jnp.full(jnp.shape(_step(step)), value, float)
@@ -58,7 +58,7 @@ def constant(value: float) -> Schedule:
 
 def inverse_sqrt(init_value: float) -> Schedule:
     """``η_t = η / √(t + 1)``: the classic decay with ``Σ η_t = ∞``; ``η_0 = init_value ≥ 0``."""
-    init_value = _checks.real_in("init_value", init_value, 0.0)
+    init_value = checks.real_in("init_value", init_value, 0.0)
 
     def schedule(step):
         return init_value / jnp.sqrt(_step(step).astype(float) + 1)
@@ -68,9 +68,9 @@ def inverse_sqrt(init_value: float) -> Schedule:
 
 def exponential_decay(init_value: float, decay_rate: float, transition_steps: int) -> Schedule:
     """``η_t = η · r^(t/T)``: multiplied by ``r = decay_rate > 0`` every ``T = transition_steps`` steps, smoothly."""
-    init_value = _checks.real_in("init_value", init_value, 0.0)
-    decay_rate = _checks.real_in("decay_rate", decay_rate, 0.0, low_open=True)
-    transition_steps = _checks.positive_int("transition_steps", transition_steps)
+    init_value = checks.real_in("init_value", init_value, 0.0)
+    decay_rate = checks.real_in("decay_rate", decay_rate, 0.0, low_open=True)
+    transition_steps = checks.positive_int("transition_steps", transition_steps)
 
     def schedule(step):
         return init_value * decay_rate ** (_step(step).astype(float) / transition_steps)
@@ -80,9 +80,9 @@ def exponential_decay(init_value: float, decay_rate: float, transition_steps: in
 
 def step_decay(init_value: float, factor: float, step_size: int) -> Schedule:
     """``η_t = η · f^⌊t/s⌋``: multiplied by ``f = factor > 0`` after every ``s = step_size`` steps (a staircase)."""
-    init_value = _checks.real_in("init_value", init_value, 0.0)
-    factor = _checks.real_in("factor", factor, 0.0, low_open=True)
-    step_size = _checks.positive_int("step_size", step_size)
+    init_value = checks.real_in("init_value", init_value, 0.0)
+    factor = checks.real_in("factor", factor, 0.0, low_open=True)
+    step_size = checks.positive_int("step_size", step_size)
 
     def schedule(step):
         return init_value * factor ** (_step(step) // step_size).astype(float)
@@ -97,9 +97,9 @@ def cosine_decay(init_value: float, decay_steps: int, alpha: float = 0.0) -> Sch
     Reference: Loshchilov & Hutter, "SGDR: stochastic gradient descent with warm restarts", ICLR 2017
     (one period, no restarts).
     """
-    init_value = _checks.real_in("init_value", init_value, 0.0)
-    decay_steps = _checks.positive_int("decay_steps", decay_steps)
-    alpha = _checks.real_in("alpha", alpha, 0.0, 1.0)
+    init_value = checks.real_in("init_value", init_value, 0.0)
+    decay_steps = checks.positive_int("decay_steps", decay_steps)
+    alpha = checks.real_in("alpha", alpha, 0.0, 1.0)
 
     def schedule(step):
         progress = jnp.minimum(_step(step), decay_steps).astype(float) / decay_steps
@@ -115,8 +115,8 @@ def linear_warmup(peak_value: float, warmup_steps: int, then: Schedule | None = 
     ``peak_value`` at ``t = W``. The warm-up joins ``then`` continuously when ``then(0) =
     peak_value``, e.g. ``linear_warmup(η, W, cosine_decay(η, T))``. ``W = 0`` means no warm-up.
     """
-    peak_value = _checks.real_in("peak_value", peak_value, 0.0)
-    warmup_steps = _checks.positive_int("warmup_steps", warmup_steps, allow_zero=True)
+    peak_value = checks.real_in("peak_value", peak_value, 0.0)
+    warmup_steps = checks.positive_int("warmup_steps", warmup_steps, allow_zero=True)
     if then is not None and not callable(then):
         raise TypeError(f"then must be a schedule (a function of the step) or None; got {then!r}.")
 
@@ -134,6 +134,6 @@ def _step(step) -> jax.Array:
     step = jnp.asarray(step)
     if not jnp.issubdtype(step.dtype, jnp.integer):
         raise TypeError(f"a schedule's step must be an integer (t = 0, 1, 2, ...); got dtype {step.dtype}.")
-    if _checks.is_concrete(step) and step.size and int(step.min()) < 0:
+    if checks.is_concrete(step) and step.size and int(step.min()) < 0:
         raise ValueError(f"a schedule's step must be ≥ 0; got {int(step.min())}.")
     return step

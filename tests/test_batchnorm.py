@@ -121,12 +121,12 @@ def test_train_mode_statistics_and_running_averages():
     np.testing.assert_allclose(new[0]["mean"], 0.2 * h.mean(0), rtol=1e-12)
     np.testing.assert_allclose(new[0]["var"], 0.8 + 0.2 * h.var(0, ddof=1), rtol=1e-12)
     assert new[1] == {}
-    cache = net._forward(params, x, state, train=True)
+    cache = net.forward_trace(params, x, state, train=True)
     u = np.asarray(cache.zs[0])
     np.testing.assert_allclose(u.mean(0), params[0]["beta"], atol=1e-12)
     np.testing.assert_allclose(u.std(0), np.arange(1.0, 6.0) * np.sqrt(h.var(0) / (h.var(0) + 1e-5)), rtol=1e-10)
     # eval mode is the affine map with the running statistics
-    ev = net._forward(params, x, new, train=False)
+    ev = net.forward_trace(params, x, new, train=False)
     expected = (h - new[0]["mean"]) / np.sqrt(np.asarray(new[0]["var"]) + 1e-5) * np.arange(1.0, 6.0) + (
         np.arange(5.0) - 2)
     np.testing.assert_allclose(ev.zs[0], expected, rtol=1e-12)

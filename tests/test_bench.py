@@ -38,7 +38,8 @@ def test_bench_quick(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["quick"] is True and saved["seconds"] > 0
     assert set(returned) <= set(saved)
-    assert {"machine", "steps", "epochs", "gpu", "targets", "samples", "repeats"} <= set(saved)
+    assert {"machine", "steps", "epochs", "gpu", "per_example", "targets", "samples", "repeats"} <= set(saved)
+    assert len(saved["per_example"]) == len(saved["steps"]) == 1
     for path, value in numbers(saved):
         assert math.isfinite(value), f"{path} = {value}"
 
@@ -77,8 +78,16 @@ def test_bench_quick(tmp_path):
         else:
             assert row["measured"] is True and positive(row["contenders"]["fnn"]["samples_per_s"])
 
-    assert len(saved["targets"]) == 4 + len(saved["steps"])  # torch, reference (with and without the norm),
-    # matmul; one per step row
+    for per in saved["per_example"]:
+        assert all(positive(v) for v in per["ms"].values())
+        assert {"norms, δ", "norms, vmap(grad)", "clipped sum, δ", "clipped sum, vmap(grad)", "batch_grad, δ",
+                "batch_grad, vmap(grad)", "gradient (fnn.backprop)"} <= set(per["ms"])
+        for name, ratios in per["ratios"].items():
+            assert name.endswith(", δ") and positive(ratios["over_gradient"]["median"])
+        assert all(v is None or v >= 0 for v in per["memory_bytes"].values())
+
+    # torch, reference (with and without the norm), matmul; one per step row; five per-example targets
+    assert len(saved["targets"]) == 4 + len(saved["steps"]) + 5 * bool(saved["per_example"])
     for target in saved["targets"]:
         assert target["met"] in (True, False, None)
         assert (target["met"] is None) == (target["value"] is None) == (target["range"] is None)

@@ -135,8 +135,8 @@ def _trained(net, opt, dtype=jnp.float32, steps=2):
     y = jnp.arange(8) % net.sizes[-1]
     for _ in range(steps):
         _, grads, *new_state = fnn.backprop(net, params, x, y, LOSS, state=state)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        params, state = fnn.optim.apply_updates(params, updates), (new_state[0] if new_state else None)
+        params, opt_state = fnn.optim.step(opt, grads, opt_state, params)
+        state = new_state[0] if new_state else None
     return params, opt_state, state, grads
 
 

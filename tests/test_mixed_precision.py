@@ -124,8 +124,8 @@ def test_every_matmul_of_a_training_step_is_bfloat16_and_nothing_else_is(batch_n
 
     def step(params, opt_state, state):
         cost, grads, *new_state = fnn.backprop(net, params, x, y, fnn.losses.softmax_cross_entropy, state=state)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return cost, optim.apply_updates(params, updates), opt_state, (new_state[0] if new_state else None)
+        params, opt_state = optim.step(opt, grads, opt_state, params)
+        return cost, params, opt_state, (new_state[0] if new_state else None)
 
     lowered = jax.jit(step).lower(params, opt.init(params), state)
     assert _dots(lowered.as_text()) == [("bf16", "bf16", "f32")] * (3 * net.num_layers - 1)

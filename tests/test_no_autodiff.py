@@ -58,3 +58,18 @@ def test_backprop_runs_without_autodiff(trap_autodiff, loss_name):
     fnn.backprop(net, params, x, y, loss, 0.1)
     # a fresh jit (new function object) so tracing really happens under the trap
     jax.jit(lambda p, x, y: fnn.backprop(net, p, x, y, loss, 0.1))(params, x, y)
+
+
+def test_per_example_quantities_run_without_autodiff(trap_autodiff):
+    net, params, x, y = _problem()
+    loss = fnn.losses.categorical_cross_entropy
+    pe = fnn.per_example
+
+    def everything(params, x, y):
+        _, _, _, trace = fnn.backprop_trace(net, params, x, y, loss, 0.1)
+        return (pe.batch_grad(net, params, trace, 0.1), pe.batch_l2(net, params, trace, 0.1),
+                pe.sum_grad_squared(net, params, trace, 0.1), pe.variance(net, params, trace),
+                pe.clipped_sum(net, params, trace, 1.0, 0.1), pe.noise_scale(net, params, trace, 0.1))
+
+    everything(params, x, y)
+    jax.jit(lambda p, x, y: everything(p, x, y))(params, x, y)

@@ -749,3 +749,31 @@ def test_step_counters_saturate_instead_of_wrapping():
     updates, state = opt.update(params, state, params)
     assert int(state[0].count) == int(state[1].count) == 2**31 - 1  # not −2³¹: the step stays valid
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_step_is_update_then_add_and_keeps_dtypes():
+    params = [{"W": jnp.ones((2, 3), jnp.float32), "b": jnp.arange(2.0, dtype=jnp.bfloat16)}]
+    grads = [{"W": jnp.full((2, 3), 0.5, jnp.float32), "b": jnp.ones(2, jnp.bfloat16)}]
+    opt = optim.momentum(0.1, 0.9)
+    new, state = optim.step(opt, grads, opt.init(params), params)
+    np.testing.assert_allclose(new[0]["W"], np.ones((2, 3)) - 0.1 * 0.5, rtol=1e-7)  # first step: v = g
+    np.testing.assert_allclose(np.asarray(new[0]["b"], np.float32), np.arange(2.0) - 0.1, rtol=1e-2)
+    assert [leaf.dtype for leaf in jax.tree.leaves(new)] == [jnp.float32, jnp.bfloat16]  # W, b
+    np.testing.assert_allclose(state[0].velocity[0]["W"], np.full((2, 3), 0.5))
+
+
+def test_scheduled_learning_rate_of_the_next_and_the_last_update():
+    opt = optim.adam(schedules.step_decay(0.1, 0.5, 2))
+    params = _tree(X0)
+    state = opt.init(params)
+    assert float(optim.scheduled_learning_rate(opt, state, -1)) == pytest.approx(0.1)  # clamped at step 0
+    for t in range(5):
+        assert float(optim.scheduled_learning_rate(opt, state)) == pytest.approx(0.1 * 0.5 ** (t // 2))
+        params, state = optim.step(opt, _tree(_grad(_vector(params), t)), state, params)
+        assert float(optim.scheduled_learning_rate(opt, state, -1)) == pytest.approx(0.1 * 0.5 ** (t // 2))
+    # a chain records no learning rate, and neither does a foreign wrapper
+    chained = optim.chain(optim.scale_by_adam(), optim.scale_by_learning_rate(0.1))
+    assert optim.scheduled_learning_rate(chained, chained.init(params)) is None
+    wrapped = optim.skip_nonfinite(optim.sgd(0.1))
+    assert optim.scheduled_learning_rate(wrapped, wrapped.init(params)) is None
+    assert optim.skipped_updates(wrapped.init(params)) == 0 and optim.skipped_updates(state) is None

@@ -66,7 +66,7 @@ def test_epoch_matches_a_python_loop_over_batches(guard):
         c, g = fnn.backprop(NET, p, x[idx], y[idx], SCE)
         costs.append(float(c))
         norms.append(np.sqrt(sum(np.sum(np.asarray(leaf, np.float64) ** 2) for leaf in jax.tree_util.tree_leaves(g))))
-        u, s = opt.update(g, s, p)
+        u, s = opt.update(g, s, p)  # written out, not through the optim.step the epoch calls
         p = optim.apply_updates(p, u)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(p)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)

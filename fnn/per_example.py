@@ -1,0 +1,291 @@
+"""Per-example gradients and their statistics, read off the δ-recursion's trace in one pass.
+
+Autodiff returns the mean gradient; anything per example needs ``vmap(grad)``, which builds an
+``N × P`` array. The backprop already holds, per sample ``x`` and layer ``l``, the row ``δ^l_x``
+that meets ``a^{l−1}_x`` in BP4 (:class:`fnn.backprop.Trace`), and for a dense layer every
+per-example quantity is a small contraction of the two (Dangel, Kunstner & Hennig, "BackPACK:
+Packing more into backprop", ICLR 2020; Goodfellow, "Efficient per-example gradient computations",
+2015). The names follow BackPACK's.
+
+Convention. ``g_x = ∂/∂θ [C_x + ½β Σ_l ‖W^l‖²]``: the gradient of sample ``x``'s own cost, on the
+scale of ``C_x`` (not divided by ``N``), with the L2 term, which is the same for every sample, so
+that the mean of the ``g_x`` is exactly the gradient :func:`fnn.backprop` returns. (BackPACK scales
+its individual gradients by ``1/N`` under a mean reduction; here that factor is left out.) Per
+layer, with ``δ_x = δ^l_x (n_l,)``, ``a_x = a^{l−1}_x (n_{l−1},)`` and ``h_x = W^l a_x``:
+
+==========================  ============================================================
+quantity                    formula, per layer
+==========================  ============================================================
+:func:`batch_grad`          ``g_x^W = δ_x a_xᵀ + βW``, ``g_x^b = δ_x``  → leaves ``(N, …)``
+:func:`batch_l2`            ``‖g_x^W‖² = ‖δ_x‖² ‖a_x‖² + 2β δ_x·h_x + β² ‖W‖²``, ``‖g_x^b‖² = ‖δ_x‖²``
+:func:`sum_grad_squared`    ``Σ_x g_x^W ⊙ g_x^W = (δ⊙δ)ᵀ(a⊙a) + 2β W ⊙ δᵀa + Nβ² W⊙W``
+:func:`variance`            ``(1/N) Σ_x g_x ⊙ g_x − ḡ ⊙ ḡ`` (β cancels)
+:func:`weighted_sum`        ``Σ_x w_x g_x^W = (w⊙δ)ᵀ a + (Σ_x w_x) βW``
+:func:`clipped_sum`         ``Σ_x min(1, c/‖g_x‖) g_x``, the whole-network norm ``‖g_x‖``
+:func:`noise_scale`         ``B_simple = tr(Σ) / ‖G‖²`` (McCandlish et al. 2018)
+==========================  ============================================================
+
+Batch norm: in eval mode a normalized layer is a fixed affine map per sample, ``δ_x`` above is
+``δ_h = γ/√(v+ε) ⊙ δ^l_x`` and ``g_x^γ = δ^l_x ⊙ x̂_x``, ``g_x^β = δ^l_x``. In train mode every
+sample's output depends on the whole batch through μ and σ², so ``C_x`` has no gradient of its
+own: these functions refuse such a trace (``ValueError``). Mixed precision: the contractions run in
+the params' dtype (float32) on the trace's rows, which came through the network's bfloat16
+matmuls; only :func:`weighted_sum` (and so :func:`clipped_sum`) uses :meth:`fnn.MLP.matmul` as BP4
+does, so that weights ``1/N`` give the gradient of :func:`fnn.backprop` up to rounding, while
+:func:`variance` and :func:`noise_scale`, which subtract the squared mean from a second moment,
+take the mean in full precision. Samples with an out-of-range label (NaN rows of the trace) give
+NaN, never a silent zero.
+
+Usage, inside or outside ``jit``::
+
+    cost, grads, _, trace = fnn.backprop_trace(net, params, x, y, loss, l2)
+    norms = fnn.per_example.grad_norms(net, params, trace, l2)          # (N,)
+    total, norms = fnn.per_example.clipped_sum(net, params, trace, 1.0, l2)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnn.backprop import Trace
+from fnn.losses import l2_active
+from fnn.mlp import MLP, Params
+
+
+def _layers(trace: Trace):
+    """Per layer: ``(δ_x rows (N, n_l) for BP4, δ^l rows, a^{l−1} (N, n_{l−1}), h^l, batch-norm cache)``."""
+    if any(d is None for d in trace.weight_deltas):
+        raise ValueError(
+            "per-example quantities are not defined for batch normalization in train mode: every sample's "
+            "output depends on the whole batch through its mean and variance, so no sample has a gradient "
+            "of its own. Take the trace in eval mode (backprop_trace(..., state=state, train=False)) or "
+            "use a network without batch norm."
+        )
+    f = trace.forward
+    return zip(trace.weight_deltas, trace.deltas, f.acts[:-1], f.hs, f.bn)
+
+
+def _sq_rows(t: jax.Array) -> jax.Array:
+    """``‖t_x‖²`` per row: ``(N, n) -> (N,)``."""
+    return jnp.sum(t * t, axis=1)
+
+
+def batch_grad(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Params:
+    """Every sample's gradient ``g_x``, materialized: ``params``' structure with a leading ``N`` axis.
+
+    ``W^l``: ``(N, n_l, n_{l−1})`` = ``δ_x a_xᵀ + βW``; ``b^l``: ``(N, n_l)`` = ``δ_x``; batch-norm
+    ``γ``: ``δ^l_x ⊙ x̂_x``, ``β``: ``δ^l_x``. Memory ``N × P``: for small networks and for checking;
+    the other functions here never build it.
+    """
+    out = []
+    for layer, (d, dz, a, _, bn) in zip(params, _layers(trace)):
+        g = {"W": jnp.einsum("ni,nj->nij", d, a)}
+        if l2_active(l2):
+            g["W"] = g["W"] + l2 * layer["W"]
+        if bn is None:
+            g["b"] = d
+        else:
+            g["gamma"], g["beta"] = dz * bn.xhat, dz
+        out.append({k: g[k] for k in layer})
+    return out
+
+
+def batch_l2(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Params:
+    """``‖g_x‖²`` of every leaf and sample without building ``g_x``: ``params``' structure, leaves ``(N,)``.
+
+    ``‖δ_x a_xᵀ + βW‖² = ‖δ_x‖² ‖a_x‖² + 2β δ_x·(W a_x) + β²‖W‖²`` (``W a_x = h_x`` from the trace).
+    """
+    out = []
+    for layer, (d, dz, a, h, bn) in zip(params, _layers(trace)):
+        dd = _sq_rows(d)
+        s = {"W": dd * _sq_rows(a)}
+        if l2_active(l2):
+            s["W"] = s["W"] + 2 * l2 * jnp.sum(d * h, axis=1) + l2 ** 2 * jnp.sum(layer["W"] ** 2)
+        if bn is None:
+            s["b"] = dd
+        else:
+            s["gamma"], s["beta"] = _sq_rows(dz * bn.xhat), _sq_rows(dz)
+        out.append({k: s[k] for k in layer})
+    return out
+
+
+def grad_norms(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> jax.Array:
+    """``‖g_x‖₂`` over the whole network, per sample: ``(N,)``, from :func:`batch_l2`."""
+    return jnp.sqrt(sum(jax.tree.leaves(batch_l2(net, params, trace, l2))))
+
+
+def sum_grad_squared(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Params:
+    """``Σ_x g_x ⊙ g_x`` element-wise, ``params``' structure: ``(δ⊙δ)ᵀ(a⊙a) + 2βW⊙(δᵀa) + Nβ²W⊙W`` for ``W``."""
+    n = trace.acts[0].shape[0]
+    out = []
+    for layer, (d, dz, a, _, bn) in zip(params, _layers(trace)):
+        s = {"W": (d * d).T @ (a * a)}
+        if l2_active(l2):
+            W = layer["W"]
+            s["W"] = s["W"] + 2 * l2 * W * (d.T @ a) + n * l2 ** 2 * W * W
+        if bn is None:
+            s["b"] = jnp.sum(d * d, axis=0)
+        else:
+            s["gamma"], s["beta"] = jnp.sum((dz * bn.xhat) ** 2, axis=0), jnp.sum(dz * dz, axis=0)
+        out.append({k: s[k] for k in layer})
+    return out
+
+
+def variance(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Params:
+    """The element-wise variance of the per-example gradients, ``(1/N) Σ_x g_x⊙g_x − ḡ⊙ḡ`` (``1/N``, as
+    BackPACK's ``variance``; multiply by ``N/(N−1)`` for the unbiased estimate), ``params``' structure.
+
+    The L2 term shifts every ``g_x`` by the same ``βW`` and cancels, so ``l2`` does not matter.
+    Accuracy: the difference is exact up to the rounding of the second moment ``(1/N) Σ_x g_x⊙g_x``
+    (about ``ε`` times it, absolutely); an entry whose variance is far below its squared mean holds
+    only that rounding, and one that comes out below 0 is clamped at 0.
+    """
+    n = trace.acts[0].shape[0]
+    squares = sum_grad_squared(net, params, trace)
+    means = _weighted(params, trace, jnp.full((n,), 1 / n, trace.acts[0].dtype), 0.0, jnp.matmul)
+    return jax.tree.map(lambda s, m: jnp.maximum(s / n - m * m, 0), squares, means)
+
+
+def weighted_sum(net: MLP, params: Params, trace: Trace, weights: jax.Array, l2: float = 0.0) -> Params:
+    """``Σ_x w_x g_x`` for per-sample weights ``w (N,)``: ``(w⊙δ)ᵀ a + (Σ_x w_x) βW`` for ``W``.
+
+    With ``w_x = 1/N`` it is the mean gradient (that of :func:`fnn.backprop`, up to rounding); with
+    ``w_x = min(1, c/‖g_x‖)`` the clipped sum of DP-SGD (:func:`clipped_sum`).
+    """
+    n = trace.acts[0].shape[0]
+    if jnp.shape(weights) != (n,):
+        raise ValueError(f"weights must have shape (N,) = ({n},), one per sample; got {jnp.shape(weights)}.")
+    return _weighted(params, trace, jnp.asarray(weights, trace.acts[0].dtype), l2, net.matmul)
+
+
+def _weighted(params: Params, trace: Trace, weights: jax.Array, l2, matmul) -> Params:
+    """:func:`weighted_sum` with the BP4 matmul ``matmul`` (the network's, or a full-precision one)."""
+    w = weights[:, None]
+    out = []
+    for layer, (d, dz, a, _, bn) in zip(params, _layers(trace)):
+        s = {"W": matmul((w * d).T, a)}  # BP4 with weighted rows
+        if l2_active(l2):
+            s["W"] = s["W"] + jnp.sum(w) * l2 * layer["W"]
+        if bn is None:
+            s["b"] = jnp.sum(w * d, axis=0)
+        else:
+            s["gamma"], s["beta"] = jnp.sum(w * dz * bn.xhat, axis=0), jnp.sum(w * dz, axis=0)
+        out.append({k: s[k] for k in layer})
+    return out
+
+
+def clipped_sum(net: MLP, params: Params, trace: Trace, max_norm: float,
+                l2: float = 0.0) -> tuple[Params, jax.Array]:
+    """``(Σ_x min(1, c/‖g_x‖) g_x, ‖g_x‖ (N,))``: every sample's gradient clipped to norm ``c = max_norm``.
+
+    The norm is the whole network's (all layers and leaves). A sample whose gradient is exactly 0
+    keeps weight 1. For DP-SGD (Abadi et al., 2016) pass ``l2=0`` and add the data-independent
+    ``βW`` after clipping, so that ``c`` bounds what one sample contributes.
+    """
+    norms = grad_norms(net, params, trace, l2)
+    scale = jnp.minimum(1, max_norm / jnp.where(norms > 0, norms, 1))
+    return weighted_sum(net, params, trace, jnp.where(norms > 0, scale, 1), l2), norms
+
+
+class NoiseScale(NamedTuple):
+    """The gradient noise scale of one batch and its two parts (all scalars).
+
+    ``trace_cov``: unbiased ``tr(Σ) ≈ (1/(N−1)) Σ_x ‖g_x − ḡ‖²``; ``grad_sq``: unbiased
+    ``‖G‖² ≈ ‖ḡ‖² − tr(Σ)/N`` (it can come out negative for a very noisy batch);
+    ``b_simple = trace_cov / grad_sq``.
+    """
+
+    trace_cov: jax.Array
+    grad_sq: jax.Array
+    b_simple: jax.Array
+
+
+def noise_scale(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> NoiseScale:
+    """``B_simple = tr(Σ)/‖G‖²``: the batch size above which larger batches stop paying off.
+
+    ``Σ`` is the covariance of the per-example gradients and ``G`` the true gradient (McCandlish,
+    Kaplan, Amodei et al., "An empirical model of large-batch training", 2018, eq. 2.5 and app. A).
+    Both are estimated without bias from one batch of ``N ≥ 2``:
+    ``tr(Σ) = (Σ_x ‖g_x‖² − N‖ḡ‖²)/(N−1)`` with the data gradients (β cancels), and
+    ``‖G‖² = ‖ḡ_β‖² − tr(Σ)/N`` with ``ḡ_β`` the mean gradient including ``βW``. Over many batches,
+    average ``trace_cov`` and ``grad_sq`` separately and take the ratio of the averages, as the paper
+    recommends; the ratio of one batch is noisy.
+    """
+    n = trace.acts[0].shape[0]
+    if n < 2:
+        raise ValueError(f"the gradient noise scale needs a batch of at least 2 samples; got {n}.")
+    sum_sq = jnp.sum(grad_norms(net, params, trace) ** 2)
+    mean = _weighted(params, trace, jnp.full((n,), 1 / n, trace.acts[0].dtype), 0.0, jnp.matmul)
+    mean_sq = sum(jnp.sum(m * m) for m in jax.tree.leaves(mean))
+    trace_cov = (sum_sq - n * mean_sq) / (n - 1)
+    if l2_active(l2):
+        mean = [{**m, "W": m["W"] + l2 * layer["W"]} for m, layer in zip(mean, params)]
+    grad_sq = sum(jnp.sum(m * m) for m in jax.tree.leaves(mean)) - trace_cov / n
+    return NoiseScale(trace_cov, grad_sq, trace_cov / grad_sq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics recorded by training (fnn.fit(..., per_example=...)).
+
+STATISTICS = ("noise_scale", "norms")
+"""What :func:`fnn.fit` can record per epoch: the gradient noise scale, and the spread of the
+per-example gradient norms."""
+
+
+def check_statistics(net: MLP, names, grad_source: str) -> tuple[str, ...]:
+    """``names`` as a tuple after checking that the training run can compute them."""
+    if isinstance(names, str):
+        raise TypeError(f"per_example takes a sequence of names, e.g. ({names!r},); got the string {names!r}.")
+    names = tuple(names)
+    unknown = [n for n in names if n not in STATISTICS]
+    if unknown:
+        raise ValueError(f"unknown per-example statistics {unknown}; expected some of {list(STATISTICS)}.")
+    if names and grad_source != "manual":
+        raise ValueError(f"per-example statistics are read off the manual backprop's trace; got "
+                         f"grad_source={grad_source!r}. Use grad_source='manual'.")
+    if names and net.has_state:
+        raise ValueError("per-example statistics are not defined for batch normalization in train mode (every "
+                         "sample's output depends on the whole batch); train without per_example=... .")
+    return names
+
+
+def step_statistics(net: MLP, params: Params, trace: Trace, l2, names: tuple[str, ...], width: int) -> dict:
+    """One training step's statistics: ``trace_cov`` and ``grad_sq`` of :func:`noise_scale` (NaN for a
+    batch of one) and the per-example ``norms`` padded with NaN to ``width`` entries."""
+    out = {}
+    if "noise_scale" in names:
+        n = trace.acts[0].shape[0]
+        ns = noise_scale(net, params, trace, l2) if n > 1 else NoiseScale(*[jnp.full((), jnp.nan)] * 3)
+        out["trace_cov"], out["grad_sq"] = ns.trace_cov, ns.grad_sq
+    if "norms" in names:
+        norms = grad_norms(net, params, trace, l2)
+        out["norms"] = jnp.pad(norms, (0, width - norms.shape[0]), constant_values=jnp.nan)
+    return out
+
+
+def epoch_statistics(steps: dict) -> dict:
+    """The history entries from an epoch's :func:`step_statistics` (host arrays, one row per step).
+
+    ``noise_scale``: ``mean(trace_cov) / mean(grad_sq)`` over the epoch's steps (the ratio of the
+    averages, as McCandlish et al. recommend), with ``grad_trace_cov`` and ``grad_sq`` the two
+    averages; ``norm_p10``, ``norm_median``, ``norm_p90``, ``norm_max``: quantiles of the
+    per-example gradient norms of every sample the epoch used. NaN where no step of the epoch has
+    finite values (a failure at its first step, or every step skipped).
+    """
+    out = {}
+    if "trace_cov" in steps:
+        ok = np.isfinite(steps["trace_cov"]) & np.isfinite(steps["grad_sq"])
+        cov, sq = (np.mean(np.asarray(steps[k], np.float64)[ok]) if ok.any() else np.nan
+                   for k in ("trace_cov", "grad_sq"))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.update(noise_scale=float(cov / sq), grad_trace_cov=float(cov), grad_sq=float(sq))
+    if "norms" in steps:
+        norms = np.asarray(steps["norms"], np.float64).ravel()
+        norms = norms[np.isfinite(norms)]
+        for key, q in (("norm_p10", 10), ("norm_median", 50), ("norm_p90", 90), ("norm_max", 100)):
+            out[key] = float(np.percentile(norms, q)) if norms.size else float("nan")
+    return out
