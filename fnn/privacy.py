@@ -1,0 +1,255 @@
+"""Differentially private gradient descent (DP-SGD) from the δ's, and its Rényi-DP accountant.
+
+The mechanism (Abadi, Chu, Goodfellow et al., "Deep learning with differential privacy", CCS
+2016, Algorithm 1), one step:
+
+1. **Poisson sampling**: every one of the ``N`` training examples joins the lot independently with
+   probability ``q`` (the lot's size is random, ``q N`` on average);
+2. **clipping**: every example's gradient is clipped to norm ``c``, ``ḡ_x = g_x min(1, c/‖g_x‖)``,
+   the whole network's norm (the data term only: the L2 term is data-independent);
+3. **noise**: ``g̃ = (Σ_x ḡ_x + 𝒩(0, σ²c² I)) / (q N)``, divided by the *expected* lot size as the
+   analysis assumes, then ``+ βW`` for an L2 term.
+
+The clipped sum is read off the backprop's δ's (:func:`fnn.per_example.clipped_sum`), so the step
+never builds the ``N × P`` per-example gradients. Under ``jit`` shapes are static: the sampled
+examples are gathered in chunks of a fixed size and a ``lax.while_loop`` runs as many chunks as
+the lot needs, so the lot is exactly Poisson (no cap, no padding that changes the analysis; padded
+rows of the last chunk have weight 0).
+
+The accountant: the Rényi differential privacy (RDP) of the Poisson-subsampled Gaussian
+mechanism (Mironov, Talwar & Zhang, "Rényi differential privacy of the sampled Gaussian
+mechanism", 2019, §3.3). For an integer order ``α`` the expression is a finite sum::
+
+    ε_α = log A_α / (α − 1),   A_α = Σ_{k=0}^{α} C(α, k) (1 − q)^{α−k} q^k exp((k² − k) / (2σ²)),
+
+and for a fractional order ``α > 1`` the convergent series of the same section, with the
+generalized binomial coefficients and ``z₀ = σ² log(1/q − 1) + ½``::
+
+    A_α = Σ_{i≥0} C(α, i) [ q^i (1−q)^{α−i} e^{(i²−i)/(2σ²)} ½ erfc((i − z₀)/(√2 σ))
+                          + q^{α−i} (1−q)^i e^{((α−i)²−(α−i))/(2σ²)} ½ erfc((z₀ − α + i)/(√2 σ)) ],
+
+composed over ``T`` steps by addition (``T ε_α``) and converted to ``(ε, δ)``-DP by the conversion
+of Canonne, Kamath & Steinke ("The discrete Gaussian for differential privacy", 2020, Prop. 12;
+also Asoodeh et al. 2020)::
+
+    ε = min_α [ T ε_α + log((α − 1)/α) − (log δ + log α)/(α − 1) ],
+
+over the grid :data:`ORDERS` (fractional orders from 1.25 on, then integers up to 1024).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fnn import per_example
+from fnn.backprop import backprop_trace
+from fnn.losses import Loss, l2_active
+from fnn.mlp import MLP, Params
+
+ORDERS: tuple[float, ...] = (1.25, 1.5, 1.75, *(2 + i / 4 for i in range(33)), *range(11, 65),
+                             72, 80, 96, 112, 128, 160, 192, 224, 256, 384, 512, 768, 1024)
+"""The Rényi orders α over which ε is minimized: quarters from 1.25 to 10, then integers."""
+
+
+def _check_rate_and_noise(q: float, noise_multiplier: float) -> None:
+    if not 0 <= q <= 1:
+        raise ValueError(f"the sampling rate q must lie in [0, 1]; got {q!r}.")
+    if not noise_multiplier > 0:
+        raise ValueError(f"the noise multiplier σ must be > 0 (σ = 0 gives no privacy); got {noise_multiplier!r}.")
+
+
+def _log_erfc(x: float) -> float:
+    """``log erfc(x)``, also where ``erfc`` underflows (its asymptotic series for ``x ≥ 20``)."""
+    if x < 20:
+        return math.log(math.erfc(x))
+    u = 1 / (2 * x * x)
+    return -x * x - math.log(x) - 0.5 * math.log(math.pi) + math.log1p(-u + 3 * u * u - 15 * u**3)
+
+
+def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
+    """``log A_α`` for a fractional ``α > 1``: the series above, positive and negative terms summed apart
+    in log space, until both new terms fall below ``e⁻³⁰`` of the sum; ``inf`` if it does not converge."""
+    z0 = sigma * sigma * math.log(1 / q - 1) + 0.5
+    positive, negative = [], []
+    for i in range(10_000):
+        j = alpha - i
+        # C(α, i) = Γ(α+1) / (Γ(i+1) Γ(α−i+1)); its sign is that of Π_{m<i} (α − m)
+        log_coef = math.lgamma(alpha + 1) - math.lgamma(i + 1) - math.lgamma(j + 1)
+        sign = (-1) ** max(0, i - math.floor(alpha) - 1)
+        s0 = (log_coef + i * math.log(q) + j * math.log1p(-q) + (i * i - i) / (2 * sigma * sigma)
+              + math.log(0.5) + _log_erfc((i - z0) / (math.sqrt(2) * sigma)))
+        s1 = (log_coef + j * math.log(q) + i * math.log1p(-q) + (j * j - j) / (2 * sigma * sigma)
+              + math.log(0.5) + _log_erfc((z0 - j) / (math.sqrt(2) * sigma)))
+        (positive if sign > 0 else negative).extend((s0, s1))
+        if i > alpha + 1 and max(s0, s1) < np.logaddexp.reduce(positive) - 30:
+            break
+    else:
+        return math.inf
+    total = np.logaddexp.reduce(positive)
+    if negative:
+        total = total + math.log1p(-math.exp(np.logaddexp.reduce(negative) - total))
+    return float(total)
+
+
+def _log_a(q: float, sigma: float, alpha: float) -> float:
+    """``log A_α`` of the sampled Gaussian mechanism, summed in log space."""
+    if alpha != int(alpha):
+        return _log_a_fractional(q, sigma, alpha)
+    alpha = int(alpha)
+    k = np.arange(alpha + 1, dtype=np.float64)
+    log_binom = math.lgamma(alpha + 1) - np.array([math.lgamma(i + 1) + math.lgamma(alpha - i + 1)
+                                                   for i in range(alpha + 1)])
+    with np.errstate(divide="ignore"):
+        terms = log_binom + k * np.log(q) + (alpha - k) * np.log1p(-q) + (k * k - k) / (2 * sigma * sigma)
+    top = np.max(terms)
+    return float(top + np.log(np.sum(np.exp(terms - top))))
+
+
+def rdp(q: float, noise_multiplier: float, steps: int = 1, orders: Sequence[float] = ORDERS) -> np.ndarray:
+    """``T ε_α`` for every order: the RDP of ``steps`` Poisson-subsampled Gaussian steps, shape ``(len(orders),)``.
+
+    Args:
+      q: the sampling rate (each example joins a lot with probability ``q``).
+      noise_multiplier: ``σ``, the noise's standard deviation over the clip norm.
+      steps: ``T``, the number of steps composed.
+      orders: Rényi orders ``α > 1``.
+    """
+    _check_rate_and_noise(q, noise_multiplier)
+    if any(not a > 1 for a in orders):
+        raise ValueError(f"Rényi orders must be > 1; got {orders!r}.")
+    if q == 0:
+        return np.zeros(len(orders))
+    if q == 1:  # the plain Gaussian mechanism
+        return steps * np.array([a / (2 * noise_multiplier**2) for a in orders], np.float64)
+    return steps * np.array([_log_a(q, noise_multiplier, a) / (a - 1) for a in orders], np.float64)
+
+
+def epsilon(rdp_values: np.ndarray, delta: float, orders: Sequence[float] = ORDERS) -> tuple[float, float]:
+    """``(ε, α)``: the smallest ``ε`` of ``(ε, δ)``-DP that the RDP curve gives, and the order that gives it.
+
+    ``ε = min_α [ε_α + log((α−1)/α) − (log δ + log α)/(α−1)]``, clamped at 0 (Canonne, Kamath &
+    Steinke 2020, Prop. 12).
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"δ must lie in (0, 1); got {delta!r}.")
+    rdp_values = np.asarray(rdp_values, np.float64)
+    a = np.asarray(orders, np.float64)
+    if rdp_values.shape != a.shape:
+        raise ValueError(f"one RDP value per order: got {rdp_values.shape} values for {a.shape} orders.")
+    eps = rdp_values + np.log1p(-1 / a) - (math.log(delta) + np.log(a)) / (a - 1)
+    best = int(np.argmin(eps))
+    return max(0.0, float(eps[best])), orders[best]
+
+
+def privacy_spent(q: float, noise_multiplier: float, steps: int, delta: float,
+                  orders: Sequence[float] = ORDERS) -> float:
+    """``ε`` after ``steps`` DP-SGD steps with sampling rate ``q`` and noise multiplier ``σ``, at ``δ``."""
+    return epsilon(rdp(q, noise_multiplier, steps, orders), delta, orders)[0]
+
+
+def noise_multiplier_for(target_epsilon: float, q: float, steps: int, delta: float,
+                         orders: Sequence[float] = ORDERS, tolerance: float = 1e-3) -> float:
+    """The smallest ``σ`` (to a relative ``tolerance``) whose ``steps`` steps at rate ``q`` spend at most
+    ``target_epsilon`` at ``δ``: the inverse of :func:`privacy_spent`, by bisection (ε falls as σ grows)."""
+    if not target_epsilon > 0:
+        raise ValueError(f"the target ε must be > 0; got {target_epsilon!r}.")
+
+    def spent(sigma):
+        return privacy_spent(q, sigma, steps, delta, orders)
+
+    low, high = 1e-2, 1.0
+    while spent(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"no σ ≤ 1e6 reaches ε = {target_epsilon} with q = {q}, {steps} steps, δ = {delta}.")
+    if spent(low) <= target_epsilon:
+        return low
+    while (high - low) > tolerance * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if spent(mid) <= target_epsilon else (mid, high)
+    return high
+
+
+# ---------------------------------------------------------------------------------------------
+# The mechanism.
+
+
+class PrivateStats(NamedTuple):
+    """What one private step saw (scalars): the lot's size, the mean cost over the lot and the
+    fraction of its examples whose gradient was clipped. These are not privatized: they are for
+    the researcher's eyes and the ``(ε, δ)`` guarantee does not cover releasing them."""
+
+    lot_size: jax.Array
+    cost: jax.Array
+    clipped_fraction: jax.Array
+
+
+def poisson_lot(key: jax.Array, num_samples: int, q: float) -> tuple[jax.Array, jax.Array]:
+    """A Poisson-sampled lot: ``(indices (N,) int32, count)``.
+
+    Each of the ``N`` examples joins independently with probability ``q``; the ``count`` sampled
+    indices come first, in increasing order, and the rest of the array holds ``N`` (no example).
+    """
+    joined = jax.random.bernoulli(key, q, (num_samples,))
+    order = jnp.nonzero(joined, size=num_samples, fill_value=num_samples)[0].astype(jnp.int32)
+    return order, jnp.sum(joined, dtype=jnp.int32)
+
+
+def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, key: jax.Array, *,
+                     clip: float, noise_multiplier: float, q: float, chunk: int = 128,
+                     l2: float = 0.0) -> tuple[Params, PrivateStats]:
+    """One DP-SGD gradient from the training set ``(x (N, n_0), y)``: ``(g̃, stats)``.
+
+    ``g̃ = (Σ_{x ∈ lot} g_x min(1, c/‖g_x‖) + 𝒩(0, σ²c² I)) / (qN) + βW``, the lot drawn by
+    :func:`poisson_lot` from ``key`` and the noise from an independent split of it. The lot is
+    processed ``chunk`` examples at a time by a ``lax.while_loop`` that runs ``⌈|lot| / chunk⌉``
+    times; the clipped sum of each chunk is read off its δ's
+    (:func:`fnn.per_example.weighted_sum` with the clipping weights), so no ``N × P`` (or
+    ``chunk × P``) array is ever built. The result has ``params``' structure and dtype.
+    Batch norm in train mode is refused (one example's clip bound would not bound its influence).
+    """
+    if net.has_state:
+        raise ValueError("DP-SGD is not defined for batch normalization in train mode: an example's influence "
+                         "reaches every other example through the batch statistics, so clipping its gradient "
+                         "does not bound it. Use a network without batch norm.")
+    if not (clip > 0 and noise_multiplier >= 0 and 0 < q <= 1):
+        raise ValueError(f"need clip > 0, noise_multiplier ≥ 0 and 0 < q ≤ 1; got clip={clip!r}, "
+                         f"noise_multiplier={noise_multiplier!r}, q={q!r}.")
+    n = x.shape[0]
+    lot_key, noise_key = jax.random.split(key)
+    order, count = poisson_lot(lot_key, n, q)
+    order = jnp.concatenate([order, jnp.full((-n % chunk,), n, jnp.int32)])  # whole chunks
+    dtype = jnp.result_type(params[0]["W"])
+
+    def one_chunk(i, carry):
+        total, cost, clipped = carry
+        rows = jax.lax.dynamic_slice(order, (i * chunk,), (chunk,))
+        real = rows < n
+        rows = jnp.where(real, rows, 0)
+        _, _, _, trace = backprop_trace(net, params, x[rows], y[rows], loss)
+        norms = per_example.grad_norms(net, params, trace)
+        weights = jnp.where(real, jnp.minimum(1, clip / jnp.where(norms > 0, norms, 1)), 0).astype(dtype)
+        part = per_example.weighted_sum(net, params, trace, weights)
+        total = jax.tree.map(jnp.add, total, part)
+        clipped = clipped + jnp.sum(real & (norms > clip), dtype=jnp.int32)
+        return total, cost + jnp.sum(jnp.where(real, trace.costs, 0)), clipped
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    steps = (count + chunk - 1) // chunk
+    start = (zeros, jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
+    total, cost, clipped = jax.lax.fori_loop(0, steps, one_chunk, start)
+    leaves, treedef = jax.tree.flatten(total)
+    keys = jax.random.split(noise_key, len(leaves))
+    noisy = [(t + noise_multiplier * clip * jax.random.normal(k, t.shape, dtype)) / (q * n)
+             for t, k in zip(leaves, keys)]
+    grads = treedef.unflatten(noisy)
+    if l2_active(l2):
+        grads = [{**g, "W": g["W"] + l2 * layer["W"]} for g, layer in zip(grads, params)]
+    lot = jnp.maximum(count, 1)
+    return grads, PrivateStats(count, cost / lot, clipped / lot)
