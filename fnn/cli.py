@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import checkpoint, data, optim, schedules
+from fnn import checkpoint, data, optim, privacy, schedules
 from fnn.activations import ACTIVATIONS, OUTPUT_ONLY
 from fnn.diagnose import replay_step
 from fnn.gradcheck import format_report, gradient_report
@@ -92,6 +92,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--debug-nans", action="store_true",
                    help="if training stops on a non-finite value, replay that batch eagerly and print per-layer "
                         "statistics of z, a and δ")
+    dp = p.add_argument_group("differential privacy (DP-SGD; see README)")
+    dp.add_argument("--dp-clip", type=float, default=None,
+                    help="train privately: clip every example's gradient to this norm (needs --dp-lot-size and one "
+                         "of --dp-noise, --dp-epsilon)")
+    dp.add_argument("--dp-lot-size", type=int, default=None, help="expected Poisson lot size L (q = L/N)")
+    dp.add_argument("--dp-noise", type=float, default=None, help="noise multiplier σ")
+    dp.add_argument("--dp-epsilon", type=float, default=None, help="target ε for the whole run (σ is solved for)")
+    dp.add_argument("--dp-delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
     t.add_argument("--data-parallel", action="store_true",
                    help="shard every batch over all devices (the batch size must be divisible by their number)")
     return p
@@ -157,6 +165,19 @@ def main(argv=None) -> int:
           + " ".join(f"{r:.1e}" for r in rel) + f" (max {max(rel):.1e}); manual vs finite differences: "
           + f"max {max(r.manual_vs_fd for r in report):.1e}")
 
+    private, sigma = None, None
+    if args.dp_clip is not None:
+        if args.dp_lot_size is None:
+            raise SystemExit("fnn-train: --dp-clip needs --dp-lot-size (and --dp-noise or --dp-epsilon)")
+        private = privacy.Privacy(clip=args.dp_clip, lot_size=args.dp_lot_size, noise_multiplier=args.dp_noise,
+                                  target_epsilon=args.dp_epsilon, delta=args.dp_delta)
+        try:
+            sigma = privacy.plan(private, len(x_train), args.epochs).noise_multiplier
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"fnn-train: {e}") from None
+        print(f"DP-SGD: clip {args.dp_clip}, lot size {args.dp_lot_size} of {len(x_train)}, σ = {sigma:.4g}, "
+              f"δ = {args.dp_delta:g}; the training loss printed below is not private, and tuning on the private "
+              f"data is not accounted")
     opt_state, start_epoch = None, 0
     if args.resume:
         path = checkpoint.latest(args.checkpoint_dir)
@@ -169,10 +190,20 @@ def main(argv=None) -> int:
             except checkpoint.CheckpointError as e:
                 raise SystemExit(f"fnn-train: cannot --resume: {e} Resume with the flags of that run, or start "
                                  f"afresh in another --checkpoint-dir.") from None
+            stored = dict(ck.meta.get("privacy") or {})
+            resolved = stored.pop("resolved_noise_multiplier", None)
+            if stored != ({} if private is None else private._asdict()):
+                raise SystemExit(f"fnn-train: cannot --resume: the checkpoint was written with privacy settings "
+                                 f"{ck.meta.get('privacy')}, this run has {private}; ε would be accounted wrongly.")
+            if private is not None and resolved != sigma:  # keep the σ of the steps already taken
+                print(f"resuming with the run's σ = {resolved:.4g} (solved for its first --epochs); ε grows past a "
+                      f"target when training goes on longer")
+                private, sigma = private._replace(noise_multiplier=resolved, target_epsilon=None), resolved
             params, opt_state, key, start_epoch, bn_state = ck.params, ck.opt_state, ck.key, ck.epoch, ck.state
             print(f"resumed from {path} (epoch {start_epoch})")
 
-    meta = {"argv": sys.argv[1:] if argv is None else list(argv), "sizes": list(net.sizes)}
+    meta = {"argv": sys.argv[1:] if argv is None else list(argv), "sizes": list(net.sizes),
+            "privacy": None if private is None else {**private._asdict(), "resolved_noise_multiplier": sigma}}
 
     def save(state):
         if args.checkpoint_dir:
@@ -185,7 +216,8 @@ def main(argv=None) -> int:
     result = fit(net, params, opt, (x_train, y_train), loss=loss, epochs=max(0, args.epochs - start_epoch),
                  batch_size=args.batch_size, key=key, held_out=(x_test, y_test), l2=args.l2,
                  grad_source=args.grad_source, last_batch=args.last_batch, opt_state=opt_state, state=bn_state,
-                 start_epoch=start_epoch, on_epoch_end=save, quiet=args.quiet, data_parallel=args.data_parallel)
+                 start_epoch=start_epoch, on_epoch_end=save, quiet=args.quiet, data_parallel=args.data_parallel,
+                 privacy=private)
     wall = time.perf_counter() - start
     if result.history:
         last = result.history[-1]

@@ -23,6 +23,10 @@ XLA kernels in a step), so the check is split in two:
   site and batch are recorded in the scan carry, with no host callback in the loop. The manual
   backward pass makes every ``δ^l`` available to the check.
 
+With :func:`fnn.optim.skip_nonfinite` in the optimizer, non-finite costs and gradients are its
+business: a skipped step changes neither the params nor the batch-norm statistics, and only the
+updated values are checked.
+
 One case is seen only by the guarded epoch: a non-finite ``z^l`` that ``φ`` maps back to finite
 values (``tanh(±∞)``, ``sigmoid(±∞)``, ``relu(NaN) = 0``) with everything after it finite; the
 unguarded epoch lets such a step update the params. The other way round, a finite gradient whose

@@ -82,11 +82,14 @@ def _weighted_mean(values, weights) -> float:
 
 
 def format_epoch(record: dict, epochs: int) -> str:
-    """One progress line: epoch, train loss, held-out loss and accuracy, samples/s, elapsed."""
+    """One progress line: epoch, train loss, held-out loss and accuracy, ε spent (private runs), samples/s,
+    elapsed."""
     parts = [f"epoch {record['epoch']:>3}/{epochs}", f"train loss {record['train_loss']:.4f}"]
     if "held_out_loss" in record:
         parts.append(f"held-out loss {record['held_out_loss']:.4f}")
         if record["held_out_accuracy"] is not None:
             parts.append(f"acc {100 * record['held_out_accuracy']:.2f}%")
+    if "epsilon" in record:
+        parts.append(f"ε {record['epsilon']:.3g}")
     parts += [f"{record['samples_per_s']:,.0f} samples/s", f"{record['elapsed']:.1f}s"]
     return "  ".join(parts)

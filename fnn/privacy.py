@@ -253,3 +253,69 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
         grads = [{**g, "W": g["W"] + l2 * layer["W"]} for g, layer in zip(grads, params)]
     lot = jnp.maximum(count, 1)
     return grads, PrivateStats(count, cost / lot, clipped / lot)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: the settings fnn.fit takes, and what they resolve to.
+
+
+class Privacy(NamedTuple):
+    """DP-SGD settings for :func:`fnn.fit` (``fit(..., privacy=Privacy(...))``).
+
+    Attributes:
+      clip: ``c``, the per-example gradient norm bound.
+      lot_size: ``L``, the expected lot size; the sampling rate is ``q = L/N``, and an epoch is
+        ``round(N/L)`` steps (each a fresh Poisson lot, not a pass over a permutation).
+      noise_multiplier: ``σ``; or leave it ``None`` and give
+      target_epsilon: the ``ε`` the whole run (``start_epoch + epochs`` epochs) may spend; ``σ`` is
+        then the smallest that keeps to it (:func:`noise_multiplier_for`).
+      delta: ``δ`` of the ``(ε, δ)`` guarantee (below ``1/N``, as a rule).
+      chunk: examples per chunk of the lot (memory and speed, not privacy).
+    """
+
+    clip: float
+    lot_size: int
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    chunk: int = 128
+
+
+class PrivatePlan(NamedTuple):
+    """:class:`Privacy` resolved for one training set: what the compiled epoch needs (hashable)."""
+
+    q: float
+    noise_multiplier: float
+    clip: float
+    chunk: int
+    steps: int  # per epoch
+    delta: float
+    rdp_per_step: tuple[float, ...]
+
+    def epsilon(self, steps_done: int) -> float:
+        """``ε`` spent after ``steps_done`` steps."""
+        return epsilon(steps_done * np.asarray(self.rdp_per_step), self.delta)[0]
+
+
+def plan(settings: Privacy, num_samples: int, epochs: int) -> PrivatePlan:
+    """Check ``settings`` against a training set of ``num_samples`` and resolve ``σ`` for ``epochs`` epochs."""
+    if not isinstance(settings, Privacy):
+        raise TypeError(f"privacy must be an fnn.privacy.Privacy(...); got {type(settings).__name__}.")
+    if not settings.clip > 0:
+        raise ValueError(f"Privacy.clip must be > 0; got {settings.clip!r}.")
+    if not (isinstance(settings.lot_size, int) and 1 <= settings.lot_size <= num_samples):
+        raise ValueError(f"Privacy.lot_size must be an int in [1, {num_samples}]; got {settings.lot_size!r}.")
+    if (settings.noise_multiplier is None) == (settings.target_epsilon is None):
+        raise ValueError("give exactly one of Privacy.noise_multiplier and Privacy.target_epsilon; got "
+                         f"{settings.noise_multiplier!r} and {settings.target_epsilon!r}.")
+    if not (isinstance(settings.chunk, int) and settings.chunk >= 1):
+        raise ValueError(f"Privacy.chunk must be a positive int; got {settings.chunk!r}.")
+    q = settings.lot_size / num_samples
+    steps = max(1, round(num_samples / settings.lot_size))
+    sigma = settings.noise_multiplier
+    if sigma is None:
+        sigma = noise_multiplier_for(settings.target_epsilon, q, steps * max(epochs, 1), settings.delta)
+    _check_rate_and_noise(q, sigma)
+    epsilon(rdp(q, sigma), settings.delta)  # checks δ
+    return PrivatePlan(q, float(sigma), float(settings.clip), settings.chunk, steps, settings.delta,
+                       tuple(rdp(q, sigma).tolist()))

@@ -1,16 +1,11 @@
 """Mini-batch gradient descent: one compiled call per epoch, shuffled every epoch.
 
-An epoch, as the theory describes it:
-
-1. shuffle: a fresh permutation of the N training samples from an explicit PRNG key;
-2. split into ``⌊N/B⌋`` batches of ``B``; the remaining ``N mod B`` samples form one smaller last
-   batch (``last_batch="smaller"``, the default, so every sample is used once per epoch) or are
-   left out of this epoch (``last_batch="drop"``; a different subset each epoch, as the order changes);
-3. for each batch: forward → cost → backward (the manual :func:`fnn.backprop` or ``jax.grad``) →
-   optimizer update.
-
-The whole epoch is one jitted function: ``lax.scan`` over the full batches plus, if any, one step on
-the smaller batch. No Python runs per batch.
+An epoch, as the theory describes it: a fresh permutation of the ``N`` samples from an explicit
+PRNG key, cut into ``⌊N/B⌋`` batches of ``B`` and, for the ``N mod B`` left over, one smaller
+last batch (``last_batch="smaller"``, so every sample is used once per epoch) or none
+(``"drop"``); for each batch, :func:`fnn.train_step` (gradient, then the optimizer's update). The
+whole epoch is one jitted function, a ``lax.scan`` over the batches; no Python runs per batch.
+With DP-SGD (``fit(..., privacy=...)``) the steps take Poisson lots instead (:mod:`fnn.privacy`).
 
 A non-finite cost, gradient or updated value stops training; :func:`fit` keeps the params from
 just before the failing step and reports where it happened. The check runs once per epoch on the
@@ -27,13 +22,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fnn import checks, distributed
+from fnn import checks, distributed, optim
 from fnn.diagnose import all_finite, describe_failure, nan_sites, replay_step, site_flags  # noqa: F401
 from fnn.losses import Loss
 from fnn.metrics import epoch_record, evaluate, format_epoch, predictions_accuracy  # noqa: F401
 from fnn.mlp import MLP, Params, State
 from fnn.optim import global_norm, has_skip_nonfinite, scheduled_learning_rate, skipped_updates
 from fnn.per_example import check_statistics, step_statistics
+from fnn.privacy import Privacy, PrivatePlan, plan, private_gradient
 from fnn.step import GRAD_SOURCES, train_step
 
 LAST_BATCH = ("smaller", "drop")
@@ -95,6 +91,7 @@ def make_epoch(
     guard: bool = True,
     grad_norm: bool = True,
     per_example: tuple[str, ...] = (),
+    privacy: PrivatePlan | None = None,
 ) -> Callable:
     """The (un-jitted) epoch function
     ``(params, opt_state, state, key, x, y) -> (params, opt_state, state, key, stats)``.
@@ -105,25 +102,25 @@ def make_epoch(
     sharded over its ``"data"`` axis.
 
     ``guard=True`` checks every step and stops updating at the first non-finite value, recording
-    where (``stats.first_bad_step``, ``first_bad_site``, ``bad_batch``). ``guard=False`` applies
-    every update and checks only once, at the end: ``first_bad_step`` is then ``steps`` (one past
-    the last step) when a cost, a gradient norm (if recorded) or a final param, optimizer-state
-    or batch-norm entry is non-finite, else −1, and the site and batch are not known (−1); rerun
-    the epoch with ``guard=True`` from the same inputs to find them. With
-    :func:`fnn.optim.skip_nonfinite` in the optimizer, non-finite costs and gradients are its
-    business: a skipped step changes neither the params nor the batch-norm statistics, and only
-    the updated values are checked.
-
-    ``grad_norm=False`` leaves out the global gradient norm of every step (``stats.grad_norm`` is
-    then NaN): it saves one pass over the gradients per step, 3–5 % of a small model's step on a CPU.
-    ``per_example`` names statistics of :data:`fnn.per_example.STATISTICS` computed at every step from
-    the backprop's trace (``stats.per_example``); none by default, so the step is the plain one.
+    where (``stats.first_bad_step``, ``first_bad_site``, ``bad_batch``); ``guard=False`` checks once
+    at the end (``first_bad_step`` is then ``steps`` or −1; site and batch −1): see
+    :mod:`fnn.diagnose`. ``grad_norm=False`` leaves out the global gradient norm of every step
+    (``stats.grad_norm`` NaN). ``per_example`` names statistics of
+    :data:`fnn.per_example.STATISTICS` to compute at every step (``stats.per_example``). With a
+    ``privacy`` plan (:func:`fnn.privacy.plan`) the epoch is ``privacy.steps`` DP-SGD steps on
+    fresh Poisson lots (:func:`fnn.privacy.private_gradient`) instead of a pass over a permutation.
     """
     checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
     checks.lookup(dict.fromkeys(LAST_BATCH), "last_batch rule", last_batch)
     per_example = check_statistics(net, per_example, grad_source)
 
     def gradients_and_update(x, y, params, opt_state, state, idx):
+        if privacy is not None:  # idx is the step's key
+            grads, s = private_gradient(net, params, x, y, loss, idx, clip=privacy.clip, q=privacy.q,
+                                        noise_multiplier=privacy.noise_multiplier, chunk=privacy.chunk, l2=l2)
+            norm = global_norm(grads) if grad_norm else jnp.full((), jnp.nan, s.cost.dtype)
+            return (s.cost, grads, (norm, {"lot_size": s.lot_size}), None,
+                    *optim.step(opt, grads, opt_state, params), state)
         xb, yb = x[idx], y[idx]
         if mesh is not None:  # data parallel: the partitioner turns batch sums into all-reduces
             xb, yb = (jax.lax.with_sharding_constraint(t, distributed.batch_sharded(mesh)) for t in (xb, yb))
@@ -154,22 +151,26 @@ def make_epoch(
         first = (bad < 0) & ~finite
         bad = jnp.where(first, i, bad)
         site = jnp.where(first, jnp.argmin(flags).astype(jnp.int32), site)
-        padded = jnp.full(bad_batch.shape, -1, jnp.int32).at[: idx.shape[0]].set(idx.astype(jnp.int32))
-        bad_batch = jnp.where(first, padded, bad_batch)
+        if privacy is None:  # a private step's lot is not recorded
+            padded = jnp.full(bad_batch.shape, -1, jnp.int32).at[: idx.shape[0]].set(idx.astype(jnp.int32))
+            bad_batch = jnp.where(first, padded, bad_batch)
         ok = finite & (bad < 0)  # after a failure no further update is applied
         params, opt_state, state = _select(ok, (new_params, new_state, new_bn), (params, opt_state, state))
         return (params, opt_state, state, bad, site, bad_batch), (cost, *norm)
 
     def epoch(params, opt_state, state, key, x, y):
         key, shuffle_key = jax.random.split(key)  # shuffle at the start of every epoch
-        batches, rest = shuffled_batches(shuffle_key, num_samples, batch_size, last_batch)
+        if privacy is None:
+            batches, rest = shuffled_batches(shuffle_key, num_samples, batch_size, last_batch)
+        else:  # one key per step, for its Poisson lot and its noise
+            batches, rest = jax.random.split(shuffle_key, privacy.steps), jnp.zeros((0,), jnp.int32)
         full = batches.shape[0]
         minus = jnp.asarray(-1, jnp.int32)
         unknown = jnp.full((batch_size,), -1, jnp.int32)
         carry = (params, opt_state, state, minus, minus, unknown) if guard else (params, opt_state, state)
         body = functools.partial(step if guard else plain_step, x, y)
         carry, (costs, norms, extra) = jax.lax.scan(body, carry, (jnp.arange(full, dtype=jnp.int32), batches))
-        sizes = jnp.full((full,), batch_size, jnp.int32)
+        sizes = jnp.full((full,), batch_size, jnp.int32) if privacy is None else extra.pop("lot_size")
         if rest.shape[0]:
             carry, (c, g, e) = body(carry, (jnp.asarray(full, jnp.int32), rest))
             costs, norms = jnp.append(costs, c), jnp.append(norms, g)
@@ -210,6 +211,7 @@ def fit(
     data_parallel: bool = False,
     grad_norm: bool = True,
     per_example: tuple[str, ...] = (),
+    privacy: Privacy | None = None,
     quiet: bool = False,
     print_fn: Callable[[str], None] = print,
 ) -> FitResult:
@@ -238,6 +240,10 @@ def fit(
       per_example: statistics of the per-example gradients to record every epoch, some of
         :data:`fnn.per_example.STATISTICS` (``"noise_scale"``, ``"norms"``); see
         :func:`fnn.per_example.epoch_statistics` for the history keys. Needs the manual gradients.
+      privacy: DP-SGD settings (:class:`fnn.privacy.Privacy`); each epoch is then ``round(N/L)``
+        steps on Poisson lots of expected size ``L`` (``batch_size`` is not used), and the history
+        records ``epsilon``, the ``ε`` spent so far (steps before ``start_epoch`` included), and
+        ``noise_multiplier``.
       quiet: no progress lines.
 
     Returns:
@@ -272,8 +278,14 @@ def fit(
             f"1 sample, which has no batch variance; use last_batch='drop' or another batch size."
         )
 
+    private = None
+    if privacy is not None:
+        if grad_source != "manual" or mesh is not None or net.has_state or per_example:
+            raise ValueError("privacy needs grad_source='manual', one device, no batch norm and no per_example "
+                             "statistics (the private step reads the δ's itself).")
+        private = plan(privacy, n, start_epoch + epochs)
     epoch_kw = dict(num_samples=n, batch_size=batch_size, l2=l2, grad_source=grad_source, last_batch=last_batch,
-                    mesh=mesh, grad_norm=grad_norm, per_example=per_example)
+                    mesh=mesh, grad_norm=grad_norm, per_example=per_example, privacy=private)
     opt_state = opt.init(params) if opt_state is None else opt_state
     if state is None and net.has_state:
         state = net.init_state(x.dtype)
@@ -306,6 +318,9 @@ def fit(
             stats = distributed.to_host(stats)
         record = epoch_record(epoch, stats, seconds=time.perf_counter() - t0, samples=n, grad_norm=grad_norm)
         record["elapsed"] = time.perf_counter() - start
+        if private is not None:
+            record["epsilon"] = private.epsilon(epoch * private.steps)
+            record["noise_multiplier"] = private.noise_multiplier
         if lr_first is not None:  # the rates of the epoch's first and last updates, from the state's step count
             record["learning_rate"] = float(distributed.to_host(lr_first))
             record["learning_rate_last"] = float(distributed.to_host(scheduled_learning_rate(opt, opt_state, -1)))

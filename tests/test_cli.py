@@ -98,3 +98,19 @@ def test_debug_nans_replays_the_failing_batch(capsys):
 def test_data_parallel_flag_on_one_device(capsys):
     assert main(["--epochs", "1", "--hidden", "8", "--quiet", "--data-parallel", "--batch-size", "100",
                  "--last-batch", "drop"]) == 0
+
+
+def test_private_run_prints_epsilon_and_resume_keeps_its_noise(tmp_path, capsys):
+    ck = str(tmp_path / "ck")
+    flags = ["--hidden", "16", "--optimizer", "sgd", "--lr", "0.5", "--dp-clip", "1.0", "--dp-lot-size", "128",
+             "--checkpoint-dir", ck]
+    assert main(["--epochs", "1", "--dp-epsilon", "3", *flags]) == 0
+    first = capsys.readouterr().out
+    sigma = float(re.search(r"σ = ([0-9.]+)", first).group(1))
+    assert float(re.search(r"ε ([0-9.]+)", first).group(1)) == pytest.approx(3.0, rel=0.01)
+    with pytest.raises(SystemExit, match="privacy settings"):
+        main(["--epochs", "2", "--dp-noise", "2.0", "--resume", *flags])
+    assert main(["--epochs", "2", "--dp-epsilon", "3", "--resume", *flags]) == 0
+    out = capsys.readouterr().out
+    assert f"σ = {sigma:.4g}" in out.split("resuming with the run's")[1]
+    assert float(re.search(r"ε ([0-9.]+)", out.split("epoch   2/2")[1]).group(1)) > 3.0  # the same σ, twice the steps

@@ -195,3 +195,60 @@ def test_batch_norm_and_bad_settings_are_refused():
                                  noise_multiplier=1.0, q=0.1)
     with pytest.raises(ValueError, match="clip > 0"):
         privacy.private_gradient(net, params, x, y, loss, jax.random.PRNGKey(0), clip=0.0, noise_multiplier=1.0, q=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+
+def _fit_problem():
+    net = fnn.MLP((8, 16, 3), "tanh")
+    x = jax.random.normal(jax.random.PRNGKey(1), (400, 8), jnp.float32)
+    y = (x[:, 0] > 0).astype(jnp.int32) + (x[:, 1] > 0)
+    return net, net.init(jax.random.PRNGKey(0)), x, y
+
+
+KW = dict(loss=fnn.losses.softmax_cross_entropy, batch_size=50, quiet=True)
+
+
+def test_private_training_records_epsilon_and_resumes_bit_for_bit():
+    net, params, x, y = _fit_problem()
+    settings = privacy.Privacy(clip=1.0, lot_size=40, noise_multiplier=1.2, delta=1e-5)
+    opt = fnn.optim.momentum(0.2)
+    whole = fnn.fit(net, params, opt, (x, y), epochs=4, key=jax.random.PRNGKey(3), privacy=settings, **KW)
+    assert whole.stopped is None and whole.history[-1]["train_loss"] < whole.history[0]["train_loss"]
+    for record in whole.history:  # ε of epoch × round(N/L) = 10 steps at q = 0.1
+        assert record["epsilon"] == pytest.approx(privacy.privacy_spent(0.1, 1.2, 10 * record["epoch"], 1e-5))
+        assert record["noise_multiplier"] == 1.2
+    half = fnn.fit(net, params, opt, (x, y), epochs=2, key=jax.random.PRNGKey(3), privacy=settings, **KW)
+    rest = fnn.fit(net, half.params, opt, (x, y), epochs=2, key=half.key, opt_state=half.opt_state, start_epoch=2,
+                   privacy=settings, **KW)
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(rest.params)):
+        np.testing.assert_array_equal(a, b)
+    assert [r["epsilon"] for r in rest.history] == [r["epsilon"] for r in whole.history[2:]]
+
+
+def test_a_target_epsilon_sets_the_noise_for_the_whole_run():
+    net, params, x, y = _fit_problem()
+    settings = privacy.Privacy(clip=1.0, lot_size=40, target_epsilon=3.0, delta=1e-5)
+    r = fnn.fit(net, params, fnn.optim.sgd(0.2), (x, y), epochs=3, key=jax.random.PRNGKey(3), privacy=settings,
+                **KW)
+    assert 3.0 * 0.99 < r.history[-1]["epsilon"] <= 3.0
+    assert r.history[-1]["noise_multiplier"] == pytest.approx(privacy.noise_multiplier_for(3.0, 0.1, 30, 1e-5))
+
+
+def test_private_training_refuses_what_the_analysis_does_not_cover():
+    net, params, x, y = _fit_problem()
+    good = privacy.Privacy(clip=1.0, lot_size=40, noise_multiplier=1.0)
+    kw = dict(epochs=1, key=jax.random.PRNGKey(0), **KW)
+    bn = fnn.MLP((8, 16, 3), "tanh", batch_norm=True)
+    with pytest.raises(ValueError, match="no batch norm"):
+        fnn.fit(bn, bn.init(jax.random.PRNGKey(0)), fnn.optim.sgd(0.1), (x, y), privacy=good, **kw)
+    with pytest.raises(ValueError, match="grad_source='manual'"):
+        fnn.fit(net, params, fnn.optim.sgd(0.1), (x, y), privacy=good, grad_source="autodiff", **kw)
+    with pytest.raises(ValueError, match="exactly one of"):
+        fnn.fit(net, params, fnn.optim.sgd(0.1), (x, y), privacy=privacy.Privacy(clip=1.0, lot_size=40), **kw)
+    with pytest.raises(ValueError, match="lot_size"):
+        fnn.fit(net, params, fnn.optim.sgd(0.1), (x, y), privacy=good._replace(lot_size=401), **kw)
+    with pytest.raises(TypeError, match="Privacy"):
+        fnn.fit(net, params, fnn.optim.sgd(0.1), (x, y), privacy={"clip": 1.0}, **kw)
