@@ -79,7 +79,7 @@ MANUAL_STEP, AUTODIFF_STEP = "step, manual backprop", "step, jax.grad"
 FNN_MANUAL, FNN_AUTODIFF = "fnn.train epoch, manual", "fnn.train epoch, jax.grad"
 FNN_GUARDED = "fnn.train guarded epoch (replay), manual"
 NO_NORM = "fnn, grad_norm=False"
-SECTIONS = ("steps", "epochs", "gpu", "per_example")
+SECTIONS = ("steps", "epochs", "gpu", "per_example", "private")
 
 
 class Case(NamedTuple):
@@ -567,6 +567,80 @@ def bench_per_example(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# DP-SGD: the private epoch against the ordinary one, and the δ route against vmap(jax.grad).
+
+PRIVATE_CASE, PRIVATE_STEP_CASE = Case((784, 256, 256, 10), 256), Case((784, 1024, 1024, 10), 256)
+
+
+def _vmap_private_gradient(net, params, x, y, loss, key, *, clip, noise_multiplier, q, chunk):
+    """DP-SGD's gradient as it is written with ``vmap(jax.grad)``: the same Poisson lot, the same chunked
+    ``while_loop`` and noise as :func:`fnn.privacy.private_gradient`, but each chunk's per-example
+    gradients materialized (``chunk × P``), clipped and summed."""
+    n = x.shape[0]
+    lot_key, noise_key = jax.random.split(key)
+    order, count = fnn.privacy.poisson_lot(lot_key, n, q)
+    order = jnp.concatenate([order, jnp.full((-n % chunk,), n, jnp.int32)])
+
+    def one_chunk(i, total):
+        rows = lax.dynamic_slice(order, (i * chunk,), (chunk,))
+        real = rows < n
+        rows = jnp.where(real, rows, 0)
+        g = _per_sample_grads(net, loss, params, x[rows], y[rows])
+        w = jnp.where(real, jnp.minimum(1, clip / jnp.maximum(_vmap_norms(g), 1e-30)), 0)
+        return jax.tree.map(lambda t, s: t + jnp.tensordot(w, s, 1), total, g)
+
+    total = lax.fori_loop(0, (count + chunk - 1) // chunk, one_chunk, jax.tree.map(jnp.zeros_like, params))
+    leaves, treedef = jax.tree.flatten(total)
+    keys = jax.random.split(noise_key, len(leaves))
+    return treedef.unflatten([(t + noise_multiplier * clip * jax.random.normal(k, t.shape, t.dtype)) / (q * n)
+                              for t, k in zip(leaves, keys)])
+
+
+def bench_private(x: jax.Array, y: jax.Array, args, quick: bool) -> dict:
+    """Epoch throughput of the private epoch (lot size = the batch size, chunks of 64 and 128) against
+    the ordinary epoch of :func:`fnn.train.make_epoch`; and one DP-SGD gradient by the δ route
+    against the ``vmap(jax.grad)`` route on the large model."""
+    case = QUICK_CASES[0] if quick else PRIVATE_CASE
+    net, loss, opt, params = fnn_model(case)
+    n = x.shape[0]
+    contenders = {"ordinary epoch": fnn_epoch_contender(case, x, y)[0]}
+    for chunk in (64, 128):
+        plan = fnn.privacy.plan(fnn.privacy.Privacy(clip=1.0, lot_size=case.batch, noise_multiplier=1.0, chunk=chunk),
+                                n, 1)
+        epoch = make_epoch(net, loss, opt, num_samples=n, batch_size=case.batch, guard=False, privacy=plan)
+        state = [params, opt.init(params), None, jax.random.PRNGKey(1)]
+        run, _ = compiled(epoch, (), *state, x, y)
+        contenders[f"private epoch, chunk {chunk}"] = epoch_contender(run, state, x, y)
+    timings = alternate(contenders, args.repeats, args.warmup)
+    epochs = {"model": case.name, "batch": case.batch,
+              "samples_per_s": {k: rate_summary(t)["median"] for k, t in timings.items()},
+              "private_over_ordinary": {k: paired_ratio(t, timings["ordinary epoch"])
+                                        for k, t in timings.items() if k != "ordinary epoch"}}
+
+    case = QUICK_CASES[0] if quick else PRIVATE_STEP_CASE
+    net, loss, _, params = fnn_model(case)
+    kw = dict(clip=1.0, noise_multiplier=1.0, q=case.batch / n, chunk=128)
+    routes = {"δ route": lambda p, key: fnn.privacy.private_gradient(net, p, x, y, loss, key, **kw)[0],
+              "vmap(grad) route": lambda p, key: _vmap_private_gradient(net, p, x, y, loss, key, **kw)}
+    contenders, memory = {}, {}
+    for name, fn in routes.items():
+        run = jax.jit(fn).lower(params, jax.random.PRNGKey(0)).compile()
+        analysis = run.memory_analysis()
+        memory[name] = None if analysis is None else analysis.temp_size_in_bytes
+
+        def contender(run=run) -> float:
+            jax.block_until_ready(run(params, jax.random.PRNGKey(7)))
+            return 1.0
+
+        contenders[name] = contender
+    timings = alternate(contenders, args.repeats, args.warmup)
+    ms = {k: 1e3 / rate_summary(t)["median"] for k, t in timings.items()}
+    steps = {"model": case.name, "lot": case.batch, "ms": ms, "memory_bytes": memory,
+             "vmap_over_delta": paired_ratio(timings["δ route"], timings["vmap(grad) route"])}
+    return {"epochs": epochs, "steps": steps}
+
+
+# ---------------------------------------------------------------------------------------------
 # Epoch throughput.
 
 
@@ -643,7 +717,8 @@ def gpu_rows(args, device_platform: str, x_np: np.ndarray, y_np: np.ndarray,
 # Targets and tables.
 
 
-def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_example: list[dict] = ()) -> list[dict]:
+def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_example: list[dict] = (),
+            private: dict | None = None) -> list[dict]:
     """Each target with its measured value (a median of per-round ratios) and its verdict.
 
     ``met`` is ``None`` where nothing was measured; ``within_noise`` is true when the goal lies
@@ -675,6 +750,13 @@ def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_exa
             what = "vmap(grad) time / δ time" if key == "vmap_over_delta" else "time / plain gradient"
             rows.append((f"{name[:-3]}: {what}, {big['model']} B={big['batch']}", sense, goal,
                          big["ratios"][name][key]))
+    if private:
+        e, s = private["epochs"], private["steps"]
+        best = max(e["private_over_ordinary"].values(), key=lambda r: r["median"])
+        rows.append((f"private epoch / ordinary epoch (samples/s), {e['model']} B={e['batch']} (best chunk)", ">=",
+                     0.7, best))
+        rows.append((f"DP-SGD gradient: vmap(grad) time / δ time, {s['model']} lot {s['lot']}", ">=", 30,
+                     s["vmap_over_delta"]))
     out = []
     for name, sense, goal, ratio in rows:
         row = {"target": name, "goal": f"{sense} {goal}", "value": None, "range": None, "met": None,
@@ -748,6 +830,14 @@ def print_tables(results: dict) -> None:
         _print_gpu(results["gpu"])
     if results["per_example"]:
         _print_per_example(results["per_example"])
+    if results["private"]:
+        e, s = results["private"]["epochs"], results["private"]["steps"]
+        print(f"\nDP-SGD, {e['model']}, lot = batch = {e['batch']}: samples/s "
+              + ", ".join(f"{k} {v:,.0f}" for k, v in e["samples_per_s"].items()) + "; private / ordinary "
+              + ", ".join(f"{k} {_ratio(v)}" for k, v in e["private_over_ordinary"].items()))
+        print(f"DP-SGD gradient, {s['model']}, lot {s['lot']}: "
+              + ", ".join(f"{k} {v:.1f} ms ({(s['memory_bytes'][k] or 0) / 2**20:,.1f} MiB temporaries)"
+                          for k, v in s["ms"].items()) + f"; vmap / δ {_ratio(s['vmap_over_delta'])}")
     print("\nTargets")
     verdict = {True: "met", False: "missed", None: "not measured"}
     rows = [[t["target"], t["goal"], t["value"], None if t["range"] is None else "{:.3g}–{:.3g}".format(*t["range"]),
@@ -855,11 +945,12 @@ def main(argv=None) -> dict:
     epochs = [bench_epochs(case, x_np, y_np, args, torch, matmul_n) for case in cases] if "epochs" in sections else []
     gpu = gpu_rows(args, info["platform"], x_np, y_np) if "gpu" in sections else []
     per = [bench_per_example(case, x, y, args) for case in cases] if "per_example" in sections else []
+    private = bench_private(x, y, args, args.quick) if "private" in sections else None
     info["load_average_end"] = _load()
     results = {"machine": info, "samples": int(x.shape[0]), "repeats": args.repeats, "warmup": args.warmup,
                "torch_version": torch.__version__ if torch else None, "torch_skipped": args.torch_skipped,
-               "steps": steps, "epochs": epochs, "gpu": gpu, "per_example": per,
-               "targets": targets(steps, epochs, info["platform"], per)}
+               "steps": steps, "epochs": epochs, "gpu": gpu, "per_example": per, "private": private,
+               "targets": targets(steps, epochs, info["platform"], per, private)}
     print_tables(results)
     path = common.save_json(args, results)
     print(f"\n[bench] wrote {path} in {time.perf_counter() - args.started:.1f}s")

@@ -38,7 +38,8 @@ def test_bench_quick(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["quick"] is True and saved["seconds"] > 0
     assert set(returned) <= set(saved)
-    assert {"machine", "steps", "epochs", "gpu", "per_example", "targets", "samples", "repeats"} <= set(saved)
+    sections = {"machine", "steps", "epochs", "gpu", "per_example", "private", "targets", "samples", "repeats"}
+    assert sections <= set(saved)
     assert len(saved["per_example"]) == len(saved["steps"]) == 1
     for path, value in numbers(saved):
         assert math.isfinite(value), f"{path} = {value}"
@@ -86,8 +87,14 @@ def test_bench_quick(tmp_path):
             assert name.endswith(", δ") and positive(ratios["over_gradient"]["median"])
         assert all(v is None or v >= 0 for v in per["memory_bytes"].values())
 
-    # torch, reference (with and without the norm), matmul; one per step row; five per-example targets
-    assert len(saved["targets"]) == 4 + len(saved["steps"]) + 5 * bool(saved["per_example"])
+    private = saved["private"]
+    assert positive(private["epochs"]["samples_per_s"]["ordinary epoch"])
+    assert {"private epoch, chunk 64", "private epoch, chunk 128"} == set(private["epochs"]["private_over_ordinary"])
+    assert all(positive(v) for v in private["steps"]["ms"].values())
+    assert positive(private["steps"]["vmap_over_delta"]["median"])
+
+    # torch, reference (with and without the norm), matmul; one per step row; five per-example targets; two DP
+    assert len(saved["targets"]) == 4 + len(saved["steps"]) + 5 * bool(saved["per_example"]) + 2
     for target in saved["targets"]:
         assert target["met"] in (True, False, None)
         assert (target["met"] is None) == (target["value"] is None) == (target["range"] is None)

@@ -118,3 +118,14 @@ def test_gradient_noise(tmp_path, mnist_dir):
     # with ‖G‖² resolved (> 0), B_simple is the ratio of the two recorded means
     sq = np.asarray(r["grad_sq"])
     np.testing.assert_allclose(b[sq > 0], np.asarray(r["grad_trace_cov"])[sq > 0] / sq[sq > 0], rtol=1e-6)
+
+
+def test_private_mnist(tmp_path, mnist_dir):
+    r = run("private_mnist", tmp_path, "--data-dir", str(mnist_dir))
+    assert set(r["mean"]) == {"None", "0.5", "2.0", "8.0"}
+    # the accountant kept each run within its target, and more ε means less noise
+    for target in ("0.5", "2.0", "8.0"):
+        assert 0.95 * float(target) <= r["epsilon"][target] <= float(target)
+    sigmas = [r["noise_multiplier"][t] for t in ("0.5", "2.0", "8.0")]
+    assert sigmas[0] > sigmas[1] > sigmas[2] > 0
+    assert r["mean"]["None"] > 0.5  # the quick non-private run learns something

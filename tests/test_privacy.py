@@ -252,3 +252,20 @@ def test_private_training_refuses_what_the_analysis_does_not_cover():
         fnn.fit(net, params, fnn.optim.sgd(0.1), (x, y), privacy=good._replace(lot_size=401), **kw)
     with pytest.raises(TypeError, match="Privacy"):
         fnn.fit(net, params, fnn.optim.sgd(0.1), (x, y), privacy={"clip": 1.0}, **kw)
+
+
+@pytest.mark.parametrize("n, q", [(1000, 0.004), (20, 0.95), (40, 1.0)])
+def test_poisson_lots_have_binomial_sizes_and_uniform_membership(n, q):
+    """Over 20,000 lots: the size has mean qN and variance qN(1−q), every example joins with
+    frequency q (bounds at about 5 standard errors), members come first in increasing order. With
+    q = 0.95 and N = 20 both ways of drawing are taken (the slow one in 36 % of the lots)."""
+    order, count = jax.jit(jax.vmap(lambda k: privacy.poisson_lot(k, n, q)))(
+        jax.random.split(jax.random.PRNGKey(0), 20_000))
+    order, count = np.asarray(order), np.asarray(count)
+    assert count.mean() == pytest.approx(n * q, abs=5 * np.sqrt(n * q * (1 - q) / 20_000) + 1e-12)
+    assert count.var() == pytest.approx(n * q * (1 - q), rel=0.06, abs=1e-12)
+    joined = np.zeros(n + 1)
+    np.add.at(joined, order.ravel(), 1)
+    assert np.all(np.abs(joined[:n] / 20_000 - q) <= 5 * np.sqrt(q * (1 - q) / 20_000) + 1e-12)
+    for o, c in zip(order[:500], count[:500]):
+        assert np.all(np.diff(o[:c]) > 0) and np.all(o[c:] == n)
