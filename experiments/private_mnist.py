@@ -85,6 +85,7 @@ def main(argv=None) -> dict:
     ax1.axhline(100 * results["mean"]["None"], color="C2", ls=":", label="not private (same network, SGD)")
     ax1.set(xscale="log", xlabel="ε (δ = 1e-5)", ylabel="held-out accuracy (%)", xticks=eps,
             xticklabels=[f"{e:g}" for e in eps], title="accuracy against the privacy budget")
+    ax1.xaxis.set_minor_locator(plt.NullLocator())
     ax1.legend(fontsize=8)
     for i, t in enumerate(settings):
         curves = np.array(results["curves"][str(t)])

@@ -73,3 +73,10 @@ def test_per_example_quantities_run_without_autodiff(trap_autodiff):
 
     everything(params, x, y)
     jax.jit(lambda p, x, y: everything(p, x, y))(params, x, y)
+
+
+def test_the_private_gradient_runs_without_autodiff(trap_autodiff):
+    net, params, x, y = _problem()
+    step = jax.jit(lambda p, key: fnn.privacy.private_gradient(net, p, x, y, fnn.losses.categorical_cross_entropy,
+                                                               key, clip=1.0, noise_multiplier=1.0, q=0.5, chunk=3))
+    step(params, jax.random.PRNGKey(0))
