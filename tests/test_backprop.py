@@ -40,6 +40,12 @@ POOL_WIDTHS = st.sampled_from([1, 3, 8, 64])
 POOL_BATCH = st.sampled_from([1, 5, 64])
 
 
+def soft_class_targets(rng, n, k):
+    """Soft class targets ``(n, k)``: positive rows whose sums lie anywhere in [0.2, 3], as the class losses
+    accept them (``−Σ_k y_k log p_k`` for any ``y ≥ 0``), so a δ^L that assumes ``Σ_k y_k = 1`` shows."""
+    return rng.dirichlet(np.ones(k), n) * rng.uniform(0.2, 3.0, (n, 1))
+
+
 @st.composite
 def configurations(draw, widths=POOL_WIDTHS, batch=POOL_BATCH):
     depth = draw(st.integers(1, 6))
@@ -60,10 +66,20 @@ def configurations(draw, widths=POOL_WIDTHS, batch=POOL_BATCH):
     x = rng.normal(size=(n, sizes[0])).astype(dtype)
     loss = LOSSES[loss_name]
     k = sizes[-1]
+    # Targets of every form the loss accepts: class labels, one-hot rows or soft rows of any positive
+    # sum; binary 0/1 or soft in [0, 1]. (Soft class rows catch a fused δ^L without its Σ_k y_k factor,
+    # issue 21's first regression, which labels and one-hot rows cannot see.)
     if loss.targets == CLASSES:
-        y = rng.integers(0, k, n) if draw(st.booleans()) else np.eye(k, dtype=dtype)[rng.integers(0, k, n)]
+        kind = draw(st.sampled_from(["labels", "one-hot", "soft"]))
+        labels = rng.integers(0, k, n)
+        if kind == "labels":
+            y = labels
+        elif kind == "one-hot":
+            y = np.eye(k, dtype=dtype)[labels]
+        else:
+            y = soft_class_targets(rng, n, k).astype(dtype)
     elif loss_name.startswith("binary"):
-        y = rng.integers(0, 2, (n, k)).astype(dtype)
+        y = (rng.integers(0, 2, (n, k)) if draw(st.booleans()) else rng.uniform(0, 1, (n, k))).astype(dtype)
     else:
         y = rng.normal(size=(n, k)).astype(dtype)
     l2 = draw(st.sampled_from([0.0, float(rng.uniform(0.01, 1.0))]))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_backprop import soft_class_targets
 
 import fnn
 from fnn.losses import CLASSES, LOSSES
@@ -43,10 +44,17 @@ def batches(draw, loss):
         a = rng.uniform(0.01, 0.99, (n, k))  # inside (eps, 1 − eps): the clip is not active
     else:
         a = rng.normal(0, 3, (n, k))
+    # Every target form the loss accepts: class labels or soft rows of any positive sum (one-hot rows
+    # are labels, see test_integer_labels_equal_one_hot); binary 0/1 or soft in [0, 1].
     if loss.targets == CLASSES:
-        labels = rng.integers(0, k, n)
-        return a, labels, np.eye(k)[labels]
-    y = rng.integers(0, 2, (n, k)).astype(float) if loss.name.startswith("binary") else rng.normal(size=(n, k))
+        if draw(st.booleans()):
+            labels = rng.integers(0, k, n)
+            return a, labels, np.eye(k)[labels]
+        y = soft_class_targets(rng, n, k)
+    elif loss.name.startswith("binary"):
+        y = rng.integers(0, 2, (n, k)).astype(float) if draw(st.booleans()) else rng.uniform(0, 1, (n, k))
+    else:
+        y = rng.normal(size=(n, k))
     return a, y, y
 
 
@@ -97,11 +105,22 @@ def test_integer_labels_equal_one_hot(name):
 
 
 def test_soft_targets_in_softmax_cross_entropy():
-    """Soft targets (rows summing to 1 or not) keep the cross-entropy −Σ y log softmax(z)."""
-    z = jnp.array([[0.5, -1.0, 2.0]])
-    y = jnp.array([[0.2, 0.3, 0.9]])
-    expected = -np.sum(np.asarray(y) * np.log(np_softmax(np.asarray(z))))
-    np.testing.assert_allclose(fnn.losses.softmax_cross_entropy(z, y), expected, rtol=1e-12)
+    """Soft targets (rows summing to 1 or not) keep the cross-entropy −Σ y log softmax(z), and its
+    derivative ∂C_x/∂z = (Σ_k y_k) softmax(z) − y. Catches a fused δ^L that drops the factor Σ_k y_k
+    (issue 21, first regression: off by a relative 0.4 for these rows), also through the backprop."""
+    z = jnp.array([[0.5, -1.0, 2.0], [0.0, 3.0, -2.0]])
+    y = jnp.array([[0.2, 0.3, 0.9], [0.1, 0.2, 0.3]])  # row sums 1.4 and 0.6
+    p, t = np_softmax(np.asarray(z)), np.asarray(y)
+    expected = -np.sum(t * np.log(p), axis=1)
+    np.testing.assert_allclose(fnn.losses.softmax_cross_entropy(z, y), expected.mean(), rtol=1e-12)
+    delta = t.sum(axis=1, keepdims=True) * p - t
+    for loss in (fnn.losses.softmax_cross_entropy, fnn.losses.categorical_cross_entropy):
+        np.testing.assert_allclose(loss.fused_delta(z, y), delta, rtol=1e-12)
+    np.testing.assert_allclose(fnn.losses.softmax_cross_entropy.grad(z, y), delta, rtol=1e-12)
+    # one identity layer with z = x: ∂C/∂b = (1/N) Σ_x δ^L_x
+    net, eye = fnn.MLP((3, 3), output="identity"), [{"W": jnp.eye(3, dtype=z.dtype), "b": jnp.zeros(3, z.dtype)}]
+    _, grads = fnn.backprop(net, eye, z, y, fnn.losses.softmax_cross_entropy)
+    np.testing.assert_allclose(grads[0]["b"], delta.mean(axis=0), rtol=1e-12, atol=1e-15)
 
 
 def test_logits_of_plus_minus_1e4():

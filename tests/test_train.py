@@ -10,6 +10,8 @@ from fnn import checkpoint, optim
 from fnn.backprop import backprop_trace
 from fnn.train import fit, make_epoch, shuffled_batches
 
+from helpers import np_softmax
+
 SCE = fnn.losses.softmax_cross_entropy
 
 
@@ -35,6 +37,68 @@ def test_every_sample_once_per_epoch_and_orders_differ(n, b):
         assert not np.array_equal(seen, np.concatenate([np.asarray(a).ravel() for a in shuffled_batches(k2, n, b)]))
     full_d, rest_d = shuffled_batches(k1, n, b, "drop")
     assert rest_d.shape == (0,) and len(np.unique(np.asarray(full_d))) == (n // b) * b
+
+
+def _recording_shuffles(monkeypatch) -> list:
+    """Make fnn.train's epochs report, each time they run, the sample order they drew (full batches, then the rest)."""
+    import fnn.train as train
+
+    orders, real = [], train.shuffled_batches
+
+    def recording(*args, **kwargs):
+        full, rest = real(*args, **kwargs)
+        jax.debug.callback(lambda f, r: orders.append(np.concatenate([np.ravel(f), r])), full, rest)
+        return full, rest
+
+    monkeypatch.setattr(train, "shuffled_batches", recording)
+    return orders
+
+
+def test_fit_draws_a_new_order_every_epoch_and_returns_the_advanced_key(monkeypatch):
+    """Two epochs through fit: each uses every sample once, the second in another order, and each hands
+    on a new key. Catches an epoch that stops advancing its PRNG key (issue 21, second regression: the
+    same permutation every epoch, which the shuffle's own test above cannot see) and a fit that drops
+    the key its epoch returns."""
+    x, y = _toy(23)
+    orders = _recording_shuffles(monkeypatch)
+    key = jax.random.PRNGKey(1)
+    keys = []
+    result = fit(NET, NET.init(jax.random.PRNGKey(0)), optim.sgd(learning_rate=0.1), (x, y), loss=SCE, epochs=2,
+                 batch_size=10, key=key, quiet=True, on_epoch_end=lambda r: keys.append(np.asarray(r.key)))
+    assert len(orders) == 2 and len(keys) == 2
+    for order in orders:
+        np.testing.assert_array_equal(np.sort(order), np.arange(23))
+    assert not np.array_equal(orders[0], orders[1])
+    np.testing.assert_array_equal(result.key, keys[1])
+    assert not np.array_equal(keys[0], key) and not np.array_equal(keys[1], keys[0])
+
+
+def _np_costs(params, x, y):
+    """``C_x`` of every sample for NET (tanh hidden layer, identity output) and softmax cross-entropy, in NumPy."""
+    (W1, b1), (W2, b2) = ((np.asarray(p["W"], np.float64), np.asarray(p["b"], np.float64)) for p in params)
+    z = np.tanh(np.asarray(x, np.float64) @ W1.T + b1) @ W2.T + b2
+    return -np.log(np_softmax(z)[np.arange(len(z)), np.asarray(y)])
+
+
+def test_epoch_loss_is_the_batch_size_weighted_mean_of_the_batch_costs(monkeypatch):
+    """N = 23 in batches of 10: batches of 10, 10 and 3 samples. ``train_loss`` is Σ_b n_b C_b / N, the mean
+    cost over the epoch's samples, not the mean of the three batch costs. With a learning rate of 0 the
+    params stay put, so it is the mean of C_x at the initial params. Catches a train_loss that weights
+    every batch alike (issue 21, third regression: moves it by about 1 %)."""
+    x, y = _toy(23)
+    x = x.astype(jnp.float64)
+    params = NET.init(jax.random.PRNGKey(0), jnp.float64)
+    orders = _recording_shuffles(monkeypatch)
+    result = fit(NET, params, optim.sgd(learning_rate=0.0), (x, y), loss=SCE, epochs=1, batch_size=10,
+                 key=jax.random.PRNGKey(1), quiet=True)
+    costs = _np_costs(params, x, y)
+    batches = np.split(orders[0], [10, 20])
+    batch_costs = [costs[b].mean() for b in batches]
+    weighted = sum(len(b) * c for b, c in zip(batches, batch_costs)) / 23
+    unweighted = np.mean(batch_costs)
+    assert abs(unweighted - weighted) > 3e-3 * weighted  # the two differ here, so the check below can tell
+    assert result.history[0]["train_loss"] == pytest.approx(weighted, rel=1e-12)
+    assert weighted == pytest.approx(costs.mean(), rel=1e-14)
 
 
 def test_last_smaller_batch_is_a_real_step():

@@ -1,0 +1,573 @@
+"""Mutation testing of fnn's core: would the test suite notice a one-line bug?
+
+Each entry of :data:`MUTANTS` is a deliberate one-line bug in ``fnn/``: an exact piece of a source
+file and what to put in its place. For each mutant, on its own, the script copies ``fnn/``,
+``tests/`` and ``pyproject.toml`` into a fresh temporary directory, makes the edit there (the
+checkout is never touched), and runs the tests that should catch it with
+``python -m pytest -x -q``. A mutant is **caught** when those tests fail (or time out), and
+**survives** when they pass. The score is the fraction caught.
+
+A survivor is either a missing test (add one, and say in its comment which mutant it catches) or a
+mutant that does not change behaviour (then it does not belong in the list). The list covers the
+δ-recursion (BP1–BP4 and the φ' they call), every loss's derivative, every optimizer's update, the
+shuffle and the epoch, the checkpoint round trip, batch norm's backward and the per-example
+quantities and DP-SGD (its accountant and its step); a new quantity (curvature) adds its mutants here
+as it lands.
+
+How it runs:
+
+- The original text of every mutant must occur exactly once in its file, checked before anything
+  runs, so that the list cannot rot silently when the code changes: the script stops and names
+  the mutant to update.
+- Before the mutants, the unmutated copy runs every selected test once (the baseline): a test
+  that fails without a bug would count every mutant as caught. ``--no-baseline`` skips it.
+- The copy is what the tests import: ``PYTHONPATH`` and the working directory point at it, and a
+  small pytest plugin written into the copy stops the run (exit status 4, reported as an error)
+  if ``fnn`` comes from anywhere else, e.g. the editable install of the checkout.
+- Hypothesis runs the repository's ``default`` profile (the same derandomized examples as CI),
+  with one change made by that plugin: failing examples are not shrunk, since only pass or fail
+  matters here and shrinking a failing property test can take minutes.
+- Each mutant's tests are a few pytest node ids (fast, deterministic tests first, a property
+  test last where one is needed), so that a caught mutant takes seconds.
+
+Usage, from the repository root (run by hand, like ``experiments/bench.py``, never in CI's hot path)::
+
+    python experiments/mutation.py                  # every mutant: 15-25 minutes on 2 cores
+    python experiments/mutation.py --list           # the mutants, checked against the sources
+    python experiments/mutation.py --only sce-fused-without-target-sum --only epoch-key-not-advanced
+    python experiments/mutation.py --jobs 4         # mutants in parallel, on a larger machine
+
+Options: ``--timeout S`` per pytest run (default 900; a run that times out counts as caught),
+``--no-baseline``, ``--fail-under PCT`` (exit status 1 when the score is lower). Prints one line
+per mutant as it finishes, then a table, the survivors with what they mean, and the score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("fnn", "tests", "pyproject.toml")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One deliberate bug: in ``file``, the text ``original`` (exactly once) becomes ``mutated``."""
+
+    name: str
+    area: str
+    file: str  # relative to the repository root
+    original: str
+    mutated: str
+    tests: tuple[str, ...]  # pytest node ids, relative to the repository root, in the order to run
+    bug: str  # what the mutant does, in words
+
+
+def _ids(*node_ids: str) -> tuple[str, ...]:
+    return tuple(f"tests/{n}" for n in node_ids)
+
+
+# Test selections used by several mutants.
+# The property test under jit: 40 examples of any width, where the eager one (470 examples) takes minutes.
+BACKPROP_PROPERTY = "test_backprop.py::test_backprop_equals_autodiff_any_width_under_jit"
+BY_HAND = _ids("test_backprop.py::test_closed_form_2_2_1", "test_backprop.py::test_batch_gradient_is_the_mean_of_"
+               "per_sample_gradients", "test_backprop.py::test_l2_adds_beta_w_to_weights_only")
+TRAJECTORY = "test_optim.py::test_trajectory_matches_numpy_reference"
+PER_EXAMPLE = _ids("test_per_example.py::test_a_linear_layer_by_hand",
+                   "test_per_example.py::test_batch_norm_in_eval_mode_and_refused_in_train_mode",
+                   "test_per_example.py::test_every_quantity_equals_vmap_of_jax_grad")
+BATCH_NORM = _ids("test_batchnorm.py::test_batch_of_two",
+                  "test_batchnorm.py::test_dropping_the_mean_and_variance_paths_is_caught",
+                  "test_batchnorm.py::test_eval_mode_backward_equals_autodiff")
+
+DELTA, LOSS, OPTIM, EPOCH, CHECKPOINT, BN, PER_EX, PRIVACY = (
+    "δ-recursion", "losses", "optimizers", "shuffle and epoch", "checkpoint", "batch norm", "per-example", "privacy")
+
+MUTANTS: tuple[Mutant, ...] = (
+    # -- the δ-recursion: fnn/backprop.py and the φ' it calls -----------------------------------
+    Mutant("bp1-without-output-derivative", DELTA, "fnn/backprop.py",
+           "delta = phi[-1].backward(zs[-1], acts[-1], loss.grad(acts[-1], target))  # BP1",
+           "delta = loss.grad(acts[-1], target)  # BP1",
+           _ids(BACKPROP_PROPERTY), "BP1 forgets φ'(z^L) for a non-canonical output"),
+    Mutant("bp1-fused-for-any-output", DELTA, "fnn/backprop.py",
+           "if loss.canonical_output == net.output:", "if loss.canonical_output is not None:",
+           _ids(BACKPROP_PROPERTY), "the fused δ^L = φ(z) − y also for an output that is not the canonical one"),
+    Mutant("bp1-invalid-labels-kept", DELTA, "fnn/backprop.py",
+           "delta = mark_invalid(delta, valid)", "delta = delta",
+           _ids("test_backprop.py::test_labels_out_of_range_under_jit_poison_loss_and_gradients"),
+           "a traced out-of-range label silently drops out of the gradient"),
+    Mutant("bp2-without-hidden-derivative", DELTA, "fnn/backprop.py",
+           'delta = phi[l - 1].backward(zs[l - 1], acts[l], net.matmul(delta, params[l]["W"]))',
+           'delta = net.matmul(delta, params[l]["W"])',
+           BY_HAND, "BP2 forgets ⊙ φ'(z^l)"),
+    Mutant("bp2-next-layer-activation", DELTA, "fnn/backprop.py",
+           "delta = phi[l - 1].backward(", "delta = phi[l].backward(",
+           BY_HAND, "BP2 uses the φ' of the layer above"),
+    Mutant("bp3-sum-not-mean", DELTA, "fnn/backprop.py",
+           'grads[l] = {"b": jnp.sum(delta, axis=0) / n}', 'grads[l] = {"b": jnp.sum(delta, axis=0)}',
+           BY_HAND, "BP3 without the batch mean 1/N"),
+    Mutant("bp4-sum-not-mean", DELTA, "fnn/backprop.py",
+           'net.matmul(delta.T, acts[l]) / n', 'net.matmul(delta.T, acts[l])',
+           BY_HAND, "BP4 without the batch mean 1/N"),
+    Mutant("bp4-l2-twice", DELTA, "fnn/backprop.py",
+           'grads[l]["W"] + l2 * params[l]["W"]', 'grads[l]["W"] + 2 * l2 * params[l]["W"]',
+           BY_HAND, "∂/∂W of ½β‖W‖² taken as 2βW"),
+    Mutant("cost-without-l2", DELTA, "fnn/backprop.py",
+           "cost = jnp.mean(costs) + l2_penalty(params, l2)", "cost = jnp.mean(costs)",
+           BY_HAND, "the cost leaves out ½β Σ‖W‖²"),
+    Mutant("relu-derivative-at-zero", DELTA, "fnn/activations.py",
+           "return (z > 0).astype(z.dtype)", "return (z >= 0).astype(z.dtype)",
+           _ids("test_backprop.py::test_pre_activations_of_exactly_zero"),
+           "relu'(0) = 1 instead of jax's sub-gradient 0"),
+    Mutant("tanh-derivative", DELTA, "fnn/activations.py",
+           "return 1 - t * t", "return 1 - t",
+           _ids("test_activations.py::test_dphi_equals_autodiff"), "tanh' = 1 − tanh instead of 1 − tanh²"),
+    Mutant("softmax-jacobian-diagonal", DELTA, "fnn/activations.py",
+           "return a * (g - jnp.sum(g * a, axis=-1, keepdims=True))", "return a * (1 - a) * g",
+           _ids("test_activations.py::test_backward_is_the_vector_jacobian_product"),
+           "the softmax Jacobian taken as diagonal, a ⊙ (1 − a)"),
+    # -- every loss's derivative (and the values they pair with): fnn/losses.py -------------------
+    Mutant("mse-derivative-without-2", LOSS, "fnn/losses.py",
+           "_over_k(lambda a, y: 2 * (a - y)),", "_over_k(lambda a, y: a - y),",
+           _ids("test_losses.py::test_grad_is_the_derivative_of_the_per_sample_cost[mse]"),
+           "∂/∂a of (1/K)Σ(a − y)² without the 2"),
+    Mutant("half-mse-derivative-sign", LOSS, "fnn/losses.py",
+           "    lambda a, y: a - y,", "    lambda a, y: y - a,",
+           _ids("test_losses.py::test_grad_is_the_derivative_of_the_per_sample_cost[half_mse]"),
+           "∂/∂a of ½‖a − y‖² with the wrong sign"),
+    Mutant("mae-derivative-not-averaged", LOSS, "fnn/losses.py",
+           "_over_k(lambda a, y: jnp.sign(a - y)),", "lambda a, y: jnp.sign(a - y),",
+           _ids("test_losses.py::test_grad_is_the_derivative_of_the_per_sample_cost[mae]"),
+           "MAE's derivative not divided by K"),
+    Mutant("bce-derivative", LOSS, "fnn/losses.py",
+           "return (p - y) / (p * (1 - p))", "return (p - y) / p",
+           _ids("test_losses.py::test_grad_is_the_derivative_of_the_per_sample_cost[binary_cross_entropy]"),
+           "∂/∂p of the binary cross-entropy as (p − y)/p"),
+    Mutant("bce-fused-not-averaged", LOSS, "fnn/losses.py",
+           'canonical_output="sigmoid",\n    fused_delta=_over_k(lambda z, y: lax.logistic(z) - y),',
+           'canonical_output="sigmoid",\n    fused_delta=lambda z, y: lax.logistic(z) - y,',
+           _ids("test_losses.py::test_fused_delta_is_the_derivative_through_the_canonical_output"
+                "[binary_cross_entropy]"),
+           "the fused δ^L of sigmoid + binary cross-entropy not divided by K"),
+    Mutant("bce-logits-derivative-sign", LOSS, "fnn/losses.py",
+           "    _over_k(lambda z, y: lax.logistic(z) - y),", "    _over_k(lambda z, y: y - lax.logistic(z)),",
+           _ids("test_losses.py::test_grad_is_the_derivative_of_the_per_sample_cost"
+                "[binary_cross_entropy_with_logits]"),
+           "∂/∂z of the cross-entropy on logits with the wrong sign"),
+    Mutant("bce-logits-fused-not-averaged", LOSS, "fnn/losses.py",
+           'canonical_output="identity",\n    fused_delta=_over_k(lambda z, y: lax.logistic(z) - y),',
+           'canonical_output="identity",\n    fused_delta=lambda z, y: lax.logistic(z) - y,',
+           _ids("test_losses.py::test_fused_delta_is_the_derivative_through_the_canonical_output"
+                "[binary_cross_entropy_with_logits]"),
+           "the fused δ^L of the cross-entropy on logits not divided by K"),
+    Mutant("cce-derivative-unclipped", LOSS, "fnn/losses.py",
+           "lambda p, y: -y / _clip(p),", "lambda p, y: -y / p,",
+           _ids("test_backprop.py::test_probabilities_of_exactly_zero_and_one"),
+           "−y/p without the clip: infinite at a probability of exactly 0"),
+    Mutant("sce-fused-without-target-sum", LOSS, "fnn/losses.py",
+           "return jnp.sum(y, axis=-1, keepdims=True) * softmax(z) - y", "return softmax(z) - y",
+           _ids("test_losses.py::test_soft_targets_in_softmax_cross_entropy",
+                "test_losses.py::test_fused_delta_is_the_derivative_through_the_canonical_output", BACKPROP_PROPERTY),
+           "δ^L = softmax(z) − y, wrong for soft targets whose rows do not sum to 1 (issue 21, 1)"),
+    Mutant("sce-value-without-target-sum", LOSS, "fnn/losses.py",
+           "lambda z, y: jnp.sum(y, axis=-1) * _logsumexp(z) - jnp.sum(y * z, axis=-1),",
+           "lambda z, y: _logsumexp(z) - jnp.sum(y * z, axis=-1),",
+           _ids("test_losses.py::test_soft_targets_in_softmax_cross_entropy",
+                "test_losses.py::test_value_matches_textbook_formula[softmax_cross_entropy]"),
+           "the cost logsumexp(z) − y·z, wrong for soft targets"),
+    Mutant("logsumexp-unshifted", LOSS, "fnn/losses.py",
+           "return m[:, 0] + jnp.log(jnp.sum(jnp.exp(z - m), axis=-1))",
+           "return jnp.log(jnp.sum(jnp.exp(z), axis=-1))",
+           _ids("test_losses.py::test_logits_of_plus_minus_1e4"), "log-sum-exp without the max shift: overflow"),
+    Mutant("probabilities-unclipped", LOSS, "fnn/losses.py",
+           "return jnp.clip(p, eps, 1 - eps)", "return p",
+           _ids("test_backprop.py::test_probabilities_of_exactly_zero_and_one"),
+           "log(0) at probabilities of exactly 0 and 1"),
+    Mutant("l2-penalty-without-half", LOSS, "fnn/losses.py",
+           "return 0.5 * beta * sum(", "return beta * sum(",
+           _ids("test_losses.py::test_l2_penalty_counts_weights_only"), "the L2 term β Σ‖W‖² instead of ½β Σ‖W‖²"),
+    # -- every optimizer's update: fnn/optim.py -------------------------------------------------
+    Mutant("sgd-ascent", OPTIM, "fnn/optim.py",
+           "return -rate.astype(g.dtype) * g", "return rate.astype(g.dtype) * g",
+           _ids(f"{TRAJECTORY}[sgd]"), "θ ← θ + αg"),
+    Mutant("schedule-step-frozen", OPTIM, "fnn/optim.py",
+           "ScaleByLearningRateState(_increment(state.count))", "ScaleByLearningRateState(state.count)",
+           _ids(f"{TRAJECTORY}[sgd_inverse_sqrt]"), "the schedule's step counter never advances"),
+    Mutant("momentum-as-average", OPTIM, "fnn/optim.py",
+           "v = (rho * v.astype(wide) + g.astype(wide)).astype(v.dtype)",
+           "v = (rho * v.astype(wide) + (1 - rho) * g.astype(wide)).astype(v.dtype)",
+           _ids(f"{TRAJECTORY}[momentum]"), "momentum v ← ρv + (1 − ρ)g instead of ρv + g"),
+    Mutant("nesterov-without-rho", OPTIM, "fnn/optim.py",
+           "(g.astype(wide) + rho * v.astype(wide))", "(g.astype(wide) + v.astype(wide))",
+           _ids(f"{TRAJECTORY}[nesterov]"), "Nesterov's look-ahead g + v instead of g + ρv"),
+    Mutant("adagrad-without-root", OPTIM, "fnn/optim.py",
+           "return g / (delta + jnp.sqrt(r)), r", "return g / (delta + r), r",
+           _ids(f"{TRAJECTORY}[adagrad]"), "AdaGrad divides by r, not √r"),
+    Mutant("rmsprop-decay-swapped", OPTIM, "fnn/optim.py",
+           "            r = _ema(r, g * g, rho)", "            r = _ema(r, g * g, 1 - rho)",
+           _ids(f"{TRAJECTORY}[rmsprop]"), "RMSProp's running mean with ρ and 1 − ρ swapped"),
+    Mutant("rmsprop-centered-uncentered", OPTIM, "fnn/optim.py",
+           "jnp.sqrt(jnp.maximum(r - m * m, 0))", "jnp.sqrt(jnp.maximum(r, 0))",
+           _ids(f"{TRAJECTORY}[rmsprop_centered]"), "centered RMSProp forgets to subtract m²"),
+    Mutant("adam-first-moment-uncorrected", OPTIM, "fnn/optim.py",
+           "m.astype(wide) / (1 - b1**t)", "m.astype(wide)",
+           _ids(f"{TRAJECTORY}[adam]"), "Adam without the bias correction of m"),
+    Mutant("adam-second-moment-correction-frozen", OPTIM, "fnn/optim.py",
+           "v.astype(wide) / (1 - b2**t)", "v.astype(wide) / (1 - b2)",
+           _ids(f"{TRAJECTORY}[adam]"), "Adam's v̂ = v/(1 − β₂) at every step"),
+    Mutant("adamw-decay-sign", OPTIM, "fnn/optim.py",
+           "(g + lam * p).astype(g.dtype) if decayed else g", "(g - lam * p).astype(g.dtype) if decayed else g",
+           _ids(f"{TRAJECTORY}[adamw]"), "weight decay that grows the weights"),
+    Mutant("weight-decay-on-biases", OPTIM, "fnn/optim.py",
+           'return bool(path) and getattr(path[-1], "key", None) == "W"', "return bool(path)",
+           _ids(f"{TRAJECTORY}[add_decayed_weights_sgd]"), "the default mask decays the biases too"),
+    Mutant("clip-inverted", OPTIM, "fnn/optim.py",
+           "factor = jnp.where(norm > c, c / norm, 1.0)", "factor = jnp.where(norm > c, norm / c, 1.0)",
+           _ids(f"{TRAJECTORY}[clip_by_global_norm_sgd]"), "clipping stretches long gradients"),
+    Mutant("newton-undamped", OPTIM, "fnn/optim.py",
+           "step = jnp.linalg.solve(H + lam * jnp.eye(theta.size, dtype=H.dtype), g)",
+           "step = jnp.linalg.solve(H, g)",
+           _ids(f"{TRAJECTORY}[newton_damped]"), "Newton's step ignores the damping λ"),
+    Mutant("skipped-updates-not-counted", OPTIM, "fnn/optim.py",
+           "skipped = jnp.where(finite, state.skipped, _increment(state.skipped))", "skipped = state.skipped",
+           _ids("test_optim.py::test_skip_nonfinite_skips_and_counts"), "skip_nonfinite does not count"),
+    Mutant("apply-updates-subtracts", OPTIM, "fnn/optim.py",
+           "return (p + u).astype(jnp.result_type(p))", "return (p - u).astype(jnp.result_type(p))",
+           _ids(f"{TRAJECTORY}[sgd]"), "θ ← θ − u: every update applied backwards"),
+    # -- the shuffle and the epoch: fnn/train.py, fnn/metrics.py ----------------------------------
+    Mutant("epoch-key-not-advanced", EPOCH, "fnn/train.py",
+           "key, shuffle_key = jax.random.split(key)  # shuffle", "_, shuffle_key = jax.random.split(key)  # shuffle",
+           _ids("test_train.py::test_fit_draws_a_new_order_every_epoch_and_returns_the_advanced_key"),
+           "the epoch returns the key it got: the same order every epoch (issue 21, 2)"),
+    Mutant("fit-drops-the-epoch-key", EPOCH, "fnn/train.py",
+           "params, opt_state, state, key, stats = fast(*before, x, y)",
+           "params, opt_state, state, _, stats = fast(*before, x, y)",
+           _ids("test_train.py::test_fit_draws_a_new_order_every_epoch_and_returns_the_advanced_key"),
+           "fit passes the same key to every epoch"),
+    Mutant("shuffle-without-permutation", EPOCH, "fnn/train.py",
+           "order = jax.random.permutation(key, num_samples)", "order = jnp.arange(num_samples)",
+           _ids("test_train.py::test_every_sample_once_per_epoch_and_orders_differ"), "no shuffle at all"),
+    Mutant("last-batch-dropped", EPOCH, "fnn/train.py",
+           'rest = order[full * batch_size:] if last_batch == "smaller" else order[:0]', "rest = order[:0]",
+           _ids("test_train.py::test_last_smaller_batch_is_a_real_step"),
+           "the N mod B leftover samples are never used"),
+    Mutant("epoch-loss-unweighted", EPOCH, "fnn/metrics.py",
+           '"train_loss": _weighted_mean(stats.cost[good][kept], sizes)',
+           '"train_loss": _weighted_mean(stats.cost[good][kept], np.ones_like(sizes))',
+           _ids("test_train.py::test_epoch_loss_is_the_batch_size_weighted_mean_of_the_batch_costs"),
+           "train_loss weights the smaller last batch like a full one (issue 21, 3)"),
+    Mutant("last-batch-size-recorded-as-full", EPOCH, "fnn/train.py",
+           "sizes = jnp.append(sizes, jnp.asarray(rest.shape[0], jnp.int32))",
+           "sizes = jnp.append(sizes, jnp.asarray(batch_size, jnp.int32))",
+           _ids("test_train.py::test_epoch_loss_is_the_batch_size_weighted_mean_of_the_batch_costs"),
+           "the smaller last batch is recorded (and weighted) as a full one"),
+    # -- the checkpoint round trip: fnn/checkpoint.py -----------------------------------------------
+    Mutant("checkpoint-leaves-reversed", CHECKPOINT, "fnn/checkpoint.py",
+           "return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), out)",
+           "return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), out[::-1])",
+           _ids("test_checkpoint.py::test_round_trip_is_exact"), "leaves restored in the wrong order"),
+    Mutant("checkpoint-dtype-lost", CHECKPOINT, "fnn/checkpoint.py",
+           "out.append(jax.numpy.asarray(got))", "out.append(jax.numpy.asarray(got, jax.numpy.float32))",
+           _ids("test_checkpoint.py::test_round_trip_is_exact"), "every leaf comes back as float32"),
+    Mutant("checkpoint-key-not-restored", CHECKPOINT, "fnn/checkpoint.py",
+           'key=jax.numpy.asarray(arrays["key"]),', "key=jax.random.PRNGKey(0),",
+           _ids("test_checkpoint.py::test_round_trip_is_exact"), "the PRNG key is not restored"),
+    # Survives today, a missing test: the flipped byte of test_flipped_byte_is_refused is refused by the
+    # zip's own CRC-32 before the SHA-256 digest is read, so no test shows what the digest is for (an array
+    # changed inside a consistent archive).
+    Mutant("checkpoint-checksum-partial", CHECKPOINT, "fnn/checkpoint.py",
+           "h.update(a.tobytes())", "h.update(a.tobytes()[:8])",
+           _ids("test_checkpoint.py::test_flipped_byte_is_refused"), "the checksum reads 8 bytes of each array"),
+    # -- batch norm: fnn/batchnorm.py -------------------------------------------------------------
+    Mutant("bn-backward-without-mean-and-variance-paths", BN, "fnn/batchnorm.py",
+           "G = G - grad_beta - cache.xhat * grad_gamma", "G = G - grad_beta",
+           BATCH_NORM, "train-mode δ_h without the path through σ²"),
+    Mutant("bn-backward-without-gamma", BN, "fnn/batchnorm.py",
+           "return gamma * cache.inv_std * G, grad_gamma, grad_beta", "return cache.inv_std * G, grad_gamma, grad_beta",
+           BATCH_NORM, "δ_h without the factor γ"),
+    Mutant("bn-grad-gamma-summed", BN, "fnn/batchnorm.py",
+           "grad_gamma = jnp.mean(G * cache.xhat, axis=0)", "grad_gamma = jnp.sum(G * cache.xhat, axis=0)",
+           BATCH_NORM, "∂C/∂γ without the batch mean 1/N"),
+    Mutant("bn-running-variance-biased", BN, "fnn/batchnorm.py",
+           "var * (n / (n - 1))", "var",
+           _ids("test_batchnorm.py::test_train_mode_statistics_and_running_averages"),
+           "the running variance averages the biased batch variance"),
+    # -- per-example quantities: fnn/per_example.py ----------------------------------------------
+    Mutant("pe-batch-grad-without-l2", PER_EX, "fnn/per_example.py",
+           'g["W"] = g["W"] + l2 * layer["W"]', 'g["W"] = g["W"]',
+           PER_EXAMPLE, "g_x^W without βW"),
+    Mutant("pe-batch-l2-cross-term", PER_EX, "fnn/per_example.py",
+           "2 * l2 * jnp.sum(d * h, axis=1)", "l2 * jnp.sum(d * h, axis=1)",
+           PER_EXAMPLE, "‖g_x^W‖² with β δ·h instead of 2β δ·h"),
+    Mutant("pe-batch-l2-beta-squared", PER_EX, "fnn/per_example.py",
+           'l2 ** 2 * jnp.sum(layer["W"] ** 2)', 'l2 * jnp.sum(layer["W"] ** 2)',
+           PER_EXAMPLE, "‖g_x^W‖² with β‖W‖² instead of β²‖W‖²"),
+    Mutant("pe-sum-grad-squared-without-n", PER_EX, "fnn/per_example.py",
+           "n * l2 ** 2 * W * W", "l2 ** 2 * W * W",
+           PER_EXAMPLE, "Σ_x g_x⊙g_x counts β²W⊙W once, not N times"),
+    Mutant("pe-variance-unbiased", PER_EX, "fnn/per_example.py",
+           "jnp.maximum(s / n - m * m, 0)", "jnp.maximum(s / (n - 1) - m * m, 0)",
+           PER_EXAMPLE, "the variance's second moment divided by N − 1"),
+    Mutant("pe-weighted-sum-l2-unweighted", PER_EX, "fnn/per_example.py",
+           's["W"] + jnp.sum(w) * l2 * layer["W"]', 's["W"] + l2 * layer["W"]',
+           PER_EXAMPLE, "Σ_x w_x g_x adds βW once, not (Σ w_x) times"),
+    Mutant("pe-clip-scales-up", PER_EX, "fnn/per_example.py",
+           "scale = jnp.minimum(1, max_norm / jnp.where(norms > 0, norms, 1))",
+           "scale = max_norm / jnp.where(norms > 0, norms, 1)",
+           PER_EXAMPLE, "clipping also stretches short gradients to norm c"),
+    Mutant("pe-trace-cov-biased", PER_EX, "fnn/per_example.py",
+           "trace_cov = (sum_sq - n * mean_sq) / (n - 1)", "trace_cov = (sum_sq - n * mean_sq) / n",
+           PER_EXAMPLE, "tr(Σ) divided by N, not N − 1"),
+    Mutant("pe-grad-sq-biased", PER_EX, "fnn/per_example.py",
+           "for m in jax.tree.leaves(mean)) - trace_cov / n", "for m in jax.tree.leaves(mean))",
+           PER_EXAMPLE, "‖G‖² estimated by ‖ḡ‖² without − tr(Σ)/N"),
+    Mutant("pe-norms-padded-with-zero", PER_EX, "fnn/per_example.py",
+           "constant_values=jnp.nan", "constant_values=0",
+           _ids("test_per_example.py::test_training_records_the_statistics_of_each_step"),
+           "the smaller batch's missing norms recorded as 0, which the epoch's quantiles then count"),
+    # -- privacy: the accountant and the DP-SGD step, fnn/privacy.py --------------------------------
+    Mutant("dp-rdp-integer-term", PRIVACY, "fnn/privacy.py",
+           "(k * k - k) / (2 * sigma * sigma)", "(k * k) / (2 * sigma * sigma)",
+           _ids("test_privacy.py::test_epsilon_equals_dp_accounting_on_integer_orders"),
+           "A_α's exponent k²/(2σ²) instead of (k² − k)/(2σ²)"),
+    Mutant("dp-rdp-fractional-signs", PRIVACY, "fnn/privacy.py",
+           "sign = (-1) ** max(0, i - math.floor(alpha) - 1)", "sign = 1",
+           _ids("test_privacy.py::test_fractional_orders_equal_the_definition_by_quadrature"),
+           "the generalized binomial coefficients of a fractional order all taken positive"),
+    Mutant("dp-gaussian-without-half", PRIVACY, "fnn/privacy.py",
+           "a / (2 * noise_multiplier**2)", "a / noise_multiplier**2",
+           _ids("test_privacy.py::test_full_batch_is_the_gaussian_mechanism"),
+           "the Gaussian mechanism's RDP α/σ² instead of α/(2σ²)"),
+    Mutant("dp-conversion-sign", PRIVACY, "fnn/privacy.py",
+           "eps = rdp_values + np.log1p(-1 / a)", "eps = rdp_values + np.log1p(1 / a)",
+           _ids("test_privacy.py::test_epsilon_equals_dp_accounting_on_integer_orders"),
+           "the RDP-to-(ε, δ) conversion with log((α+1)/α) for log((α−1)/α)"),
+    Mutant("dp-padded-rows-count", PRIVACY, "fnn/privacy.py",
+           "weights = jnp.where(real, jnp.minimum(1, clip / jnp.where(norms > 0, norms, 1)), 0).astype(dtype)",
+           "weights = jnp.minimum(1, clip / jnp.where(norms > 0, norms, 1)).astype(dtype)",
+           _ids("test_privacy.py::test_without_noise_the_step_is_the_clipped_sum_of_vmap_grad[7]"),
+           "the padding rows of the lot's last chunk join the clipped sum"),
+    Mutant("dp-divided-by-the-drawn-lot", PRIVACY, "fnn/privacy.py",
+           "jax.random.normal(k, t.shape, dtype)) / (q * n)", "jax.random.normal(k, t.shape, dtype)) / count",
+           _ids("test_privacy.py::test_without_noise_the_step_is_the_clipped_sum_of_vmap_grad[7]"),
+           "g̃ divided by the drawn lot's size, not the expected qN the analysis assumes"),
+    Mutant("dp-noise-without-clip", PRIVACY, "fnn/privacy.py",
+           "noise_multiplier * clip * jax.random.normal(", "noise_multiplier * jax.random.normal(",
+           _ids("test_privacy.py::test_the_noise_is_gaussian_with_standard_deviation_sigma_c_over_qn"),
+           "noise of standard deviation σ instead of σc"),
+)
+
+# A plugin for the pytest run in the copy: refuse to run against any fnn but the copy's, and do
+# not shrink failing hypothesis examples (the same examples are drawn; only pass/fail matters here).
+PLUGIN = '''
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import Phase, settings
+
+
+def pytest_configure(config):
+    copy = Path(os.environ["FNN_MUTATION_COPY"]).resolve()
+    try:
+        import fnn
+    except ImportError as e:
+        raise pytest.UsageError(f"fnn cannot be imported from the mutated copy in {copy}: {e}") from None
+    where = Path(fnn.__file__).resolve()
+    if copy not in where.parents:
+        raise pytest.UsageError(f"fnn was imported from {where}, not from the mutated copy in {copy}")
+    base = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+    settings.register_profile("mutation", parent=base, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    settings.load_profile("mutation")
+'''
+PLUGIN_NAME = "_fnn_mutation_plugin"
+
+
+@dataclass
+class Outcome:
+    mutant: Mutant | None  # None: the baseline
+    status: str  # "caught", "timeout", "survived", or "error"
+    seconds: float
+    detail: str  # the first failing test, or what went wrong
+
+
+def check_list(mutants=MUTANTS, root: Path = ROOT) -> None:
+    """Raise ``SystemExit`` naming every mutant whose original text is not in its file exactly once,
+    whose replacement is no change, whose name repeats, or whose tests name a missing file."""
+    problems, names = [], set()
+    for m in mutants:
+        if m.name in names:
+            problems.append(f"{m.name}: the name is used twice")
+        names.add(m.name)
+        path = root / m.file
+        count = path.read_text(encoding="utf-8").count(m.original) if path.is_file() else 0
+        if count != 1:
+            problems.append(f"{m.name}: the original text occurs {count} times in {m.file}, not once: "
+                            f"{m.original!r}")
+        if m.original == m.mutated:
+            problems.append(f"{m.name}: the replacement is the original text")
+        for node in m.tests:
+            if not (root / node.split("::")[0]).is_file():
+                problems.append(f"{m.name}: no test file {node.split('::')[0]}")
+    if problems:
+        raise SystemExit("the mutant list does not match the sources; update experiments/mutation.py:\n  "
+                         + "\n  ".join(problems))
+
+
+def _copy(root: Path, into: Path) -> Path:
+    """``fnn/``, ``tests/`` and ``pyproject.toml`` of ``root`` (no caches), plus the plugin, in ``into``."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", ".pytest_cache")
+    for name in COPIED:
+        src = root / name
+        if src.is_dir():
+            shutil.copytree(src, into / name, ignore=ignore)
+        else:
+            shutil.copy2(src, into / name)
+    (into / f"{PLUGIN_NAME}.py").write_text(PLUGIN, encoding="utf-8")
+    return into
+
+
+def _apply(copy: Path, m: Mutant) -> None:
+    path = copy / m.file
+    text = path.read_text(encoding="utf-8")
+    if text.count(m.original) != 1:  # the list is checked up front; this guards the copy too
+        raise SystemExit(f"{m.name}: the original text is not in {m.file} exactly once")
+    path.write_text(text.replace(m.original, m.mutated), encoding="utf-8")
+
+
+def _environment(copy: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(copy), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # a mutant and its original can share size and mtime
+    env["HYPOTHESIS_PROFILE"] = "default"
+    env["FNN_MUTATION_COPY"] = str(copy)
+    if "FNN_DATA_DIR" not in env and (ROOT.parent / "shared" / "data" / "mnist-t10k").is_dir():
+        env["FNN_DATA_DIR"] = str(ROOT.parent / "shared" / "data" / "mnist-t10k")
+    return env
+
+
+def _first_failure(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split(" - ")[0]
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float, mutant: Mutant | None = None) -> Outcome:
+    """``python -m pytest -x -q tests`` in a fresh copy of ``root`` (with ``mutant`` applied)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fnn-mutant-") as tmp:
+        copy = _copy(root, Path(tmp))
+        if mutant is not None:
+            _apply(copy, mutant)
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", PLUGIN_NAME, *tests]
+        proc = subprocess.Popen(cmd, cwd=copy, env=_environment(copy), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return Outcome(mutant, "timeout", time.perf_counter() - start, f"no result after {timeout:.0f} s")
+    seconds = time.perf_counter() - start
+    # pytest's exit status: 0 all passed, 1 some failed, 2 interrupted (a collection error: the
+    # mutant broke an import), 3 internal error, 4 usage error (the plugin: wrong fnn), 5 no tests.
+    if proc.returncode == 0:
+        return Outcome(mutant, "survived" if mutant else "passed", seconds, "")
+    if proc.returncode in (1, 2):
+        return Outcome(mutant, "caught" if mutant else "failed", seconds, _first_failure(output))
+    tail = "\n".join(output.strip().splitlines()[-15:])
+    return Outcome(mutant, "error", seconds, f"pytest exit status {proc.returncode}:\n{tail}")
+
+
+def baseline(root: Path, mutants, timeout: float) -> None:
+    """Every selected test on the unmutated copy, in one run; ``SystemExit`` unless all pass."""
+    tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
+    print(f"baseline: {len(tests)} tests on the unmutated copy ...", flush=True)
+    out = run_tests(root, tests, timeout * max(1, len(mutants)))
+    if out.status != "passed":
+        raise SystemExit(f"the baseline did not pass ({out.status}): {out.detail}\nA selected test fails without "
+                         f"any mutant, so it cannot tell a mutant apart; fix that first.")
+    print(f"baseline: passed in {out.seconds:.0f} s", flush=True)
+
+
+def _table(outcomes: list[Outcome]) -> str:
+    rows = [("mutant", "area", "result", "s", "caught by")]
+    rows += [(o.mutant.name, o.mutant.area, o.status, f"{o.seconds:.0f}", o.detail.replace("tests/", ""))
+             for o in outcomes]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines[:1]))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="experiments/mutation.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--list", action="store_true", help="print the mutants (checked against the sources) and stop")
+    p.add_argument("--only", action="append", default=[], metavar="NAME", help="run this mutant (repeatable)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run (default 900)")
+    p.add_argument("--jobs", type=int, default=1, help="mutants run in parallel (default 1)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the run of the selected tests without mutants")
+    p.add_argument("--fail-under", type=float, default=None, metavar="PCT",
+                   help="exit with status 1 when the score is below PCT percent")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_list()
+    unknown = sorted(set(args.only) - {m.name for m in MUTANTS})
+    if unknown:
+        raise SystemExit(f"unknown mutants {unknown}; see --list")
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name}  [{m.area}]  {m.file}: {m.bug}\n    - {m.original!r}\n    + {m.mutated!r}"
+                  f"\n    tests: {' '.join(m.tests)}")
+        print(f"{len(mutants)} mutants, every original text found exactly once.")
+        return 0
+    if not args.no_baseline:
+        baseline(ROOT, mutants, args.timeout)
+    outcomes: list[Outcome] = []
+
+    def one(m: Mutant) -> Outcome:
+        out = run_tests(ROOT, m.tests, args.timeout, m)
+        outcomes.append(out)
+        print(f"[{len(outcomes):>2}/{len(mutants)}] {m.name}: {out.status} ({out.seconds:.0f} s) "
+              f"{out.detail.splitlines()[0] if out.detail else ''}", flush=True)
+        return out
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(one, mutants))
+    outcomes.sort(key=lambda o: mutants.index(o.mutant))
+    errors = [o for o in outcomes if o.status == "error"]
+    for o in errors:
+        print(f"\n{o.mutant.name}: {o.detail}")
+    if errors:
+        raise SystemExit(f"{len(errors)} mutants could not be judged (see above); no score.")
+    print("\n" + _table(outcomes))
+    survivors = [o.mutant for o in outcomes if o.status == "survived"]
+    if survivors:
+        print("\nSurvivors (a missing test, or a mutant that does not change behaviour):")
+        for m in survivors:
+            print(f"  {m.name} [{m.file}]: {m.bug}\n    tests run: {' '.join(m.tests)}")
+    caught = len(outcomes) - len(survivors)
+    score = 100 * caught / len(outcomes)
+    print(f"\nscore: {caught}/{len(outcomes)} mutants caught = {score:.1f} % "
+          f"({time.strftime('%Y-%m-%d')}, {sum(o.seconds for o in outcomes) / 60:.1f} min of test runs)")
+    return 1 if args.fail_under is not None and score < args.fail_under else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
