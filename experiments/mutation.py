@@ -20,7 +20,8 @@ How it runs:
   runs, so that the list cannot rot silently when the code changes: the script stops and names
   the mutant to update.
 - Before the mutants, the unmutated copy runs every selected test once (the baseline): a test
-  that fails without a bug would count every mutant as caught. ``--no-baseline`` skips it.
+  that fails without a bug would count every mutant as caught. It takes about half the run (its
+  property tests are CI's too); ``--no-baseline`` skips it.
 - The copy is what the tests import: ``PYTHONPATH`` and the working directory point at it, and a
   small pytest plugin written into the copy stops the run (exit status 4, reported as an error)
   if ``fnn`` comes from anywhere else, e.g. the editable install of the checkout.
@@ -32,7 +33,7 @@ How it runs:
 
 Usage, from the repository root (run by hand, like ``experiments/bench.py``, never in CI's hot path)::
 
-    python experiments/mutation.py                  # every mutant: 15-25 minutes on 2 cores
+    python experiments/mutation.py                  # every mutant: about 25 minutes on 2 cores
     python experiments/mutation.py --list           # the mutants, checked against the sources
     python experiments/mutation.py --only sce-fused-without-target-sum --only epoch-key-not-advanced
     python experiments/mutation.py --jobs 4         # mutants in parallel, on a larger machine

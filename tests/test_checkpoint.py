@@ -266,3 +266,18 @@ def test_truncated_self_describing_checkpoint_is_refused(tmp_path, cut):
     path.write_bytes(data[: int(len(data) * cut)])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         checkpoint.load(path)
+
+
+def test_an_array_changed_inside_a_consistent_archive_is_refused(tmp_path):
+    """A file whose arrays were changed and written again with valid zip CRCs (as any tool re-saving
+    them does) passes the zip's own check; only the header's SHA-256 of every array byte refuses it.
+    (The flipped byte above is refused by the zip's CRC-32 before the digest is read.)"""
+    params, opt_state = _state()
+    path = _save(tmp_path / "a.npz")
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {name: z[name] for name in z.files}
+    arrays["params.0"] = arrays["params.0"].copy()
+    arrays["params.0"].flat[-1] += 1  # the last entry, past any prefix a partial digest might read
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint.load(path, params=params, opt_state=opt_state)

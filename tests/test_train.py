@@ -65,6 +65,7 @@ def test_fit_draws_a_new_order_every_epoch_and_returns_the_advanced_key(monkeypa
     keys = []
     result = fit(NET, NET.init(jax.random.PRNGKey(0)), optim.sgd(learning_rate=0.1), (x, y), loss=SCE, epochs=2,
                  batch_size=10, key=key, quiet=True, on_epoch_end=lambda r: keys.append(np.asarray(r.key)))
+    jax.effects_barrier()  # every recording callback has run
     assert len(orders) == 2 and len(keys) == 2
     for order in orders:
         np.testing.assert_array_equal(np.sort(order), np.arange(23))
@@ -91,6 +92,7 @@ def test_epoch_loss_is_the_batch_size_weighted_mean_of_the_batch_costs(monkeypat
     orders = _recording_shuffles(monkeypatch)
     result = fit(NET, params, optim.sgd(learning_rate=0.0), (x, y), loss=SCE, epochs=1, batch_size=10,
                  key=jax.random.PRNGKey(1), quiet=True)
+    jax.effects_barrier()
     costs = _np_costs(params, x, y)
     batches = np.split(orders[0], [10, 20])
     batch_costs = [costs[b].mean() for b in batches]
