@@ -9,6 +9,9 @@ Every activation is an :class:`Activation` with
   ``a ⊙ (g − Σ_k g_k a_k)``.
 
 Adding an activation is one edit here: write φ and φ' side by side and register the pair.
+
+NaN never vanishes: for every activation, ``φ(NaN)`` and ``φ'(NaN)`` are NaN (a ``where(z > 0, z, 0)``
+would map a NaN input to a finite 0), while ``φ'(0)`` keeps the convention of ``jax.grad`` of ``φ``.
 """
 
 from __future__ import annotations
@@ -62,15 +65,20 @@ def _dtanh(z):
     return 1 - t * t
 
 
+def _nan_through(z, d):
+    """``d`` with NaN wherever ``z`` is NaN (a comparison such as ``z > 0`` is False for NaN)."""
+    return jnp.where(jnp.isnan(z), z, d)
+
+
 def _relu(z):
     # where, not maximum: autodiff of maximum splits the tie at z = 0 (slope ½), and z = 0 exactly
-    # is common (a zero input row with zero biases).
-    return jnp.where(z > 0, z, 0)
+    # is common (a zero input row with zero biases). `z <= 0` is False for NaN, so NaN passes through.
+    return jnp.where(z <= 0, 0, z).astype(z.dtype)
 
 
 def _drelu(z):
-    # φ'(0) := 0, the same sub-gradient convention as jax.nn.relu.
-    return (z > 0).astype(z.dtype)
+    # φ'(0) := 0, the same sub-gradient convention as jax.nn.relu (and jax.grad of _relu).
+    return _nan_through(z, (z > 0).astype(z.dtype))
 
 
 def _leaky_relu(z):
@@ -78,7 +86,11 @@ def _leaky_relu(z):
 
 
 def _dleaky_relu(z):
-    return jnp.where(z > 0, 1, LEAKY_SLOPE).astype(z.dtype)
+    return _nan_through(z, jnp.where(z > 0, 1, LEAKY_SLOPE).astype(z.dtype))
+
+
+def _didentity(z):
+    return _nan_through(z, jnp.ones_like(z))
 
 
 def _elu(z):
@@ -117,7 +129,7 @@ def _softmax_backward(z, a, g):
 ACTIVATIONS: dict[str, Activation] = {
     act.name: act
     for act in (
-        _elementwise("identity", lambda z: z, jnp.ones_like),
+        _elementwise("identity", lambda z: z, _didentity),
         _elementwise("sigmoid", _sigmoid, _dsigmoid),
         _elementwise("tanh", jnp.tanh, _dtanh),
         _elementwise("relu", _relu, _drelu),

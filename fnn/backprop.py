@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fnn import batchnorm
-from fnn.losses import Loss, l2_active, l2_penalty, mark_invalid
+from fnn.losses import Loss, check_output, l2_active, l2_penalty, mark_invalid
 from fnn.mlp import MLP, ForwardTrace, Params, State
 
 
@@ -105,11 +105,7 @@ def backprop_trace(net: MLP, params: Params, x, y, loss: Loss, l2: float = 0.0, 
 
     Returns ``(C, grads, new_state, trace)``; ``new_state`` is ``None`` without batch norm.
     """
-    if not isinstance(loss, Loss):
-        raise TypeError(
-            f"backprop needs an fnn.losses.Loss (a cost paired with its derivative); got "
-            f"{type(loss).__name__}. Use one of fnn.losses.LOSSES or build a Loss(...)."
-        )
+    loss = check_output(loss, net.output)
     fwd = net.forward_trace(params, x, state, train=train)
     zs, acts = fwd.zs, fwd.acts
     target, valid = loss.target(acts[-1], y)

@@ -4,7 +4,13 @@ The file is a NumPy ``.npz`` archive of plain arrays (read with ``allow_pickle=F
 code) plus a JSON header with the format, the epoch, free-form metadata, each leaf's tree path and
 a SHA-256 digest of every array's bytes. It is written to a temporary file in the same directory,
 flushed to disk and renamed over the target, so a crash never leaves a half-written checkpoint
-under the final name. A truncated or corrupt file is refused with :class:`CheckpointError`.
+under the final name (a killed write leaves a ``.{name}.*.tmp`` file, never taken as a checkpoint and
+removed by the next :func:`save` of that name or :func:`prune` of its directory). A truncated or corrupt
+file, whatever part of it is damaged, is refused with :class:`CheckpointError`.
+
+In a directory of ``epoch-NNNNNN.npz`` files (:func:`path_for`), :func:`latest` finds the newest intact
+one, passing over damaged ones, and :func:`prune` rotates the files of one run (``meta["run"]``),
+keeping its newest ones and its best by ``meta["held_out_loss"]``, and never touching other runs' files.
 
 Saved with ``net=`` and ``opt=``, a checkpoint describes itself: the header also holds the
 :class:`fnn.MLP` configuration (``sizes``, ``activation``, ``output``, ``initializer``,
@@ -24,12 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -148,6 +155,7 @@ def save(path, *, params, opt_state, key, epoch: int, normalizer=None, meta: dic
             raise ValueError(f"opt_state does not match opt.init(params): expected leaves {want}, got {got}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(path.parent, glob.escape(path.name))
     arrays, paths = {}, {}
     for group, tree in (("params", params), ("opt_state", opt_state), ("state", state)):
         names, values = _leaves(tree)
@@ -179,17 +187,29 @@ def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
             arrays = {name: z[name] for name in z.files}
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {e}") from None
+    except Exception as e:  # damage anywhere raises almost anything: BadZipFile, zlib.error, NotImplementedError...
+        why = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {why}") from None
     try:
         header = json.loads(arrays.pop("header").tobytes().decode())
-    except (KeyError, ValueError, UnicodeDecodeError):
+        format_ = header.get("format")
+    except Exception:
         raise CheckpointError(f"{path}: no valid fnn checkpoint header.") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}.")
+    if format_ != FORMAT:
+        raise CheckpointError(f"{path}: format {format_!r}, expected {FORMAT!r}.")
     if _digest(arrays) != header.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch, the arrays are corrupt.")
     return header, arrays
+
+
+def _meta(path: Path) -> dict | None:
+    """The ``meta`` of a checkpoint's header, read without the arrays; ``None`` if the header is unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["header"].tobytes().decode())["meta"]
+    except Exception:
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _specs(tree) -> list[tuple[str, tuple, str]]:
@@ -310,17 +330,49 @@ def path_for(directory, epoch: int) -> Path:
     return Path(directory) / f"epoch-{epoch:06d}.npz"
 
 
-def latest(directory) -> Path | None:
-    """The checkpoint with the highest epoch in ``directory``, or ``None``."""
+def checkpoints(directory) -> list[Path]:
+    """The checkpoint files (``epoch-NNNNNN.npz``) in ``directory``, oldest epoch first; none is opened."""
     directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    found = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name)))
-    return found[-1][1] if found else None
+    return sorted(p for p in directory.iterdir() if _NAME.match(p.name)) if directory.is_dir() else []
 
 
-def prune(directory, keep: int = 3) -> None:
-    """Delete all but the ``keep`` newest checkpoints in ``directory``."""
-    found = sorted(p for p in Path(directory).iterdir() if _NAME.match(p.name))
-    for p in found[:-keep] if keep > 0 else found:
-        p.unlink()
+def latest(directory, skipped: list[str] | None = None) -> Path | None:
+    """The newest checkpoint in ``directory`` that reads back intact (zip CRCs, SHA-256 digest), or ``None``.
+
+    Newer files that do not are passed over (never deleted); their :class:`CheckpointError`
+    messages, which name the file and the damage, are appended to ``skipped`` when it is given.
+    """
+    for path in reversed(checkpoints(directory)):
+        try:
+            _read(path)
+            return path
+        except (CheckpointError, FileNotFoundError) as e:
+            if skipped is not None:
+                skipped.append(str(e))
+    return None
+
+
+def prune(directory, keep: int = 3, *, run: str | None = None) -> None:
+    """Rotate one run's checkpoints in ``directory``: delete all but its ``keep`` newest and its best.
+
+    A checkpoint belongs to the run ``meta["run"]`` (``None`` if it was saved without one). The best
+    has the lowest finite ``meta["held_out_loss"]``; it is kept so that a run whose loss blows up
+    cannot rotate every good checkpoint out. Files of other runs and files whose header cannot be
+    read are never deleted; temporaries left by a killed :func:`save` are.
+    """
+    _remove_temporaries(Path(directory), "epoch-*.npz")
+    mine = [(p, meta.get("held_out_loss")) for p in checkpoints(directory)
+            if (meta := _meta(p)) is not None and meta.get("run") == run]
+    kept = {p for p, _ in mine[max(0, len(mine) - keep):]}
+    scored = [(loss, p) for p, loss in mine if isinstance(loss, (int, float)) and math.isfinite(loss)]
+    if scored:
+        kept.add(min(scored)[1])
+    for p, _ in mine:
+        if p not in kept:
+            p.unlink()
+
+
+def _remove_temporaries(directory: Path, name: str) -> None:
+    """Delete the ``.{name}.*.tmp`` files a :func:`save` killed between writing and renaming leaves behind."""
+    for p in directory.glob(f".{name}.*.tmp"):
+        p.unlink(missing_ok=True)

@@ -113,5 +113,5 @@ def describe_failure(net: MLP, epoch: int, stats) -> tuple[dict, str]:
     return report, (
         f"non-finite values at epoch {epoch}, step {bad} of {len(stats.cost)}: first in {site} "
         f"(cost {stats.cost[bad]}, gradient norm {stats.grad_norm[bad]}, batch of {len(batch)} samples "
-        f"starting {batch[:5]}); training stopped and the parameters from before that step are kept."
+        f"starting {batch[:5]}); training stopped."
     )

@@ -32,7 +32,15 @@ loss                                C_x                                         
 ==================================  ===================================================  =================
 
 Probabilities are clipped to ``[eps, 1 − eps]`` (``eps`` the dtype's machine epsilon) inside the
-logarithms so that probabilities of exactly 0 or 1 give finite costs and gradients.
+logarithms so that probabilities of exactly 0 or 1 give finite costs and gradients. The hand-written
+derivatives are those of the cost as written, clip included: ``0`` where a probability was clipped.
+
+Each loss names the output activations it accepts (:attr:`Loss.outputs`, checked by
+:func:`check_output` wherever a network meets a loss): the losses on probabilities need an output in
+``[0, 1]`` (sigmoid or softmax; on any other output the clip would flatten the cost and its
+gradient), the losses on logits take the identity output, and the regression losses take any.
+Soft class targets are rows of non-negative weights; a row summing to ``s`` counts as ``s`` samples'
+worth of its normalized distribution (negative entries are refused when the values are known).
 
 Canonical pairs fuse BP1: with the matching output activation (sigmoid or softmax for the losses
 on probabilities, identity for the losses on logits), ``δ^L = φ(z^L) − y`` with φ the sigmoid or
@@ -68,6 +76,7 @@ class Loss(NamedTuple):
       grad: ``(a, y) -> ∂C_x/∂a (N, K)``.
       canonical_output: the output activation for which ``fused_delta`` is δ^L, or ``None``.
       fused_delta: ``(z^L, y) -> δ^L (N, K)`` for the canonical pair.
+      outputs: the output activations this loss accepts (:func:`check_output`); ``None``: any.
     """
 
     name: str
@@ -76,6 +85,7 @@ class Loss(NamedTuple):
     grad: Callable[[Array, Array], Array]
     canonical_output: str | None = None
     fused_delta: Callable[[Array, Array], Array] | None = None
+    outputs: frozenset[str] | None = None
 
     def __call__(self, output: Array, target: Array) -> Array:
         """The batch cost ``(1/N) Σ_x C_x`` (scalar)."""
@@ -146,6 +156,13 @@ def _class_targets(target, n, k, dtype):
             f"one-hot targets must have shape (N, K) = ({n}, {k}); got {tuple(target.shape)}. "
             "Integer labels of shape (N,) are accepted too."
         )
+    if checks.is_concrete(target) and n:
+        lowest = float(np.min(np.asarray(target)))
+        if not lowest >= 0:  # NaN included
+            raise ValueError(
+                f"class target rows are weights of the {k} classes and must be non-negative and finite; got "
+                f"a smallest entry of {lowest}. Pass one-hot or probability rows, or integer labels (N,)."
+            )
     return target.astype(dtype), None
 
 
@@ -171,8 +188,13 @@ def _bce(p, y):
 
 
 def _dbce(p, y):
-    p = _clip(p)
-    return (p - y) / (p * (1 - p))
+    return _unclipped(p) * (_clip(p) - y) / (_clip(p) * (1 - _clip(p)))
+
+
+def _unclipped(p):
+    # The derivative of clip(p, eps, 1 − eps): 1 inside, 0 where the clip holds p at a bound.
+    eps = jnp.finfo(p.dtype).eps
+    return ((p > eps) & (p < 1 - eps)).astype(p.dtype)
 
 
 def _softmax_minus_target(z, y):
@@ -211,6 +233,7 @@ binary_cross_entropy = Loss(
     _over_k(_dbce),
     canonical_output="sigmoid",
     fused_delta=_over_k(lambda z, y: lax.logistic(z) - y),
+    outputs=frozenset({"sigmoid", "softmax"}),
 )
 binary_cross_entropy_with_logits = Loss(
     "binary_cross_entropy_with_logits", BINARY,
@@ -218,13 +241,15 @@ binary_cross_entropy_with_logits = Loss(
     _over_k(lambda z, y: lax.logistic(z) - y),
     canonical_output="identity",
     fused_delta=_over_k(lambda z, y: lax.logistic(z) - y),
+    outputs=frozenset({"identity"}),
 )
 categorical_cross_entropy = Loss(
     "categorical_cross_entropy", CLASSES,
     lambda p, y: -jnp.sum(y * jnp.log(_clip(p)), axis=-1),
-    lambda p, y: -y / _clip(p),
+    lambda p, y: -y * _unclipped(p) / _clip(p),
     canonical_output="softmax",
     fused_delta=_softmax_minus_target,
+    outputs=frozenset({"softmax", "sigmoid"}),
 )
 softmax_cross_entropy = Loss(
     "softmax_cross_entropy", CLASSES,
@@ -232,6 +257,7 @@ softmax_cross_entropy = Loss(
     _softmax_minus_target,
     canonical_output="identity",
     fused_delta=_softmax_minus_target,
+    outputs=frozenset({"identity"}),
 )
 
 LOSSES: dict[str, Loss] = {
@@ -242,6 +268,42 @@ LOSSES: dict[str, Loss] = {
     )
 }
 """Every loss by name."""
+
+_INSTEAD = {  # what to use instead, for the pairs a loss refuses
+    "binary_cross_entropy": "output='sigmoid', or binary_cross_entropy_with_logits on output='identity'",
+    "categorical_cross_entropy": "output='softmax', or softmax_cross_entropy on output='identity' (the logits)",
+    "binary_cross_entropy_with_logits": "output='identity', or binary_cross_entropy on output='sigmoid'",
+    "softmax_cross_entropy": "output='identity', or categorical_cross_entropy on output='softmax'",
+}
+
+
+def resolve(loss: Loss | str) -> Loss:
+    """``loss`` itself, or the loss of that name in :data:`LOSSES`; ``TypeError``/``ValueError`` otherwise."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, str):
+        return checks.lookup(LOSSES, "loss", loss)
+    raise TypeError(
+        f"a loss must be an fnn.losses.Loss (a cost paired with its derivative) or one of the names "
+        f"{sorted(LOSSES)}; got {type(loss).__name__}. Build a Loss(...) for a cost of your own."
+    )
+
+
+def check_output(loss: Loss | str, output: str) -> Loss:
+    """The resolved ``loss`` after checking it accepts the output activation ``output``.
+
+    Raises ``ValueError`` naming the loss to use instead: the losses on probabilities on an output
+    that can leave ``[0, 1]`` (their clip would flatten cost and gradient), or the losses on logits on
+    anything but the identity output.
+    """
+    loss = resolve(loss)
+    if loss.outputs is not None and output not in loss.outputs:
+        reads = "logits" if loss.outputs == {"identity"} else "probabilities in [0, 1]"
+        raise ValueError(
+            f"{loss.name} reads {reads}, which output activation {output!r} does not give; it accepts "
+            f"{sorted(loss.outputs)}. Use " + _INSTEAD.get(loss.name, f"one of {sorted(loss.outputs)}") + "."
+        )
+    return loss
 
 
 def l2_active(beta) -> bool:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn import distributed
-from fnn.losses import BINARY, CLASSES, Loss
+from fnn.losses import BINARY, CLASSES, Loss, check_output
 from fnn.mlp import MLP, Params, State
 from fnn.per_example import epoch_statistics
 
@@ -36,6 +36,7 @@ def evaluate(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, b
 
     Batch-normalized networks are evaluated in eval mode, with the running statistics ``state``.
     """
+    loss = check_output(loss, net.output)
     fn = _evaluate_fn(net, loss)
     totals, count = None, 0
     for start in range(0, x.shape[0], batch_size):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-from fnn.losses import Loss, l2_penalty
+from fnn.losses import Loss, check_output, l2_penalty
 from fnn.mlp import MLP, Params, State
 
 
@@ -27,7 +27,9 @@ def objective(
     """The scalar cost ``C = loss(net(params, x), y) + ½β Σ‖W‖²`` that :func:`fnn.backprop` differentiates.
 
     With a batch-norm ``state`` it returns ``(C, new_state)``, the network run in train or eval mode.
+    ``loss`` is a :class:`fnn.losses.Loss` or its name, and must accept ``net.output``.
     """
+    loss = check_output(loss, net.output)
     if state is None:
         return loss(net.apply(params, x), y) + l2_penalty(params, l2)
     if train:

@@ -49,7 +49,7 @@ import numpy as np
 
 from fnn import per_example
 from fnn.backprop import backprop_trace
-from fnn.losses import Loss, l2_active
+from fnn.losses import Loss, check_output, l2_active
 from fnn.mlp import MLP, Params
 
 ORDERS: tuple[float, ...] = (1.25, 1.5, 1.75, *(2 + i / 4 for i in range(33)), *range(11, 65),
@@ -234,6 +234,7 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
     ``chunk × P``) array is ever built. The result has ``params``' structure and dtype.
     Batch norm in train mode is refused (one example's clip bound would not bound its influence).
     """
+    loss = check_output(loss, net.output)
     if net.has_state:
         raise ValueError("DP-SGD is not defined for batch normalization in train mode: an example's influence "
                          "reaches every other example through the batch statistics, so clipping its gradient "

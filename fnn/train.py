@@ -7,24 +7,32 @@ last batch (``last_batch="smaller"``, so every sample is used once per epoch) or
 whole epoch is one jitted function, a ``lax.scan`` over the batches; no Python runs per batch.
 With DP-SGD (``fit(..., privacy=...)``) the steps take Poisson lots instead (:mod:`fnn.privacy`).
 
-A non-finite cost, gradient or updated value stops training; :func:`fit` keeps the params from
-just before the failing step and reports where it happened. The check runs once per epoch on the
-normal path and step by step only when an epoch fails (see :mod:`fnn.diagnose`).
+A non-finite cost, gradient or updated value stops training; :func:`fit` reports where it happened
+and keeps the params of the last epoch boundary whose training cost is finite. The check runs once
+per epoch on the normal path and step by step only when an epoch fails (see :mod:`fnn.diagnose`).
+
+The compiled epoch is cached: a second :func:`fit` with the same network, loss, optimizer (the same
+object, or an :class:`fnn.optim.Optimizer` built by the same factory with equal hyper-parameters),
+settings and array shapes reuses it instead of compiling again.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import math
+import numbers
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fnn import checks, distributed, optim
 from fnn.diagnose import all_finite, describe_failure, nan_sites, replay_step, site_flags  # noqa: F401
-from fnn.losses import Loss
+from fnn.losses import Loss, check_output
 from fnn.metrics import epoch_record, evaluate, format_epoch, predictions_accuracy  # noqa: F401
 from fnn.mlp import MLP, Params, State
 from fnn.optim import global_norm, has_skip_nonfinite, scheduled_learning_rate, skipped_updates
@@ -33,6 +41,8 @@ from fnn.privacy import Privacy, PrivatePlan, plan, private_gradient
 from fnn.step import GRAD_SOURCES, train_step
 
 LAST_BATCH = ("smaller", "drop")
+_CACHE_SIZE = 16
+_EPOCHS: collections.OrderedDict = collections.OrderedDict()  # (configuration, signature) -> compiled epoch
 
 
 class EpochStats(NamedTuple):
@@ -58,6 +68,7 @@ class FitResult(NamedTuple):
     stopped: str | None  # why training stopped early, or None
     state: State | None = None  # batch-norm running statistics, for networks that have them
     nan_report: dict | None = None  # where the first non-finite value appeared, see fit
+    before_failure: tuple | None = None  # (params, opt_state, state) just before the failing step, to replay it
 
 
 def _select(ok, new, old):
@@ -220,12 +231,16 @@ def fit(
     Args:
       net, params: the model and its initial parameters.
       opt: a gradient transformation ``(init, update)`` from :mod:`fnn.optim`.
-      train: ``(x (N, n_0), y)`` training inputs and targets (already normalized).
-      loss: the cost; l2: ``β`` of ``½β Σ‖W‖²``.
+      train: ``(x (N, n_0), y)`` training inputs and targets (already normalized), ``N ≥ 1``.
+        Non-finite inputs are not refused here: the guard stops at the first step they poison and
+        names the layer and the batch (or :func:`fnn.optim.skip_nonfinite` skips those steps).
+      loss: the cost, an :class:`fnn.losses.Loss` or its name; it must accept ``net.output``
+        (:func:`fnn.losses.check_output`). l2: ``β ≥ 0`` of ``½β Σ‖W‖²``.
       epochs: epochs to run in this call (after ``start_epoch`` already done).
       batch_size: ``B``; the last ``N mod B`` samples form a smaller batch or are dropped.
-      key: PRNG key for the per-epoch shuffles.
-      held_out: optional ``(x, y)`` evaluated after every epoch.
+      key: PRNG key for the per-epoch shuffles, or an int seed.
+      held_out: optional ``(x, y)`` evaluated after every epoch; checked like ``train`` and, as no
+        guard watches it, refused when it holds a non-finite input or target.
       grad_source: ``"manual"`` (:func:`fnn.backprop`) or ``"autodiff"`` (``jax.grad``).
       opt_state, start_epoch: to resume; ``opt_state`` defaults to ``opt.init(params)``.
       state: batch-norm running statistics; defaults to ``net.init_state()`` for networks with
@@ -254,24 +269,32 @@ def fit(
       ``skipped_updates`` (with :func:`fnn.optim.skip_nonfinite`), ``held_out_loss``,
       ``held_out_accuracy``, ``samples_per_s``, ``seconds`` (epoch wall time) and ``elapsed``.
       ``history`` entries are plain Python numbers.
+
+      When a step turns non-finite, training stops: ``stopped`` says where and ``nan_report`` holds
+      the epoch, step, first non-finite site, batch, and ``kept``: ``{"epoch", "train_loss"}`` of the
+      params returned. Those are the newest epoch boundary (the end of the last good epoch, the one
+      before it, or the start of this call) whose params and training cost are finite, with their
+      optimizer state, key and ``epoch``, so a checkpoint of them resumes exactly;
+      ``before_failure`` holds ``(params, opt_state, state)`` from just before the failing step,
+      for :func:`fnn.diagnose.replay_step`.
     """
     if data_parallel and mesh is None:
         mesh = distributed.data_mesh()
-    x, y = train
-    local = not isinstance(x, jax.Array) or x.is_fully_addressable
-    x = net.check_input(params, x)
-    y = jnp.asarray(y) if local else y
+    loss = check_output(loss, net.output)
+    key = _check_key(key)
+    l2 = checks.real_in("l2", l2, 0.0)
+    epochs = checks.positive_int("epochs", epochs, allow_zero=True)
+    if not isinstance(train, (tuple, list)) or len(train) != 2:
+        raise TypeError(f"train must be a pair (x, y) of inputs and targets; got {type(train).__name__}.")
+    x, y, local = _checked_data("training", net, params, loss, *train)
     n = x.shape[0]
-    if y.shape[0] != n:
-        raise ValueError(f"train targets have {y.shape[0]} samples but x has {n}.")
-    if local:
-        loss.target(jnp.zeros((n, net.sizes[-1]), x.dtype), y)  # validates targets (and label range) up front
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
         raise ValueError(f"batch_size must be an int in [1, {n}] (the training set size); got {batch_size!r}.")
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative int; got {epochs!r}.")
+    batch_size = int(batch_size)
     if held_out is not None:
-        held_out = (net.check_input(params, held_out[0]), jnp.asarray(held_out[1]))
+        if not isinstance(held_out, (tuple, list)) or len(held_out) != 2:
+            raise TypeError(f"held_out must be a pair (x, y) or None; got {type(held_out).__name__}.")
+        held_out = _checked_data("held-out", net, params, loss, *held_out, finite=True)[:2]
     if net.has_state and last_batch == "smaller" and n % batch_size == 1:
         raise ValueError(
             f"with batch normalization the last batch of {n} samples in batches of {batch_size} would hold "
@@ -285,7 +308,8 @@ def fit(
                              "statistics (the private step reads the δ's itself).")
         private = plan(privacy, n, start_epoch + epochs)
     epoch_kw = dict(num_samples=n, batch_size=batch_size, l2=l2, grad_source=grad_source, last_batch=last_batch,
-                    mesh=mesh, grad_norm=grad_norm, per_example=per_example, privacy=private)
+                    mesh=mesh, grad_norm=grad_norm, per_example=check_statistics(net, per_example, grad_source),
+                    privacy=private)
     opt_state = opt.init(params) if opt_state is None else opt_state
     if state is None and net.has_state:
         state = net.init_state(x.dtype)
@@ -300,12 +324,12 @@ def fit(
             held_out = jax.device_put(held_out, everywhere)
     # The normal path: unguarded and not donated, so that a failed epoch can be run again, guarded,
     # from the same inputs. The guarded epoch is compiled only if it is ever needed.
-    fast = jax.jit(make_epoch(net, loss, opt, guard=False, **epoch_kw)).lower(
-        params, opt_state, state, key, x, y).compile()
-    guarded = functools.cache(lambda: jax.jit(make_epoch(net, loss, opt, guard=True,
-                                                         **{**epoch_kw, "grad_norm": True})))
+    args = (params, opt_state, state, key, x, y)
+    fast = _compiled_epoch(net, loss, opt, epoch_kw, args, guard=False)
+    guarded = functools.partial(_compiled_epoch, net, loss, opt, {**epoch_kw, "grad_norm": True}, args, guard=True)
 
-    history, stopped, nan_report, start = [], None, None, time.perf_counter()
+    history, stopped, nan_report, before_failure, start = [], None, None, None, time.perf_counter()
+    boundaries = [(start_epoch, (params, opt_state, state, key))]  # candidates to keep if training fails
     epoch = start_epoch
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         lr_first = scheduled_learning_rate(opt, opt_state)
@@ -313,7 +337,7 @@ def fit(
         before = (params, opt_state, state, key)
         params, opt_state, state, key, stats = fast(*before, x, y)
         stats = distributed.to_host(stats)
-        if int(stats.first_bad_step) >= 0:  # find where, and keep the params from before that step
+        if int(stats.first_bad_step) >= 0:  # find where (the params from before that step come back)
             params, opt_state, state, key, stats = guarded()(*before, x, y)
             stats = distributed.to_host(stats)
         record = epoch_record(epoch, stats, seconds=time.perf_counter() - t0, samples=n, grad_norm=grad_norm)
@@ -333,12 +357,108 @@ def fit(
         history.append(record)
         if int(stats.first_bad_step) >= 0:
             nan_report, stopped = describe_failure(net, epoch, stats)
+            before_failure = (params, opt_state, state)
+            kept, (params, opt_state, state, key), sentence = _keep_finite(net, loss, l2, x, y, boundaries)
+            nan_report["kept"], stopped = kept, stopped + " " + sentence
+            epoch = kept["epoch"]
             if not quiet:
                 print_fn(stopped)
             break
+        boundaries = [boundaries[0], *boundaries[1:][-1:], (epoch, (params, opt_state, state, key))]
         if not quiet:
             print_fn(format_epoch(record, start_epoch + epochs))
         if on_epoch_end is not None:
             on_epoch_end(FitResult(params, opt_state, key, epoch, history, None, state))
-    return FitResult(params, opt_state, key, epoch if stopped is None else epoch - 1, history, stopped, state,
-                     nan_report)
+    return FitResult(params, opt_state, key, epoch, history, stopped, state, nan_report, before_failure)
+
+
+def _check_key(key) -> jax.Array:
+    """``key`` as a PRNG key: a key array, or a plain int seed (then ``jax.random.PRNGKey(seed)``)."""
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        return jax.random.PRNGKey(int(key))
+    if isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
+                                       or key.dtype == jnp.uint32 and key.shape == (2,)):
+        return key
+    raise TypeError(f"key must be a PRNG key (jax.random.PRNGKey(seed) or jax.random.key(seed)) or an int seed; "
+                    f"got {type(key).__name__} {getattr(key, 'dtype', '')}{tuple(getattr(key, 'shape', ()))}.")
+
+
+def _checked_data(name: str, net: MLP, params: Params, loss: Loss, x, y, finite: bool = False):
+    """``(x, y, local)`` after checking features, sample counts, targets (labels in range) and, with
+    ``finite``, that every input and floating target is finite. Global arrays of several processes
+    (``local`` False) are checked for shape only."""
+    local = not isinstance(x, jax.Array) or x.is_fully_addressable
+    try:
+        x = net.check_input(params, x)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name} set: {e}") from None
+    if x.shape[0] == 0:
+        raise ValueError(f"the {name} set is empty: its x has 0 samples" +
+                         ("; pass held_out=None instead." if name == "held-out" else "."))
+    y = jnp.asarray(y) if local else y
+    if jnp.ndim(y) == 0 or y.shape[0] != x.shape[0]:
+        count = "no sample axis" if jnp.ndim(y) == 0 else f"{y.shape[0]} samples"
+        raise ValueError(f"{name} targets have {count} but x has {x.shape[0]}; the first dimension of both is the "
+                         f"sample (targets of shape {tuple(jnp.shape(y))}).")
+    if not local:
+        return x, y, local
+    try:
+        loss.target(jnp.zeros((x.shape[0], net.sizes[-1]), x.dtype), y)  # shapes, label range, soft targets
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name} targets: {e}") from None
+    if finite:
+        for what, a in (("x", x), ("targets", y)):
+            if jnp.issubdtype(a.dtype, jnp.floating):
+                bad = ~np.isfinite(np.asarray(a)).reshape(a.shape[0], -1).all(axis=1)
+                if bad.any():
+                    raise ValueError(f"{name} {what} has non-finite values in {int(bad.sum())} sample(s) (the first is "
+                                     f"sample {int(np.argmax(bad))}); remove or impute them, they would make every "
+                                     f"score NaN or, through a ReLU, silently finite.")
+    return x, y, local
+
+
+def _keep_finite(net, loss, l2, x, y, boundaries):
+    """After a failed epoch: the newest epoch boundary whose params, optimizer state and training cost
+    are finite, as ``(kept, values, sentence)``; the oldest candidate if none is."""
+    for epoch, values in reversed(boundaries):  # noqa: B007 (newest first; falls through to the oldest)
+        finite = all_finite(values[:3])
+        cost = evaluate(net, values[0], x, y, loss, state=values[2])["loss"] if finite else math.nan
+        if math.isfinite(cost):
+            break
+    kept = {"epoch": epoch, "train_loss": cost}
+    return kept, values, (f"Kept the params from the end of epoch {epoch} (training loss {cost:.6g})." if
+                          math.isfinite(cost) else f"Kept the params from the end of epoch {epoch}; their training "
+                          "loss is not finite either (the initial params or the data?).")
+
+
+def _optimizer_identity(opt):
+    """Two optimizers that compute the same function: a built-in :class:`fnn.optim.Optimizer` by its
+    factory and hyper-parameters (when those are hashable), any other by identity."""
+    name, hyper = getattr(opt, "name", ""), getattr(opt, "hyperparams", None)
+    if name and hyper is not None:
+        items = tuple(sorted(hyper.items()))
+        try:
+            hash(items)
+            return ("optimizer", name, items)
+        except TypeError:
+            pass
+    return opt
+
+
+def _signature(args) -> tuple:
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    return tree, tuple((jnp.shape(a), jnp.result_type(a), getattr(a, "weak_type", False), getattr(a, "sharding", None))
+                       for a in leaves)
+
+
+def _compiled_epoch(net, loss, opt, epoch_kw, args, *, guard: bool):
+    """The compiled epoch for this configuration and these arguments' shapes, from the cache when a
+    previous call compiled it (the newest ``_CACHE_SIZE`` are kept)."""
+    config = (make_epoch, net, loss, _optimizer_identity(opt), guard, tuple(sorted(epoch_kw.items())))
+    cache_key = (config, _signature(args))
+    if cache_key not in _EPOCHS:
+        _EPOCHS[cache_key] = jax.jit(make_epoch(net, loss, opt, guard=guard, **epoch_kw)).lower(*args).compile()
+        while len(_EPOCHS) > _CACHE_SIZE:
+            _EPOCHS.popitem(last=False)
+    _EPOCHS.move_to_end(cache_key)
+    return _EPOCHS[cache_key]

@@ -86,3 +86,20 @@ def test_stable_at_extremes(dtype):
     assert float(s[0, 0]) == 0.0 and float(s[0, -1]) == 1.0
     np.testing.assert_allclose(ACTIVATIONS["softplus"].phi(z)[0, -1], 1000.0)
     np.testing.assert_allclose(jnp.sum(softmax(z)), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_nan_in_is_nan_out(name):
+    """Before, relu's where(z > 0, z, 0) mapped a NaN input to 0 (and relu' and leaky_relu' to finite
+    slopes), so a NaN sample gave finite logits through a ReLU network while sigmoid gave NaN."""
+    act = ACTIVATIONS[name]
+    z = jnp.array([[np.nan, 0.0, -1.5, 2.0]])
+    a = act.phi(z)
+    assert np.isnan(a[0, 0]) and np.all(np.isfinite(a[0, 1:]) | (name == "softmax"))
+    if act.dphi is not None:
+        d = act.dphi(z)
+        assert np.isnan(d[0, 0]) and np.all(np.isfinite(d[0, 1:]))
+        # the derivative at exactly 0 keeps jax.grad's convention
+        assert float(d[0, 1]) == float(jax.grad(lambda t: act.phi(t[None, None])[0, 0])(0.0))
+    g = act.backward(z, a, jnp.ones_like(z))
+    assert np.isnan(g[0, 0])

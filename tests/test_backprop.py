@@ -18,19 +18,10 @@ from helpers import gradient_errors, rel_err
 
 HIDDEN = sorted(n for n, a in ACTIVATIONS.items() if a.dphi is not None)
 
-# Every loss with each output activation it makes sense with (the canonical pairs included).
-# MAE with a softmax output is left out: when every output overshoots its target, MAE's upstream
-# gradient sign(a − y)/K is the same for all classes and the softmax Jacobian maps it to exactly 0,
-# so both sides hold only rounding noise and no relative comparison means anything.
-PAIRS = [
-    *[(loss, out) for loss in ("mse", "half_mse", "mae") for out in ("identity", "sigmoid", "tanh", "softmax")
-      if (loss, out) != ("mae", "softmax")],
-    ("binary_cross_entropy", "sigmoid"),
-    ("binary_cross_entropy_with_logits", "identity"),
-    ("categorical_cross_entropy", "softmax"),
-    ("categorical_cross_entropy", "sigmoid"),
-    ("softmax_cross_entropy", "identity"),
-]
+# Every pair of loss and output activation that the losses accept (fnn.losses.check_output): the
+# property tests below draw all of them, so no accepted pair goes unproven.
+PAIRS = sorted((name, out) for name, loss in LOSSES.items() for out in ACTIVATIONS
+               if loss.outputs is None or out in loss.outputs)
 TOL = {np.float32: 1e-4, np.float64: 1e-10}
 
 # Eager JAX compiles each primitive once per shape, so the large property test draws widths and
@@ -80,6 +71,11 @@ def configurations(draw, widths=POOL_WIDTHS, batch=POOL_BATCH):
             y = soft_class_targets(rng, n, k).astype(dtype)
     elif loss_name.startswith("binary"):
         y = (rng.integers(0, 2, (n, k)) if draw(st.booleans()) else rng.uniform(0, 1, (n, k))).astype(dtype)
+    elif output == "softmax" and loss_name == "mae":
+        # Probability rows, as a softmax output is compared with: p − y then has both signs in every row
+        # (unless p = y). Against targets outside [0, 1], sign(a − y)/K is the same for all classes and
+        # the softmax Jacobian maps it to exactly 0; both sides would hold only rounding noise.
+        y = rng.dirichlet(np.ones(k), n).astype(dtype)
     else:
         y = rng.normal(size=(n, k)).astype(dtype)
     l2 = draw(st.sampled_from([0.0, float(rng.uniform(0.01, 1.0))]))
@@ -317,3 +313,42 @@ def test_pre_activations_of_exactly_zero(hidden, loss_name):
     y = jnp.array([0, 1, 1, 0]) if loss.targets == CLASSES else jnp.array([[0.0, 1], [1, 0], [1, 1], [0, 0]])
     assert_matches_autodiff(fnn.backprop(net, params, x, y, loss), references(net, params, x, y, loss),
                             np.float64)
+
+
+REFUSED = sorted((name, out) for name in LOSSES for out in ACTIVATIONS if (name, out) not in PAIRS)
+
+
+@pytest.mark.parametrize("loss_name,output", REFUSED)
+def test_a_loss_on_an_output_it_does_not_read_is_refused_with_the_alternative(loss_name, output):
+    """Before, categorical/binary cross-entropy on the identity output was accepted; the cost clips its
+    input to [ε, 1 − ε], the derivative ignored the clip, and manual and autodiff differed by 1e6."""
+    net = fnn.MLP((3, 4), (), output)
+    params = net.init(jax.random.PRNGKey(0))
+    x, y = jnp.ones((2, 3)), (jnp.array([0, 1]) if LOSSES[loss_name].targets == CLASSES else jnp.ones((2, 4)) / 2)
+    for route in (fnn.backprop, fnn.autodiff_grads):
+        with pytest.raises(ValueError, match=f"{loss_name} reads .* Use output="):
+            route(net, params, x, y, loss_name)
+
+
+def test_refusals_follow_from_the_registry():
+    assert len(PAIRS) + len(REFUSED) == len(LOSSES) * len(ACTIVATIONS)
+    for name in ("binary_cross_entropy", "categorical_cross_entropy"):
+        assert (name, "identity") in REFUSED and (name, "relu") in REFUSED
+    for name in ("softmax_cross_entropy", "binary_cross_entropy_with_logits"):
+        assert (name, "identity") in PAIRS and (name, "sigmoid") in REFUSED
+
+
+@pytest.mark.parametrize("output", ["sigmoid", "softmax"])
+def test_the_derivative_of_a_clipped_probability_is_that_of_the_clipped_cost(output):
+    """Probabilities below ε or above 1 − ε are held there by the cost's clip: the cost is then flat in
+    them, and the manual gradient must be 0 there as autodiff's is (cce on sigmoid; bce on softmax)."""
+    loss = fnn.losses.categorical_cross_entropy if output == "sigmoid" else fnn.losses.binary_cross_entropy
+    net = fnn.MLP((2, 3), (), output)
+    f32 = jnp.float32  # (float64's ε = 2e-16 would clip nothing here)
+    params = [{"W": jnp.array([[40.0, 0.0], [-40.0, 0.0], [0.0, 0.1]], f32), "b": jnp.zeros(3, f32)}]
+    # |z| = 20: σ(−20) ≈ 2e-9 is clipped to ε ≈ 1.2e-7 while σ'(−20) ≈ 2e-9 is not 0, so a derivative
+    # that ignored the clip would be visibly non-zero (about 0.02 for cce on sigmoid).
+    x = jnp.array([[0.5, 1.0], [-0.5, 2.0]], f32)
+    y = jnp.array([1, 0]) if loss.targets == CLASSES else jnp.array([[0.0, 1.0, 0.5], [1.0, 0.0, 0.5]], f32)
+    manual, auto = fnn.backprop(net, params, x, y, loss), fnn.autodiff_grads(net, params, x, y, loss)
+    chex.assert_trees_all_close(manual, auto, rtol=1e-5, atol=1e-7)

@@ -1,15 +1,30 @@
 """The main job, ``fnn-train`` / ``python -m fnn``."""
 
 import json
+import os
 import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import fnn
-from fnn.cli import main
+from fnn import checkpoint
+from fnn.cli import main, parser
+
+FAST = ["--hidden", "8", "--quiet"]  # one small configuration, compiled once for the tests below
+
+
+def _error(argv, capsys, code=2):
+    """Run ``main(argv)`` expecting it to stop with exit status ``code``; its ``(stdout, stderr)``."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert stop.value.code == code, err
+    assert "fnn-train: error: " in err
+    return out, err
 
 
 def test_help_documents_every_flag():
@@ -44,10 +59,10 @@ def test_resume_continues_to_the_same_result(tmp_path, capsys):
     ck = str(tmp_path / "ck")
     main(["--epochs", "2", "--hidden", "16", "--quiet", "--checkpoint-dir", ck])
     # flags that describe another model or optimizer are refused, naming the difference
-    with pytest.raises(SystemExit, match=r"checkpoint has sizes \(64, 16, 10\), expected \(64, 8, 10\)"):
-        main(base + [str(tmp_path / "x.json"), "--hidden", "8", "--checkpoint-dir", ck, "--resume"])
-    with pytest.raises(SystemExit, match=r"checkpoint has adam b1=0.9, expected b1=0.8"):
-        main(base + [str(tmp_path / "x.json"), "--b1", "0.8", "--checkpoint-dir", ck, "--resume"])
+    _, err = _error(base + [str(tmp_path / "x.json"), "--hidden", "8", "--checkpoint-dir", ck, "--resume"], capsys)
+    assert "cannot --resume: " in err and "checkpoint has sizes (64, 16, 10), expected (64, 8, 10)" in err
+    _, err = _error(base + [str(tmp_path / "x.json"), "--b1", "0.8", "--checkpoint-dir", ck, "--resume"], capsys)
+    assert "checkpoint has adam b1=0.9, expected b1=0.8" in err
     main(base + [str(tmp_path / "resumed.json"), "--checkpoint-dir", ck, "--resume"])
     assert "resumed from" in capsys.readouterr().out
     straight = json.loads((tmp_path / "straight.json").read_text())
@@ -77,22 +92,158 @@ def test_mnist_10k(mnist_dir, capsys):
     assert "8000 train / 2000 held out" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,msg", [
+def _garbage_mnist(tmp_path):
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes(b"not an IDX file")
+    return str(tmp_path)
+
+
+def _file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    return str(tmp_path / "file")
+
+
+# Each mistake stops before training with "fnn-train: error: <message>" and exit status 2 (messages are regexes).
+@pytest.mark.parametrize("argv, message", [
+    # before: ZeroDivisionError traceback
+    (["--batch-size", "0"], "argument --batch-size: must be a finite int ≥ 1; got 0"),
+    # before: ValueError traceback from fit, after the gradient check
+    (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1437 training samples of digits"),
+    # before: ValueError traceback from fit (1437 = 1436 + 1: a last batch of one sample)
+    (["--batch-norm", "--batch-size", "1436"], "the last batch .* would hold 1 sample"),
+    # before: exit status 0, having trained no epoch
+    (["--epochs", "-1"], "argument --epochs: must be a finite int ≥ 0; got -1"),
+    # before: exit status 0 with a negative training loss
+    (["--l2", "-0.1"], "argument --l2: must be a finite float ≥ 0; got -0.1"),
+    # before: exit status 0 with a NaN loss
+    (["--l2", "nan"], "argument --l2: must be a finite float ≥ 0; got nan"),
+    # before: taken as --epochs 3
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+    # before: ValueError traceback from fnn.MLP
+    (["--hidden", "0"], "invalid model: sizes must be a sequence of at least two positive ints"),
+    # before: exit status 1 (a SystemExit with a message)
     (["--optimizer", "sgd", "--b1", "0.9"], "sgd takes no --b1"),
+    # before: ValueError traceback from fnn.optim.adam
+    (["--b1", "1.5"], r"b1 must be a finite number in \[0, 1\)"),
+    # before: exit status 1 (a SystemExit with a message)
     (["--resume"], "--resume needs --checkpoint-dir"),
+    # before: no such flag
+    (["--resume", "--overwrite", "--checkpoint-dir", "ck"], "give one of them"),
+    # before: trained without privacy, silently
+    (["--dp-noise", "1.0"], "--dp-noise only apply to private training: add --dp-clip"),
+    # before: ValueError traceback from fit, after the gradient check
+    (["--dp-clip", "1", "--dp-lot-size", "64", "--dp-noise", "1", "--grad-source", "autodiff"],
+     "--dp-clip needs --grad-source manual"),
+    # before: exit status 1 (a SystemExit with a message)
+    (["--dp-clip", "1", "--dp-lot-size", "5000", "--dp-noise", "1"], r"Privacy.lot_size must be an int in \[1, 1437\]"),
+    # before: DataError traceback
+    (["--dataset", "mnist-10k", "--data-dir", "{garbage}"], "cannot load --dataset mnist-10k: .*t10k"),
+    # before: FileExistsError traceback from the plot, after training (the trained params lost)
+    (["--plot", "{file}/curves.png"], "--plot .*/file/curves.png: cannot create its directory"),
+    # before: IsADirectoryError traceback, after training
+    (["--history", "{tmp}"], "--history .* is a directory; give a file name"),
+    # before: ValueError traceback from matplotlib, after training
+    (["--plot", "{tmp}/curves.xyz"], r"matplotlib writes no \.xyz files"),
+    # before: FileExistsError traceback at the end of the first epoch
+    (["--checkpoint-dir", "{file}"], "--checkpoint-dir .*/file cannot be created"),
+    pytest.param(["--loss", "categorical_cross_entropy"], "categorical_cross_entropy reads probabilities",
+                 # before: trained on the identity output as if it gave probabilities, exit status 0
+                 marks=pytest.mark.skipif(not hasattr(fnn.losses, "check_output"), reason="no check_output yet")),
 ])
-def test_bad_flag_combinations(argv, msg):
-    with pytest.raises(SystemExit, match=msg):
-        main(argv)
+def test_mistakes_stop_before_training_with_status_2(tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "garbage").mkdir()
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / "garbage" / name).write_bytes(b"not an IDX file")
+    argv = [a.format(tmp=tmp_path, file=tmp_path / "file", garbage=tmp_path / "garbage") for a in argv]
+    out, err = _error(FAST + ["--epochs", "1", *argv], capsys)
+    assert re.search("^fnn-train: error: .*" + message, err, flags=re.M), err
+    assert "Traceback" not in err and "gradient check" not in out
 
 
-def test_debug_nans_replays_the_failing_batch(capsys):
+def test_loss_output_pair_is_checked_before_training(monkeypatch, capsys):
+    def refuse(loss, output):
+        raise ValueError(f"{loss.name} does not suit {output!r}; use softmax_cross_entropy.")
+
+    monkeypatch.setattr(fnn.losses, "check_output", refuse, raising=False)
+    # before: no check; the pair went on to training
+    _, err = _error(FAST + ["--loss", "mse"], capsys)
+    assert "error: --loss mse with --output identity: mse does not suit 'identity'; use softmax_cross_entropy." in err
+
+
+def test_help_gives_every_option_a_help_line_and_its_default():
+    p = parser()
+    options = [a for a in p._actions if a.option_strings and a.dest != "help"]
+    # before: 13 flags (--activation, --batch-size, --epochs, ...) had no help line, so no default shown
+    assert [a.option_strings for a in options if not (a.help or "").strip()] == []
+    assert " ".join(p.format_help().split()).count("(default: ") == len(options)
+
+
+def test_failed_gradient_check_stops_the_run(monkeypatch, capsys):
+    real = fnn.gradcheck.backprop
+
+    def off_by_one_percent(*args, **kwargs):  # a wrong ∂C/∂W^2, as a bug in the δ-recursion would give
+        cost, grads, *rest = real(*args, **kwargs)
+        grads = [*grads[:-1], {**grads[-1], "W": 1.01 * grads[-1]["W"]}]
+        return (cost, grads, *rest)
+
+    monkeypatch.setattr(fnn.gradcheck, "backprop", off_by_one_percent)
+    # before: the table showed 9.9e-03 and training went on (exit status 0)
+    _, err = _error(FAST + ["--epochs", "1"], capsys, code=1)
+    assert "gradient check failed: the manual and autodiff gradients of layer 2 W differ by 9.9e-03 (relative), " \
+           "above the float32 tolerance 0.001" in err
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints_unless_overwrite(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert main(FAST + ["--epochs", "2", "--checkpoint-dir", str(ck)]) == 0
+    files = {p.name: p.read_bytes() for p in ck.iterdir()}
+    first = checkpoint.load(ck / "epoch-000002.npz").meta
+    assert first["run"] and first["held_out_loss"] > 0
+    # before: the second run silently overwrote the first run's epoch-000001.npz (and rotated its files out)
+    _, err = _error(FAST + ["--epochs", "1", "--seed", "1", "--checkpoint-dir", str(ck)], capsys)
+    assert "Use --resume to continue that run, another --checkpoint-dir, or --overwrite to replace them." in err
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == files
+    assert main(FAST + ["--epochs", "1", "--seed", "1", "--checkpoint-dir", str(ck), "--overwrite"]) == 0
+    assert os.listdir(ck) == ["epoch-000001.npz"]
+    assert checkpoint.load(ck / "epoch-000001.npz").meta["run"] not in (None, first["run"])
+
+
+def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert main(FAST + ["--epochs", "2", "--checkpoint-dir", str(ck)]) == 0
+    run = checkpoint.load(ck / "epoch-000002.npz").meta["run"]
+    data = (ck / "epoch-000002.npz").read_bytes()
+    (ck / "epoch-000002.npz").write_bytes(data[: len(data) // 2])
+    (ck / ".epoch-000003.npz.k1ll3d.tmp").write_bytes(data)  # a write killed before its rename
+    capsys.readouterr()
+    # before: "cannot --resume" (exit status 1) on the damaged file; the temporary file stayed
+    assert main(FAST + ["--epochs", "3", "--checkpoint-dir", str(ck), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"--resume skips a damaged checkpoint: \S+epoch-000002.npz: not a readable checkpoint", err)
+    assert re.search(r"resumed from \S+epoch-000001.npz \(epoch 1\), the newest intact checkpoint", out)
+    assert sorted(os.listdir(ck)) == ["epoch-000001.npz", "epoch-000002.npz", "epoch-000003.npz"]
+    assert {checkpoint.load(p).meta["run"] for p in ck.iterdir()} == {run}
+    for p in ck.iterdir():
+        p.write_bytes(b"damaged")
+    # before: exit status 1, "cannot --resume" naming the newest file only
+    _, err = _error(FAST + ["--epochs", "4", "--checkpoint-dir", str(ck), "--resume"], capsys)
+    assert f"cannot --resume: no intact checkpoint in {ck}" in err
+
+
+def test_divergence_keeps_and_saves_the_last_finite_params_and_replays_the_failing_batch(tmp_path, capsys):
+    ck = tmp_path / "ck"
     code = main(["--epochs", "5", "--hidden", "16", "--optimizer", "sgd", "--lr", "1e4", "--activation", "relu",
-                 "--init", "he_normal", "--loss", "mse", "--quiet", "--debug-nans"])
+                 "--init", "he_normal", "--loss", "mse", "--quiet", "--debug-nans", "--checkpoint-dir", str(ck)])
     captured = capsys.readouterr()
     assert code == 1 and "non-finite values at epoch" in captured.err
     assert "replay of a batch of" in captured.out
     assert re.search(r"^ +1 +\S+ +\d+ +\S+ +\d+ +\S+ +\d+$", captured.out, flags=re.M)
+    # before: nothing said which params were kept, and a run failing in its first epoch saved none
+    kept = re.search(r"kept the params of epoch (\d+), in (\S+)", captured.err)
+    saved = checkpoint.load(kept.group(2))
+    assert saved.epoch == int(kept.group(1))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(saved.params))
 
 
 def test_data_parallel_flag_on_one_device(capsys):
@@ -108,8 +259,7 @@ def test_private_run_prints_epsilon_and_resume_keeps_its_noise(tmp_path, capsys)
     first = capsys.readouterr().out
     sigma = float(re.search(r"σ = ([0-9.]+)", first).group(1))
     assert float(re.search(r"ε ([0-9.]+)", first).group(1)) == pytest.approx(3.0, rel=0.01)
-    with pytest.raises(SystemExit, match="privacy settings"):
-        main(["--epochs", "2", "--dp-noise", "2.0", "--resume", *flags])
+    assert "privacy settings" in _error(["--epochs", "2", "--dp-noise", "2.0", "--resume", *flags], capsys)[1]
     assert main(["--epochs", "2", "--dp-epsilon", "3", "--resume", *flags]) == 0
     out = capsys.readouterr().out
     assert f"σ = {sigma:.4g}" in out.split("resuming with the run's")[1]

@@ -256,6 +256,15 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history[2:]]
 
 
+def _np_forward(params, x):
+    """A ReLU MLP with identity output, in NumPy float64 (independent of fnn.MLP)."""
+    a = x
+    for l, layer in enumerate(params):
+        z = a @ np.asarray(layer["W"], np.float64).T + np.asarray(layer["b"], np.float64)
+        a = z if l == len(params) - 1 else np.maximum(z, 0)
+    return a
+
+
 def test_nan_guard_stops_and_keeps_the_last_finite_params():
     x, _ = _toy(300)
     y = jnp.sum(x, axis=1, keepdims=True)
@@ -268,11 +277,22 @@ def test_nan_guard_stops_and_keeps_the_last_finite_params():
     result = fit(net, params, opt, (x, y), epochs=50, print_fn=lines.append, **kw)
     assert result.stopped is not None and "non-finite" in result.stopped
     epoch = result.history[-1]["epoch"]
-    assert f"epoch {epoch}," in result.stopped and epoch < 50 and result.epoch == epoch - 1
+    assert f"epoch {epoch}," in result.stopped and epoch < 50
     assert result.nan_report["epoch"] == epoch and len(result.nan_report["batch"]) == 10
     assert any("non-finite" in line for line in lines)
-    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.params))
-    # Replay: the kept params are exactly those before the failing step, and that step fails.
+    # Kept: an epoch boundary whose training cost is finite, with its state, so that it resumes exactly.
+    # (Before: the params from just before the failing step, whose training cost was already inf.)
+    kept = result.nan_report["kept"]
+    assert result.epoch == kept["epoch"] < epoch and f"end of epoch {kept['epoch']}" in result.stopped
+    again = fit(net, params, opt, (x, y), epochs=kept["epoch"], quiet=True, **kw)
+    for a, b in zip(jax.tree_util.tree_leaves((again.params, again.opt_state, again.key)),
+                    jax.tree_util.tree_leaves((result.params, result.opt_state, result.key))):
+        np.testing.assert_array_equal(a, b)
+    np_cost = np.mean((_np_forward(result.params, np.asarray(x, np.float64)) - np.asarray(y, np.float64)) ** 2)
+    assert np.isfinite(kept["train_loss"]) and abs(kept["train_loss"] - np_cost) <= 1e-5 * max(1.0, np_cost)
+    bad_cost = float(mse(net.apply(result.before_failure[0], x), y))
+    assert not np.isfinite(bad_cost) or bad_cost > 1e6 * np_cost  # what the guard used to keep
+    # Replay: before_failure holds exactly the params before the failing step, and that step fails.
     step = result.nan_report["step"]
     before = fit(net, params, opt, (x, y), epochs=epoch - 1, quiet=True, **kw)
     _, shuffle_key = jax.random.split(before.key)
@@ -282,7 +302,7 @@ def test_nan_guard_stops_and_keeps_the_last_finite_params():
         _, g = fnn.backprop(net, p, x[idx], y[idx], mse)
         u, s = opt.update(g, s, p)
         p = optim.apply_updates(p, u)
-    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(result.params)):
+    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(result.before_failure[0])):
         np.testing.assert_allclose(a, b, rtol=1e-4)
     idx = np.asarray(batches)[step]
     np.testing.assert_array_equal(result.nan_report["batch"], idx)
@@ -417,6 +437,63 @@ def test_bad_arguments():
         fit(NET, params, opt, (x, y.at[3].set(7)), loss=SCE, epochs=1, batch_size=5, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="unknown gradient source"):
         fit(NET, params, opt, (x, y), loss=SCE, epochs=1, batch_size=5, key=jax.random.PRNGKey(0), grad_source="fd")
+
+
+def test_bad_arguments_are_named():
+    """Each of these ran into a raw error, the NaN guard or a silent result before (noted per case)."""
+    x, y = _toy(50)
+    params = NET.init(jax.random.PRNGKey(0))
+    opt = optim.sgd(learning_rate=0.1)
+    kw = dict(loss=SCE, epochs=1, batch_size=5, key=jax.random.PRNGKey(0), quiet=True)
+    cases = [  # (changed arguments, error, words); before: ...
+        (dict(loss=fnn.losses.mse.per_sample), TypeError, "fnn.losses.Loss"),  # before: AttributeError
+        (dict(loss="softmax_crossentropy"), ValueError, "unknown loss"),  # before: AttributeError on a str
+        (dict(key=True), TypeError, "PRNG key"),  # before: an error deep inside jax.random
+        (dict(l2=-0.1), ValueError, "l2 must be"),  # before: trained on, with a negative loss
+        (dict(l2=float("nan")), ValueError, "l2 must be"),  # before: the NaN guard fired, naming no argument
+        (dict(batch_size=True), ValueError, "batch_size"),  # before: accepted as a batch of 1
+        (dict(epochs=-1), ValueError, "epochs"),
+        (dict(held_out=(x[:, :4], y)), ValueError, "held-out set: x has 4 features"),
+        (dict(held_out=(x, y.at[0].set(3))), ValueError, r"held-out targets: class labels must lie in \[0, 3\)"),
+        (dict(held_out=(x.at[7, 1].set(jnp.nan), y)), ValueError, "held-out x has non-finite values.*sample 7"),
+        (dict(held_out=(x[:0], y[:0])), ValueError, "held-out set is empty"),
+    ]
+    for changes, error, words in cases:  # before: held-out loss nan and a plausible accuracy, for the last three
+        with pytest.raises(error, match=words):
+            fit(NET, params, opt, (x, y), **{**kw, **changes})
+    with pytest.raises(ValueError, match="training set is empty"):
+        fit(NET, params, opt, (x[:0], y[:0]), **kw)
+    soft = jax.nn.one_hot(y, 3).at[2, 0].set(-0.5)
+    with pytest.raises(ValueError, match="non-negative"):  # before: trained on a "distribution" with a negative mass
+        fit(NET, params, opt, (x, soft), **kw)
+    with pytest.raises(ValueError, match="softmax_cross_entropy on output='identity'"):  # before: wrong gradients
+        fit(NET, params, opt, (x, y), **{**kw, "loss": fnn.losses.categorical_cross_entropy})
+
+
+def test_a_loss_name_and_an_int_seed_are_accepted():
+    x, y = _toy(50)
+    params = NET.init(jax.random.PRNGKey(0))
+    opt = optim.sgd(learning_rate=0.1)
+    by_name = fit(NET, params, opt, (x, y), loss="softmax_cross_entropy", epochs=2, batch_size=5, key=3, quiet=True)
+    by_object = fit(NET, params, opt, (x, y), loss=SCE, epochs=2, batch_size=5, key=jax.random.PRNGKey(3), quiet=True)
+    for a, b in zip(jax.tree_util.tree_leaves(by_name.params), jax.tree_util.tree_leaves(by_object.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_second_fit_with_the_same_configuration_does_not_recompile(monkeypatch):
+    """Sweeps call fit in a loop. Before, every call traced and compiled its epoch again (~0.9 s)."""
+    traces = _count_epoch_traces(monkeypatch)
+    x, y = _toy(60)
+    net = fnn.MLP((5, 7, 3), "tanh")  # a configuration no other test compiles
+    for seed in range(3):  # new params and key, a new (equal) optimizer object every call
+        fit(net, net.init(jax.random.PRNGKey(seed)), optim.adam(learning_rate=1e-3), (x, y), loss=SCE, epochs=2,
+            batch_size=6, key=jax.random.PRNGKey(seed), quiet=True)
+    assert len(traces) == 1
+    fit(net, net.init(jax.random.PRNGKey(0)), optim.adam(learning_rate=2e-3), (x, y), loss=SCE, epochs=1,
+        batch_size=6, key=jax.random.PRNGKey(0), quiet=True)  # another learning rate is another program
+    fit(net, net.init(jax.random.PRNGKey(0)), optim.adam(learning_rate=1e-3), (x[:30], y[:30]), loss=SCE,
+        epochs=1, batch_size=6, key=jax.random.PRNGKey(0), quiet=True)  # other shapes too
+    assert len(traces) == 3
 
 
 def test_mnist_10k_reaches_95_percent(mnist_dir):
