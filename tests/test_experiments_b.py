@@ -106,6 +106,13 @@ def test_autodiff_graphs(tmp_path):
     assert r["delta_vs_cotangent_max_rel_diff"] < 1e-5
     assert r["manual_vs_autodiff_max_rel_diff"] < 1e-5
     assert set(r["step_seconds"]["small"]) == {"manual eager", "manual jit", "autodiff eager", "autodiff jit"}
+    # The README's results block is generated from this JSON (experiments/results.py): the quoted
+    # counts must be those of a fresh run. (Before, they were typed in and had gone stale: 101/111.)
+    results = importlib.import_module("results")
+    quoted = results.blocks(results.README.read_text())["autodiff_graphs"]
+    assert results.render_autodiff_graphs(r) == quoted, (
+        "experiments/README.md quotes other graph counts than a fresh run gives; regenerate with "
+        "python experiments/autodiff_graphs.py && python experiments/results.py")
 
 
 def test_gradient_noise(tmp_path, mnist_dir):
