@@ -316,3 +316,134 @@ def l2_penalty(params, beta: float) -> Array:
     if not l2_active(beta):
         return jnp.zeros((), jnp.result_type(params[0]["W"]))  # keep the squares out of the graph
     return 0.5 * beta * sum(jnp.sum(layer["W"] ** 2) for layer in params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Second derivatives, for fnn.curvature.
+
+
+class Curvature(NamedTuple):
+    """The second derivative of ``C_x`` at the point ``o`` where the network meets the loss.
+
+    The split (Schraudolph 2002) lies at the logits ``o = z^L`` for a canonical pair (the fused δ^L
+    of :mod:`fnn.backprop`: softmax or sigmoid inside the loss) and at the output ``o = a^L``
+    otherwise. Rows are samples; ``y`` is the target as :meth:`Loss.target` returns it, ``(N, K)``.
+
+    Attributes:
+      at_logits: ``True`` for ``o = z^L``, ``False`` for ``o = a^L``.
+      hvp: ``(o, y, u) -> H_x u`` per row, ``H_x = ∂²C_x/∂o²`` (``(N, K)``).
+      sqrt: ``(o, y) -> S (N, K, K)`` with ``S_x S_xᵀ = H_x`` (the columns the exact diagonal and
+        Kronecker factors back-propagate).
+      sample: ``(key, o, y) -> s (N, K)``, one random column per row with ``E[s sᵀ] = H_x``.
+    """
+
+    at_logits: bool
+    hvp: Callable[[Array, Array, Array], Array]
+    sqrt: Callable[[Array, Array], Array]
+    sample: Callable[[jax.Array, Array, Array], Array]
+
+
+def _diagonal(h: Callable[[Array, Array], Array], at_logits: bool, sample=None) -> Curvature:
+    """A ``Curvature`` whose ``H_x = diag(h(o, y))``; ``sample`` defaults to ``√h ⊙ ε``, ε Rademacher."""
+    def rademacher(key, o, y):
+        eps = jax.random.rademacher(key, o.shape, o.dtype)
+        return jnp.sqrt(h(o, y)) * eps
+
+    return Curvature(at_logits, lambda o, y, u: h(o, y) * u,
+                     lambda o, y: jnp.sqrt(h(o, y))[:, :, None] * jnp.eye(o.shape[-1], dtype=o.dtype),
+                     sample or rademacher)
+
+
+def _constant(c: Callable[[int], float]) -> Curvature:
+    """``H_x = c(K) I``: the Gaussian likelihood's, sampled as ``√c ε`` with ε standard normal
+    (the gradient at a target drawn from ``N(o, I/c)``, the model's predictive distribution)."""
+    def h(o, y):
+        return jnp.full_like(o, c(o.shape[-1]))
+
+    def gaussian(key, o, y):
+        return jnp.sqrt(h(o, y)) * jax.random.normal(key, o.shape, o.dtype)
+
+    return _diagonal(h, False, gaussian)
+
+
+def _bernoulli_h(z, y):
+    s = lax.logistic(z)
+    return s * (1 - s) / z.shape[-1]
+
+
+def _bernoulli_sample(key, z, y):
+    # ŷ ~ Bernoulli(σ(z)) per output: (σ − ŷ)/√K has second moment σ(1 − σ)/K = H.
+    s = lax.logistic(z)
+    drawn = jax.random.bernoulli(key, s).astype(z.dtype)
+    return (s - drawn) / jnp.sqrt(jnp.asarray(z.shape[-1], z.dtype))
+
+
+def _softmax_hvp(z, y, u):
+    # H = (Σ_k y_k)(diag p − p pᵀ), p = softmax(z)
+    p = softmax(z)
+    return jnp.sum(y, axis=-1, keepdims=True) * p * (u - jnp.sum(p * u, axis=-1, keepdims=True))
+
+
+def _softmax_sqrt(z, y):
+    # S = √(Σy) (diag √p − p √pᵀ): S Sᵀ = diag p − 2 p pᵀ + p (Σ_k p_k) pᵀ = diag p − p pᵀ.
+    p = softmax(z)
+    r = jnp.sqrt(p)
+    s = jnp.sqrt(jnp.sum(y, axis=-1))[:, None, None]
+    return s * (r[:, :, None] * jnp.eye(z.shape[-1], dtype=z.dtype) - p[:, :, None] * r[:, None, :])
+
+
+def _softmax_sample(key, z, y):
+    # ŷ ~ Categorical(p): √(Σy)(p − e_ŷ) has second moment (Σy)(diag p − p pᵀ) = H.
+    p = softmax(z)
+    drawn = jax.nn.one_hot(jax.random.categorical(key, z), z.shape[-1], dtype=z.dtype)
+    return jnp.sqrt(jnp.sum(y, axis=-1, keepdims=True)) * (p - drawn)
+
+
+def _bce_h(p, y):
+    # ∂²/∂p² of −(y log p̃ + (1 − y) log(1 − p̃))/K, p̃ = clip(p): 0 where the clip holds p
+    q = _clip(p)
+    return _unclipped(p) * (y / (q * q) + (1 - y) / ((1 - q) * (1 - q))) / p.shape[-1]
+
+
+def _cce_h(p, y):
+    q = _clip(p)
+    return _unclipped(p) * y / (q * q)
+
+
+_CATEGORICAL = Curvature(True, _softmax_hvp, _softmax_sqrt, _softmax_sample)
+_BERNOULLI = _diagonal(_bernoulli_h, True, _bernoulli_sample)
+_CURVATURES = {  # (loss, split at the logits?) -> Curvature
+    ("mse", False): _constant(lambda k: 2.0 / k),
+    ("half_mse", False): _constant(lambda k: 1.0),
+    ("mae", False): _diagonal(lambda o, y: jnp.zeros_like(o), False),  # piecewise linear: H = 0
+    ("binary_cross_entropy", True): _BERNOULLI,
+    ("binary_cross_entropy", False): _diagonal(_bce_h, False),
+    ("binary_cross_entropy_with_logits", True): _BERNOULLI,
+    ("categorical_cross_entropy", True): _CATEGORICAL,
+    ("categorical_cross_entropy", False): _diagonal(_cce_h, False),
+    ("softmax_cross_entropy", True): _CATEGORICAL,
+}
+
+
+def output_curvature(loss: Loss | str, output: str) -> Curvature:
+    """The :class:`Curvature` of ``loss`` on a network whose output activation is ``output``.
+
+    Canonical pairs (``loss.canonical_output == output``) split at the logits, where ``H_x`` is the
+    softmax's ``(Σ_k y_k)(diag p − p pᵀ)`` or the sigmoid's ``diag(σ(1 − σ))/K``; every other pair at
+    ``a^L``: ``(2/K) I`` (mse), ``I`` (half_mse), ``0`` (mae), and for the losses on probabilities
+    on the other output ``diag(y/p² + (1 − y)/(1 − p)²)/K`` (bce) or ``diag(y/p²)`` (cce), zero where
+    the clip holds ``p``. Each ``H_x`` is positive semi-definite, so the Gauss-Newton matrix is.
+    MC columns: the gradient at a target drawn from the model's predictive distribution (categorical,
+    Bernoulli, Gaussian) where the loss is that distribution's negative log-likelihood, and ``√h ⊙ ε``
+    with ε Rademacher for the two non-canonical probability pairs and mae (``E[s sᵀ] = H_x`` either
+    way). ``ValueError`` for a pair the loss refuses, or a :class:`Loss` of your own (its second
+    derivative is not known).
+    """
+    loss = check_output(loss, output)
+    if LOSSES.get(loss.name) != loss:
+        raise ValueError(
+            f"curvature needs the loss's second derivative, known for the losses {sorted(LOSSES)}; got a "
+            f"Loss of your own named {loss.name!r}. Use one of those, or add its Curvature to "
+            "fnn.losses._CURVATURES."
+        )
+    return _CURVATURES[(loss.name, loss.canonical_output == output)]

@@ -80,3 +80,19 @@ def test_the_private_gradient_runs_without_autodiff(trap_autodiff):
     step = jax.jit(lambda p, key: fnn.privacy.private_gradient(net, p, x, y, fnn.losses.categorical_cross_entropy,
                                                                key, clip=1.0, noise_multiplier=1.0, q=0.5, chunk=3))
     step(params, jax.random.PRNGKey(0))
+
+
+def test_curvature_runs_without_autodiff(trap_autodiff):
+    net, params, x, y = _problem()
+    loss = fnn.losses.categorical_cross_entropy
+    cv = fnn.curvature
+
+    def everything(params, x, y, key):
+        return (cv.hvp(net, params, x, y, loss, params, 0.1), cv.ggn_vp(net, params, x, y, loss, params, 0.1),
+                cv.ggn_diag(net, params, x, y, loss, 0.1), cv.ggn_diag_mc(net, params, x, y, loss, key, 0.1),
+                cv.kronecker_factors(net, params, x, y, loss), cv.kronecker_factors(net, params, x, y, loss, key),
+                cv.sharpness(net, params, x, y, loss, max_iter=3), cv.sharpness(net, params, x, y, loss, matrix="ggn",
+                                                                                 max_iter=3))
+
+    everything(params, x, y, jax.random.PRNGKey(0))
+    jax.jit(lambda p, x, y, k: everything(p, x, y, k))(params, x, y, jax.random.PRNGKey(0))

@@ -1,0 +1,335 @@
+"""fnn.curvature (R-operator Hessian products, Gauss-Newton products, diagonals, Kronecker factors,
+sharpness) against autodiff: jax.jvp(jax.grad), explicit jax.jacfwd Jacobians, jax.hessian and
+numpy.linalg.eigvalsh, in float64."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.flatten_util import ravel_pytree
+from test_backprop import HIDDEN, PAIRS, soft_class_targets
+
+import fnn
+from fnn import curvature as cv
+from fnn.losses import CLASSES, LOSSES
+
+from helpers import rel_err
+
+TOL = 1e-10  # relative, float64
+
+
+def _targets(rng, loss, output, n, k):
+    if loss.targets == CLASSES:
+        kind = rng.integers(3)
+        labels = rng.integers(0, k, n)
+        return labels if kind == 0 else np.eye(k)[labels] if kind == 1 else soft_class_targets(rng, n, k)
+    if loss.targets == "binary":
+        return rng.integers(0, 2, (n, k)).astype(np.float64) if rng.integers(2) else rng.uniform(0, 1, (n, k))
+    if output == "softmax":
+        return rng.dirichlet(np.ones(k), n)
+    return rng.normal(size=(n, k))
+
+
+@st.composite
+def problems(draw, max_depth=3, batch_norm=False):
+    """A small float64 network, data, targets of every form, a direction ``v``, L2 on or off."""
+    depth = draw(st.integers(1, max_depth))
+    loss_name, output = draw(st.sampled_from(PAIRS))
+    sizes = [draw(st.sampled_from([1, 3])) for _ in range(depth + 1)]
+    if LOSSES[loss_name].targets == CLASSES:
+        sizes[-1] = max(sizes[-1], 2)
+    hidden = [draw(st.sampled_from(HIDDEN)) for _ in range(depth - 1)]
+    bn = batch_norm and depth > 1
+    net = fnn.MLP(sizes, hidden or "tanh", output, batch_norm=bn)
+    n = draw(st.sampled_from([1, 4]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    params = net.init(jax.random.PRNGKey(int(rng.integers(2**31))), jnp.float64)
+    params = jax.tree.map(lambda p: p + rng.normal(0, 0.3, p.shape), params)  # biases, γ, β away from 0, 1
+    state = None
+    if bn:
+        state = [{"mean": jnp.asarray(rng.normal(size=m)), "var": jnp.asarray(rng.uniform(0.5, 2, m))} if b else {}
+                 for m, b in zip(sizes[1:], net.normalized)]
+    x = jnp.asarray(rng.normal(size=(n, sizes[0])))
+    loss = LOSSES[loss_name]
+    y = jnp.asarray(_targets(rng, loss, output, n, sizes[-1]))
+    v = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+    l2 = draw(st.sampled_from([0.0, float(rng.uniform(0.01, 1.0))]))
+    return net, params, x, y, loss, v, l2, state
+
+
+def _split(net, params, x, loss, state=None):
+    """The split point ``o(θ)`` (logits for a canonical pair, else the output) as autodiff sees it."""
+    at_logits = loss.canonical_output == net.output
+
+    def o(p):
+        f = net.forward_trace(p, x, state)
+        return f.zs[-1] if at_logits else f.acts[-1]
+
+    def cost_of_o(o_row, y_row):
+        a = net.activations[-1].phi(o_row[None]) if at_logits else o_row[None]
+        return loss.per_sample(a, y_row[None])[0]
+
+    return o, cost_of_o
+
+
+def _explicit_ggn(net, params, x, y, loss, l2, state=None):
+    """``G = (1/N) Σ_x J_xᵀ H_x J_x + β I_W`` as a matrix over ``ravel_pytree(params)``: ``J`` by
+    jax.jacfwd, ``H_x`` by jax.hessian of the per-sample cost at the split point."""
+    flat, unravel = ravel_pytree(params)
+    o, cost_of_o = _split(net, params, x, loss, state)
+    target, _ = loss.target(net.forward_trace(params, x, state).acts[-1], y)
+    J = jax.jacfwd(lambda t: o(unravel(t)))(flat)  # (N, K, P)
+    H = jax.vmap(jax.hessian(cost_of_o))(o(params), target)  # (N, K, K)
+    G = jnp.einsum("nkp,nkj,njq->pq", J, H, J) / x.shape[0]
+    weights = ravel_pytree([{k: jnp.full(p[k].shape, float(k == "W")) for k in p} for p in params])[0]
+    return G + l2 * jnp.diag(weights), J, H
+
+
+def _assert_tree_close(got, ref, tol=TOL, what=""):
+    assert jax.tree.structure(got) == jax.tree.structure(ref)
+    g, r = ravel_pytree(got)[0], ravel_pytree(ref)[0]
+    assert rel_err(g, r) <= tol, f"{what}: relative error {rel_err(g, r):.3g}"
+
+
+class _Static:
+    """Hashable holder, so that jit treats the network, the loss and β as static."""
+
+    def __init__(self, *items):
+        self.items = items
+
+    def __hash__(self):
+        return hash(self.items)
+
+    def __eq__(self, other):
+        return self.items == other.items
+
+
+jax.tree_util.register_static(_Static)
+
+
+@jax.jit
+def _products(params, x, y, v, state, static):
+    """Each product by fnn.curvature and by autodiff, in one compiled program (much faster than eager)."""
+    net, loss, l2 = static.items
+
+    def obj(p):
+        return fnn.objective(net, p, x, y, loss, l2) if state is None else fnn.objective(
+            net, p, x, y, loss, l2, state, False)[0]
+
+    G, _, _ = _explicit_ggn(net, params, x, y, loss, l2, state)
+    got = (cv.hvp(net, params, x, y, loss, v, l2, state), cv.ggn_vp(net, params, x, y, loss, v, l2, state),
+           cv.ggn_diag(net, params, x, y, loss, l2, state))
+    return got, jax.jvp(jax.grad(obj), (params,), (v,))[1], G
+
+
+def _check_products(net, params, x, y, loss, v, l2, state):
+    (hv, gv, diag), ref_hv, G = _products(params, x, y, v, state, _Static(net, loss, l2))
+    flat_v, unravel = ravel_pytree(v)
+    _assert_tree_close(hv, ref_hv, what="H v")
+    _assert_tree_close(gv, unravel(G @ flat_v), what="G v")
+    _assert_tree_close(diag, unravel(jnp.diag(G)), what="diag G")
+
+
+@settings(max_examples=30, deadline=None)
+@given(problem=problems())
+def test_products_and_diagonal_equal_autodiff(problem):
+    """H v = jvp(grad C), G v = Jᵀ H J v and diag G, from explicit jacfwd/hessian matrices, to 1e-10."""
+    _check_products(*problem)
+
+
+@settings(max_examples=8, deadline=None)
+@given(problem=problems(max_depth=3, batch_norm=True))
+def test_batch_norm_in_eval_mode(problem):
+    """The same with batch-normalized hidden layers in eval mode (γ and β get their own rows)."""
+    _check_products(*problem)
+
+
+@settings(max_examples=8, deadline=None)
+@given(problem=problems())
+def test_kronecker_factors(problem):
+    """``A^l = mean ā āᵀ``; ``G^l`` = the Gauss-Newton block of ``b^l`` (``∂z^l/∂b^l = I``, so the bias
+    block is exactly ``(1/N) Σ_x J_{z^l}ᵀ H_x J_{z^l}`` for any N), from the exact columns (KFLR); and for
+    N = 1, ``G^l ⊗ A^l`` (row-major ``[W | b]``) is the exact Gauss-Newton block of layer l."""
+    net, params, x, y, loss, _, _, _ = problem
+    index = _layer_index(params)
+    acts = net.forward_trace(params, x).acts
+    ggn = jax.jit(lambda p, x, y: _explicit_ggn(net, p, x, y, loss, 0.0)[0])
+    factors = jax.jit(lambda p, x, y: cv.kronecker_factors(net, p, x, y, loss))
+    G = ggn(params, x, y)
+    for l, f in enumerate(factors(params, x, y)):
+        abar = np.concatenate([np.asarray(acts[l]), np.ones((x.shape[0], 1))], axis=1)
+        assert rel_err(f.A, abar.T @ abar / x.shape[0]) <= TOL
+        b = index[l]["b"]
+        assert rel_err(f.G, G[np.ix_(b, b)]) <= TOL, f"layer {l}"
+        assert f.A.shape == (net.sizes[l] + 1,) * 2 and f.G.shape == (net.sizes[l + 1],) * 2
+    x, y = x[:1], y[:1]
+    G = ggn(params, x, y)
+    for l, (f, idx) in enumerate(zip(factors(params, x, y), index)):
+        order = np.concatenate([idx["W"], idx["b"][:, None]], axis=1).ravel()
+        assert rel_err(jnp.kron(f.G, f.A), G[np.ix_(order, order)]) <= TOL, f"layer {l}, N = 1"
+
+
+def _layer_index(params):
+    """Per layer, the positions of each leaf in ``ravel_pytree(params)``."""
+    flat_index = ravel_pytree(jax.tree.map(lambda p: jnp.zeros(p.shape), params))[1]
+    count = sum(p.size for p in jax.tree.leaves(params))
+    return jax.tree.map(lambda t: np.asarray(t, np.int64), flat_index(jnp.arange(count, dtype=jnp.float64)))
+
+
+MC_CASES = [("softmax_cross_entropy", "identity"), ("binary_cross_entropy", "sigmoid"), ("mse", "tanh"),
+            ("categorical_cross_entropy", "sigmoid"), ("binary_cross_entropy", "softmax"), ("half_mse", "softmax")]
+
+
+@pytest.mark.parametrize("loss_name,output", MC_CASES)
+def test_monte_carlo_diagonal_and_factors_converge_to_the_exact_ones(loss_name, output):
+    """The MC diagonal and KFAC's ``G^l`` are unbiased: over 400 independent estimates (20 columns
+    each) their mean lies within 5 standard errors of the exact diagonal / KFLR factor, entry by entry,
+    and the spread shrinks as 1/√M."""
+    rng = np.random.default_rng(7)
+    loss = LOSSES[loss_name]
+    net = fnn.MLP((3, 4, 3), "tanh", output)
+    params = jax.tree.map(lambda p: p + rng.normal(0, 0.3, p.shape), net.init(jax.random.PRNGKey(1), jnp.float64))
+    x = jnp.asarray(rng.normal(size=(4, 3)))
+    y = jnp.asarray(_targets(rng, loss, output, 4, 3))
+    keys = jax.random.split(jax.random.PRNGKey(11), 400)
+
+    def diag(k, m):
+        return ravel_pytree(cv.ggn_diag_mc(net, params, x, y, loss, k, 0.1, samples=m))[0]
+
+    def kfac(k):
+        return jnp.concatenate([f.G.ravel() for f in cv.kronecker_factors(net, params, x, y, loss, key=k, samples=20)])
+
+    @jax.jit
+    def estimates(keys):
+        return jax.vmap(lambda k: diag(k, 20))(keys), jax.vmap(kfac)(keys), jax.vmap(lambda k: diag(k, 1))(keys)
+
+    mc, kf, single = estimates(keys)
+    _assert_unbiased(mc, ravel_pytree(cv.ggn_diag(net, params, x, y, loss, 0.1))[0])
+    _assert_unbiased(kf, jnp.concatenate([f.G.ravel() for f in cv.kronecker_factors(net, params, x, y, loss)]))
+    # one column per example: the spread is about √20 times larger
+    big = np.asarray(mc.std(0)) > 1e-6
+    ratio = np.median(np.asarray(single.std(0))[big] / np.asarray(mc.std(0))[big])
+    assert math.sqrt(20) / 1.5 < ratio < math.sqrt(20) * 1.5
+
+
+def _assert_unbiased(estimates, exact):
+    mean, se = np.asarray(estimates.mean(0)), np.asarray(estimates.std(0)) / math.sqrt(estimates.shape[0])
+    exact = np.asarray(exact)
+    z = np.abs(mean - exact) / (se + 1e-300)
+    assert np.all(np.abs(mean - exact) <= 5 * se + 1e-12 * np.abs(exact).max()), f"{z.max():.2f} standard errors"
+    assert np.abs(mean - exact).max() <= 0.05 * np.abs(exact).max()  # and close in absolute terms
+
+
+def test_the_exact_columns_factor_the_output_hessian():
+    """``S_x S_xᵀ = H_x`` and the MC columns' second moment is ``H_x``, for every accepted pair,
+    against jax.hessian of the per-sample cost at the split point."""
+    rng = np.random.default_rng(3)
+    for loss_name, output in PAIRS:
+        loss = LOSSES[loss_name]
+        curv = fnn.losses.output_curvature(loss, output)
+        k, n = 3, 4
+        net = fnn.MLP((2, k), "tanh", output)
+        o = jnp.asarray(rng.normal(size=(n, k)))
+        if not curv.at_logits and output in ("sigmoid", "softmax"):
+            o = net.activations[-1].phi(o)  # a^L of that output
+        y, _ = loss.target(o, jnp.asarray(_targets(rng, loss, output, n, k)))
+        _, cost_of_o = _split(net, None, None, loss)
+        H = jax.vmap(jax.hessian(cost_of_o))(o, y)
+        S = curv.sqrt(o, y)
+        assert rel_err(jnp.einsum("nkc,njc->nkj", S, S), H) <= TOL, (loss_name, output)
+        u = jnp.asarray(rng.normal(size=(n, k)))
+        assert rel_err(curv.hvp(o, y, u), jnp.einsum("nkj,nj->nk", H, u)) <= TOL, (loss_name, output)
+        cols = jax.vmap(lambda key: curv.sample(key, o, y))(jax.random.split(jax.random.PRNGKey(0), 5000))
+        second = jnp.einsum("mnk,mnj->nkj", cols, cols) / cols.shape[0]
+        scale = max(np.abs(np.asarray(H)).max(), 1e-3)
+        assert np.abs(np.asarray(second - H)).max() <= 0.05 * scale, (loss_name, output)
+
+
+def _small_problem(seed, loss_name="softmax_cross_entropy", output="identity", act="tanh", scale=1.0):
+    rng = np.random.default_rng(seed)
+    loss = LOSSES[loss_name]
+    net = fnn.MLP((3, 4, 3), act, output)
+    params = jax.tree.map(lambda p: scale * (p + rng.normal(0, 0.5, p.shape)),
+                          net.init(jax.random.PRNGKey(seed), jnp.float64))
+    x = jnp.asarray(rng.normal(size=(6, 3)))
+    y = jnp.asarray(_targets(rng, loss, output, 6, 3))
+    return net, params, x, y, loss
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sharpness_against_eigvalsh(seed):
+    """The top eigenvalue of H and of G by power iteration, against numpy.linalg.eigvalsh of the
+    matrices built by jax.hessian and jacfwd; the residual bound holds."""
+    net, params, x, y, loss = _small_problem(seed)
+    flat, unravel = ravel_pytree(params)
+    H = np.asarray(jax.jit(jax.hessian(lambda t: fnn.objective(net, unravel(t), x, y, loss, 0.01)))(flat))
+    G = np.asarray(jax.jit(lambda p: _explicit_ggn(net, p, x, y, loss, 0.01)[0])(params))
+    run = jax.jit(lambda p, which: cv.sharpness(net, p, x, y, loss, 0.01, matrix=which, tol=1e-9,
+                                                max_iter=20000), static_argnums=1)
+    for which, M in (("hessian", H), ("ggn", G)):
+        ev = np.linalg.eigvalsh(M)
+        top = run(params, which)
+        assert bool(top.converged) and int(top.iterations) <= 20000
+        assert abs(float(top.value) - ev[-1]) <= 1e-7 * np.abs(ev).max(), (which, float(top.value), ev[-1])
+        vec = ravel_pytree(top.vector)[0]
+        assert abs(float(jnp.linalg.norm(vec)) - 1) <= 1e-9
+        assert np.linalg.norm(M @ np.asarray(vec) - ev[-1] * np.asarray(vec)) <= 1e-5 * np.abs(ev).max()
+
+
+def test_sharpness_when_the_most_negative_eigenvalue_dominates():
+    """Power iteration alone would return λ_min here (|λ_min| > λ_max); the shifted second run gives λ_max."""
+    net, params, x, y, loss = _small_problem(1, "mse", "identity", "tanh", scale=2.0)
+    flat, unravel = ravel_pytree(params)
+    hessian = jax.jit(jax.hessian(lambda t: fnn.objective(net, unravel(t), x, y, loss)))
+    ev = np.linalg.eigvalsh(np.asarray(hessian(flat)))
+    assert -ev[0] > ev[-1] > 0  # the case this test is about
+    top = jax.jit(lambda p: cv.sharpness(net, p, x, y, loss, tol=1e-9, max_iter=50000))(params)
+    assert bool(top.converged)
+    assert abs(float(top.value) - ev[-1]) <= 1e-6 * np.abs(ev).max()
+
+
+def test_results_keep_structure_and_dtype_and_jit_compiles_once():
+    net, params, x, y, loss = _small_problem(0)
+    params32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    x32 = x.astype(jnp.float32)
+    traces = []
+
+    @jax.jit
+    def everything(p, v, key):
+        traces.append(1)
+        return (cv.hvp(net, p, x32, y, loss, v), cv.ggn_vp(net, p, x32, y, loss, v, 0.1),
+                cv.ggn_diag(net, p, x32, y, loss), cv.ggn_diag_mc(net, p, x32, y, loss, key, samples=2))
+
+    for i in range(3):
+        outs = everything(params32, params32, jax.random.PRNGKey(i))
+    assert len(traces) == 1
+    for out in outs:
+        assert jax.tree.structure(out) == jax.tree.structure(params32)
+        pairs = zip(jax.tree.leaves(out), jax.tree.leaves(params32))
+        assert all(a.dtype == jnp.float32 and a.shape == p.shape for a, p in pairs)
+    assert all(np.all(np.asarray(leaf) >= 0) for leaf in jax.tree.leaves(outs[2]))  # a GGN diagonal is ≥ 0
+
+
+def test_bad_input():
+    net, params, x, y, loss = _small_problem(0)
+    with pytest.raises(ValueError, match="reads probabilities"):
+        cv.hvp(net, params, x, y, LOSSES["categorical_cross_entropy"], params)
+    own = fnn.Loss("my_mse", "regression", lambda a, t: jnp.sum((a - t) ** 2, -1), lambda a, t: 2 * (a - t))
+    with pytest.raises(ValueError, match="second derivative.*my_mse"):
+        cv.ggn_diag(net, params, x, jnp.zeros((6, 3)), own)
+    with pytest.raises(ValueError, match="params must be a list of 2 layers"):
+        cv.hvp(net, params, x, y, loss, params[:1])
+    with pytest.raises(ValueError, match="samples must be a positive int"):
+        cv.ggn_diag_mc(net, params, x, y, loss, jax.random.PRNGKey(0), samples=0)
+    with pytest.raises(ValueError, match="matrix must be"):
+        cv.sharpness(net, params, x, y, loss, matrix="fisher")
+    bn = fnn.MLP((3, 4, 3), "tanh", "identity", batch_norm=True)
+    p, s = bn.init(jax.random.PRNGKey(0), jnp.float64), bn.init_state(jnp.float64)
+    with pytest.raises(ValueError, match="train mode.*train=False"):
+        cv.ggn_vp(bn, p, x, y, loss, p, state=s, train=True)
+    with pytest.raises(ValueError, match="batch norm"):
+        cv.kronecker_factors(bn, p, x, y, loss)
