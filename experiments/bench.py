@@ -79,7 +79,7 @@ MANUAL_STEP, AUTODIFF_STEP = "step, manual backprop", "step, jax.grad"
 FNN_MANUAL, FNN_AUTODIFF = "fnn.train epoch, manual", "fnn.train epoch, jax.grad"
 FNN_GUARDED = "fnn.train guarded epoch (replay), manual"
 NO_NORM = "fnn, grad_norm=False"
-SECTIONS = ("steps", "epochs", "gpu", "per_example", "private")
+SECTIONS = ("steps", "epochs", "gpu", "per_example", "private", "curvature")
 
 
 class Case(NamedTuple):
@@ -531,13 +531,11 @@ def per_example_pieces(case: Case) -> dict[str, Callable]:
     }
 
 
-def bench_per_example(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
-    """Milliseconds per batch of each per-example quantity by both routes, alternated, with the memory
-    of each compiled program (XLA's memory analysis: temporary buffers plus outputs)."""
-    params = fnn_model(case)[3]
-    xb, yb = x[: case.batch], y[: case.batch]
+def time_pieces(pieces: dict[str, Callable], params, xb, yb, args):
+    """Alternated timings (ms per call) of ``(params, x, y) -> result`` functions, each compiled once,
+    with the memory of each compiled program (XLA's memory analysis: temporary buffers plus outputs)."""
     contenders, memory = {}, {}
-    for name, fn in per_example_pieces(case).items():
+    for name, fn in pieces.items():
         run = jax.jit(fn).lower(params, xb, yb).compile()
         analysis = run.memory_analysis()
         memory[name] = None if analysis is None else analysis.temp_size_in_bytes + analysis.output_size_in_bytes
@@ -555,6 +553,14 @@ def bench_per_example(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
         contenders[name] = contender
     timings = alternate(contenders, args.repeats, args.warmup)
     ms = {name: 1 / rate_summary(t, 1e-3)["median"] for name, t in timings.items()}
+    return timings, ms, memory
+
+
+def bench_per_example(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
+    """Milliseconds per batch of each per-example quantity by both routes, alternated, with the memory
+    of each compiled program (XLA's memory analysis: temporary buffers plus outputs)."""
+    params = fnn_model(case)[3]
+    timings, ms, memory = time_pieces(per_example_pieces(case), params, x[: case.batch], y[: case.batch], args)
     plain = "gradient (fnn.backprop)"
     ratios = {}
     for name in timings:
@@ -564,6 +570,80 @@ def bench_per_example(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
             if other in timings:
                 ratios[name]["vmap_over_delta"] = paired_ratio(timings[name], timings[other])
     return {"model": case.name, "batch": case.batch, "ms": ms, "memory_bytes": memory, "ratios": ratios}
+
+
+# ---------------------------------------------------------------------------------------------
+# Curvature: the hand-written products, diagonals and Kronecker factors against a gradient and autodiff.
+
+CURVATURE_AUTODIFF_DIAG_MAX_P = 300_000  # the autodiff diagonal holds N × P per output column: small model only
+
+
+def curvature_pieces(case: Case) -> dict[str, Callable]:
+    """Per quantity, ``(params, x, y) -> result``: the hand-written route (:mod:`fnn.curvature`) and, where
+    one exists, the autodiff route; each reduced to one number so that XLA computes all of it. The
+    direction of ``H v`` and ``G v`` is ``params`` itself. Autodiff routes: ``jax.jvp(jax.grad(C))`` for
+    ``H v``; for ``G v`` the network's ``jvp``, the loss's Hessian by ``jvp(grad)`` at the logits, and
+    the network's ``vjp``; for the exact diagonal, ``lax.map`` over the ``K`` columns of ``S_x`` of
+    ``vmap(jax.grad)`` of ``s_{x,c} · z^L_x``, squared and summed (``N × P`` per column; small model only)."""
+    net, loss, _, params0 = fnn_model(case)
+    cv = fnn.curvature
+    curv = fnn.losses.output_curvature(loss, net.output)
+
+    def logits(p, x):
+        return net.forward_trace(p, x).zs[-1]
+
+    def ggn_autodiff(p, x, y):
+        z, jv = jax.jvp(lambda q: logits(q, x), (p,), (p,))
+        hjv = jax.jvp(jax.grad(lambda o: loss(o, y) * o.shape[0]), (z,), (jv,))[1]
+        return jax.vjp(lambda q: logits(q, x), p)[1](hjv / x.shape[0])[0]
+
+    def diag_autodiff(p, x, y):
+        target, _ = loss.target(logits(p, x), y)
+        cols = jnp.moveaxis(curv.sqrt(lax.stop_gradient(logits(p, x)), target), 2, 0)  # (K, N, K)
+
+        def column(s):
+            g = jax.vmap(jax.grad(lambda q, xi, si: jnp.sum(si * logits(q, xi[None])[0])),
+                         in_axes=(None, 0, 0))(p, x, s)
+            return jax.tree.map(lambda t: jnp.sum(t * t, axis=0), g)
+
+        return jax.tree.map(lambda t: jnp.sum(t, axis=0) / x.shape[0], lax.map(column, cols))
+
+    pieces = {
+        "gradient (fnn.backprop)": lambda p, x, y: _total(fnn.backprop(net, p, x, y, loss)),
+        "H v, by hand": lambda p, x, y: _total(cv.hvp(net, p, x, y, loss, p)),
+        "H v, jvp(grad)": lambda p, x, y: _total(jax.jvp(jax.grad(lambda q: fnn.objective(net, q, x, y, loss)),
+                                                         (p,), (p,))[1]),
+        "G v, by hand": lambda p, x, y: _total(cv.ggn_vp(net, p, x, y, loss, p)),
+        "G v, autodiff": lambda p, x, y: _total(ggn_autodiff(p, x, y)),
+        "exact GGN diagonal, by hand": lambda p, x, y: _total(cv.ggn_diag(net, p, x, y, loss)),
+        "MC GGN diagonal (1 sample), by hand": lambda p, x, y: _total(
+            cv.ggn_diag_mc(net, p, x, y, loss, jax.random.PRNGKey(0))),
+        "KFLR factors, by hand": lambda p, x, y: _total(cv.kronecker_factors(net, p, x, y, loss)),
+        "KFAC factors (1 sample), by hand": lambda p, x, y: _total(
+            cv.kronecker_factors(net, p, x, y, loss, jax.random.PRNGKey(0))),
+    }
+    if sum(t.size for t in jax.tree.leaves(params0)) <= CURVATURE_AUTODIFF_DIAG_MAX_P:
+        pieces["exact GGN diagonal, autodiff"] = lambda p, x, y: _total(diag_autodiff(p, x, y))
+    return pieces
+
+
+def bench_curvature(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
+    """Milliseconds per batch of each curvature quantity, its ratio to a plain gradient, and the autodiff
+    route's time over the hand-written one where both exist."""
+    params = fnn_model(case)[3]
+    timings, ms, memory = time_pieces(curvature_pieces(case), params, x[: case.batch], y[: case.batch], args)
+    plain = "gradient (fnn.backprop)"
+    ratios = {}
+    for name in timings:
+        if name.endswith(", by hand"):
+            ratios[name] = {"over_gradient": paired_ratio(timings[plain], timings[name])}
+            prefix = name[: -len(", by hand")]
+            other = next((o for o in timings if o.startswith(prefix + ", ") and o != name), None)
+            if other is not None:
+                ratios[name]["autodiff_over_hand"] = paired_ratio(timings[name], timings[other])
+                ratios[name]["autodiff_route"] = other
+    return {"model": case.name, "batch": case.batch, "outputs": case.sizes[-1], "ms": ms, "memory_bytes": memory,
+            "ratios": ratios}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,7 +798,7 @@ def gpu_rows(args, device_platform: str, x_np: np.ndarray, y_np: np.ndarray,
 
 
 def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_example: list[dict] = (),
-            private: dict | None = None) -> list[dict]:
+            private: dict | None = None, curvature: list[dict] = ()) -> list[dict]:
     """Each target with its measured value (a median of per-round ratios) and its verdict.
 
     ``met`` is ``None`` where nothing was measured; ``within_noise`` is true when the goal lies
@@ -757,6 +837,16 @@ def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_exa
                      0.7, best))
         rows.append((f"DP-SGD gradient: vmap(grad) time / δ time, {s['model']} lot {s['lot']}", ">=", 30,
                      s["vmap_over_delta"]))
+    for c in curvature:
+        r, where = c["ratios"], f"{c['model']} B={c['batch']}"
+        hv = r["H v, by hand"]["autodiff_over_hand"]
+        rows.append((f"H v: by-hand time / jvp(grad) time, {where}", "<=", 1.1,
+                     {"median": 1 / hv["median"], "rounds": [1 / v for v in hv["rounds"]]}))
+        for name, goal in (("MC GGN diagonal (1 sample), by hand", 2), ("KFAC factors (1 sample), by hand", 2),
+                           ("KFLR factors, by hand", c["outputs"] + 1),
+                           ("exact GGN diagonal, by hand", c["outputs"] + 1)):
+            rows.append((f"{name[: -len(', by hand')]}: time / gradient, {where}", "<=", goal,
+                         r[name]["over_gradient"]))
     out = []
     for name, sense, goal, ratio in rows:
         row = {"target": name, "goal": f"{sense} {goal}", "value": None, "range": None, "met": None,
@@ -830,6 +920,8 @@ def print_tables(results: dict) -> None:
         _print_gpu(results["gpu"])
     if results["per_example"]:
         _print_per_example(results["per_example"])
+    if results.get("curvature"):
+        _print_curvature(results["curvature"])
     if results["private"]:
         e, s = results["private"]["epochs"], results["private"]["steps"]
         print(f"\nDP-SGD, {e['model']}, lot = batch = {e['batch']}: samples/s "
@@ -915,6 +1007,21 @@ def _print_per_example(per: list[dict]) -> None:
     print(table(["case", "quantity, route", "ms", "/ gradient", "vmap / δ", "memory"], rows))
 
 
+def _print_curvature(curv: list[dict]) -> None:
+    print("\nCurvature: ms per batch (median), time / plain gradient, autodiff time / by-hand time "
+          "(paired medians [range]), XLA memory (temporaries and outputs)")
+    rows = []
+    for c in curv:
+        for name, ms in c["ms"].items():
+            r = c["ratios"].get(name, {})
+            mem = c["memory_bytes"][name]
+            rows.append([f"{c['model']} B={c['batch']}", name, f"{ms:.3f}",
+                         _ratio(r["over_gradient"]) if "over_gradient" in r else None,
+                         _ratio(r["autodiff_over_hand"]) if "autodiff_over_hand" in r else None,
+                         None if mem is None else f"{mem / 2**20:,.1f} MiB"])
+    print(table(["case", "quantity, route", "ms", "/ gradient", "autodiff / by hand", "memory"], rows))
+
+
 def main(argv=None) -> dict:
     """Run the benchmark (``argv``: the command line); returns the results written to the JSON."""
     def extra(p):
@@ -946,11 +1053,12 @@ def main(argv=None) -> dict:
     gpu = gpu_rows(args, info["platform"], x_np, y_np) if "gpu" in sections else []
     per = [bench_per_example(case, x, y, args) for case in cases] if "per_example" in sections else []
     private = bench_private(x, y, args, args.quick) if "private" in sections else None
+    curvature = [bench_curvature(case, x, y, args) for case in cases] if "curvature" in sections else []
     info["load_average_end"] = _load()
     results = {"machine": info, "samples": int(x.shape[0]), "repeats": args.repeats, "warmup": args.warmup,
                "torch_version": torch.__version__ if torch else None, "torch_skipped": args.torch_skipped,
                "steps": steps, "epochs": epochs, "gpu": gpu, "per_example": per, "private": private,
-               "targets": targets(steps, epochs, info["platform"], per, private)}
+               "curvature": curvature, "targets": targets(steps, epochs, info["platform"], per, private, curvature)}
     print_tables(results)
     path = common.save_json(args, results)
     print(f"\n[bench] wrote {path} in {time.perf_counter() - args.started:.1f}s")

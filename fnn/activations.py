@@ -186,5 +186,8 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 """Every activation by name."""
 
+PIECEWISE_LINEAR = frozenset({"identity", "relu", "leaky_relu"})
+"""Activations with ``φ'' = 0`` everywhere but at a kink: second-order passes may leave their term out."""
+
 OUTPUT_ONLY = frozenset({"softmax"})
 """Activations that act on a whole row and are meant for the output layer."""

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from fnn.activations import PIECEWISE_LINEAR
 from fnn.backprop import Trace, backprop_trace
 from fnn.losses import Curvature, Loss, check_output, l2_active, mark_invalid, output_curvature
 from fnn.mlp import MLP, Params, State
@@ -138,7 +139,7 @@ def _top_r_delta(net, loss, curv: Curvature, trace: Trace, target, rz, ra, hessi
         return curv.hvp(z, target, rz)
     out = net.activations[-1]
     rdelta = out.backward(z, a, curv.hvp(a, target, ra))
-    if hessian:
+    if hessian and out.name not in PIECEWISE_LINEAR:
         rdelta = rdelta + out.backward_r(z, a, loss.grad(a, target), rz)
     return rdelta
 
@@ -175,7 +176,7 @@ def _r_backward(net: MLP, params: Params, trace: Trace, v: Params, rdelta, rhs, 
             if hessian:
                 back = back + net.matmul(d_h, dv["W"])
             rdelta = act.backward(f.zs[l - 1], f.acts[l], back)
-            if hessian:
+            if hessian and act.name not in PIECEWISE_LINEAR:  # φ'' = 0: no term (and no extra matmul)
                 rdelta = rdelta + act.backward_r(f.zs[l - 1], f.acts[l], net.matmul(d_h, layer["W"]), rzs[l - 1])
     return out
 
@@ -326,12 +327,13 @@ def kronecker_factors(net: MLP, params: Params, x, y, loss: Loss | str, key: jax
 
 
 def sharpness(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0, *, matrix: str = "hessian",
-              key: jax.Array | None = None, tol: float = 1e-4, max_iter: int = 100,
-              state: State | None = None, train: bool = False) -> Sharpness:
+              key: jax.Array | None = None, start: Params | None = None, tol: float = 1e-4,
+              max_iter: int = 100, state: State | None = None, train: bool = False) -> Sharpness:
     """The largest eigenvalue of the Hessian (``matrix="hessian"``) or the Gauss-Newton matrix
     (``"ggn"``) by power iteration on :func:`hvp` / :func:`ggn_vp`, under ``jit`` if you like.
 
-    Power iteration ``v ← M v / ‖M v‖`` from a random unit ``v`` (``key``; default ``PRNGKey(0)``), with
+    Power iteration ``v ← M v / ‖M v‖`` from ``start`` (say the previous result's ``vector``, when
+    tracking the sharpness along training) or a random unit ``v`` (``key``; default ``PRNGKey(0)``), with
     ``λ = vᵀ M v``; it stops when the residual ``‖M v − λ v‖ ≤ tol · |λ|`` (then some eigenvalue of the
     symmetric ``M`` lies within ``tol · |λ|`` of ``λ``, and the Rayleigh quotient's own error is of
     order ``tol² |λ|`` relative to the spectral gap) or after ``max_iter`` products. Power iteration finds
@@ -352,8 +354,12 @@ def sharpness(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0,
         out = _product(net, params, unravel(u), loss, curv, trace, target, valid, l2, hessian=matrix == "hessian")
         return ravel_pytree(out)[0]
 
-    key = jax.random.PRNGKey(0) if key is None else key
-    start = jax.random.normal(key, flat.shape, flat.dtype)
+    if start is None:
+        key = jax.random.PRNGKey(0) if key is None else key
+        start = jax.random.normal(key, flat.shape, flat.dtype)
+    else:
+        net.check_params(start)
+        start = ravel_pytree(start)[0].astype(flat.dtype)
     start = start / jnp.linalg.norm(start)
     first = _power(product, start, 0.0, tol, max_iter)
     if matrix == "hessian":

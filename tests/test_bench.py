@@ -93,8 +93,21 @@ def test_bench_quick(tmp_path):
     assert all(positive(v) for v in private["steps"]["ms"].values())
     assert positive(private["steps"]["vmap_over_delta"]["median"])
 
-    # torch, reference (with and without the norm), matmul; one per step row; five per-example targets; two DP
-    assert len(saved["targets"]) == 4 + len(saved["steps"]) + 5 * bool(saved["per_example"]) + 2
+    assert len(saved["curvature"]) == 1
+    for c in saved["curvature"]:
+        assert all(positive(v) for v in c["ms"].values())
+        assert {"gradient (fnn.backprop)", "H v, by hand", "H v, jvp(grad)", "G v, by hand", "G v, autodiff",
+                "exact GGN diagonal, by hand", "exact GGN diagonal, autodiff", "MC GGN diagonal (1 sample), by hand",
+                "KFLR factors, by hand", "KFAC factors (1 sample), by hand"} == set(c["ms"])
+        for name, ratios in c["ratios"].items():
+            assert name.endswith(", by hand") and positive(ratios["over_gradient"]["median"])
+        assert {name for name, r in c["ratios"].items() if "autodiff_over_hand" in r} == {
+            "H v, by hand", "G v, by hand", "exact GGN diagonal, by hand"}
+
+    # torch, reference (with and without the norm), matmul; one per step row; five per-example targets; two DP;
+    # five per curvature case
+    assert len(saved["targets"]) == 4 + len(saved["steps"]) + 5 * bool(saved["per_example"]) + 2 + 5 * len(
+        saved["curvature"])
     for target in saved["targets"]:
         assert target["met"] in (True, False, None)
         assert (target["met"] is None) == (target["value"] is None) == (target["range"] is None)

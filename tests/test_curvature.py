@@ -278,6 +278,9 @@ def test_sharpness_against_eigvalsh(seed):
         vec = ravel_pytree(top.vector)[0]
         assert abs(float(jnp.linalg.norm(vec)) - 1) <= 1e-9
         assert np.linalg.norm(M @ np.asarray(vec) - ev[-1] * np.asarray(vec)) <= 1e-5 * np.abs(ev).max()
+    # warm-started from its own eigenvector, the ggn iteration stops at once with the same value
+    again = cv.sharpness(net, params, x, y, loss, 0.01, matrix="ggn", start=top.vector, tol=1e-6)
+    assert int(again.iterations) <= 2 and abs(float(again.value) - ev[-1]) <= 1e-7 * np.abs(ev).max()
 
 
 def test_sharpness_when_the_most_negative_eigenvalue_dominates():

@@ -136,3 +136,41 @@ def test_private_mnist(tmp_path, mnist_dir):
     sigmas = [r["noise_multiplier"][t] for t in ("0.5", "2.0", "8.0")]
     assert sigmas[0] > sigmas[1] > sigmas[2] > 0
     assert r["mean"]["None"] > 0.5  # the quick non-private run learns something
+
+
+def test_edge_of_stability(tmp_path, mnist_dir):
+    r = run("edge_of_stability", tmp_path, "--data-dir", str(mnist_dir))
+    # the initial sharpness against power iteration on jax.jvp(jax.grad) of the objective (autodiff)
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    import fnn
+
+    raw = fnn.data.load_dataset("mnist-10k", str(mnist_dir))
+    data, _ = fnn.data.zscore_dataset(raw)
+    x = jnp.asarray(data.x_train[: r["subset"]], jnp.float32)
+    y = jax.nn.one_hot(jnp.asarray(data.y_train[: r["subset"]]), 10, dtype=jnp.float32)
+    net = fnn.MLP(tuple(r["sizes"]), "tanh", "identity")
+    params = net.init(jax.random.PRNGKey(0))
+    flat, unravel = ravel_pytree(params)
+    grad = jax.grad(lambda t: fnn.objective(net, unravel(t), x, y, fnn.losses.mse))
+    hv = jax.jit(lambda v: jax.jvp(grad, (flat,), (v,))[1])
+    v = jax.random.normal(jax.random.PRNGKey(5), flat.shape, flat.dtype)
+    for _ in range(300):
+        w = hv(v / jnp.linalg.norm(v))
+        lam, v = float(jnp.vdot(v / jnp.linalg.norm(v), w)), w
+    assert r["initial_converged"]
+    assert abs(r["initial_sharpness"] - lam) <= 1e-3 * lam
+    for run_ in r["runs"]:
+        costs, sharp = np.asarray(run_["costs"], float), np.asarray(run_["sharpness"], float)
+        assert costs.shape == (r["steps"],) and sharp.shape == (r["steps"] // r["every"],)
+        assert np.all(np.isfinite(costs)) and costs[-1] < costs[0]
+        # a run that did not diverge cannot have stayed far above the stability limit 2/η
+        assert run_["late_median_over_edge"] <= 1.5
+        # the verdict is the one its numbers give
+        edge = 0.9 <= run_["late_median_over_edge"] <= 1.15
+        assert (run_["verdict"] == "edge") == edge
+    # where 2/η lies below the initial sharpness, gradient descent brought the sharpness down to about 2/η
+    unstable = [x for x in r["runs"] if x["two_over_eta"] < r["initial_sharpness"]]
+    assert unstable and all(x["sharpness"][-1] < r["initial_sharpness"] for x in unstable)
