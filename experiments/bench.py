@@ -992,34 +992,28 @@ def _print_gpu(gpu: list[dict]) -> None:
                   g.get("reason", "measured")] for g in gpu]))
 
 
-def _print_per_example(per: list[dict]) -> None:
-    print("\nPer-example quantities: ms per batch (median), time / plain gradient, vmap(grad) time / δ time "
+def _print_routes(title: str, results: list[dict], other: str, header: str, column: str) -> None:
+    """One table of quantities by route: ms, time / plain gradient, the other route's time over this one's."""
+    print(f"\n{title}: ms per batch (median), time / plain gradient, {header} "
           "(paired medians [range]), XLA memory (temporaries and outputs)")
     rows = []
-    for p in per:
+    for p in results:
         for name, ms in p["ms"].items():
             r = p["ratios"].get(name, {})
             mem = p["memory_bytes"][name]
             rows.append([f"{p['model']} B={p['batch']}", name, f"{ms:.3f}",
                          _ratio(r["over_gradient"]) if "over_gradient" in r else None,
-                         _ratio(r["vmap_over_delta"]) if "vmap_over_delta" in r else None,
+                         _ratio(r[other]) if other in r else None,
                          None if mem is None else f"{mem / 2**20:,.1f} MiB"])
-    print(table(["case", "quantity, route", "ms", "/ gradient", "vmap / δ", "memory"], rows))
+    print(table(["case", "quantity, route", "ms", "/ gradient", column, "memory"], rows))
+
+
+def _print_per_example(per: list[dict]) -> None:
+    _print_routes("Per-example quantities", per, "vmap_over_delta", "vmap(grad) time / δ time", "vmap / δ")
 
 
 def _print_curvature(curv: list[dict]) -> None:
-    print("\nCurvature: ms per batch (median), time / plain gradient, autodiff time / by-hand time "
-          "(paired medians [range]), XLA memory (temporaries and outputs)")
-    rows = []
-    for c in curv:
-        for name, ms in c["ms"].items():
-            r = c["ratios"].get(name, {})
-            mem = c["memory_bytes"][name]
-            rows.append([f"{c['model']} B={c['batch']}", name, f"{ms:.3f}",
-                         _ratio(r["over_gradient"]) if "over_gradient" in r else None,
-                         _ratio(r["autodiff_over_hand"]) if "autodiff_over_hand" in r else None,
-                         None if mem is None else f"{mem / 2**20:,.1f} MiB"])
-    print(table(["case", "quantity, route", "ms", "/ gradient", "autodiff / by hand", "memory"], rows))
+    _print_routes("Curvature", curv, "autodiff_over_hand", "autodiff time / by-hand time", "autodiff / by hand")
 
 
 def main(argv=None) -> dict:
