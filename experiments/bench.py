@@ -579,9 +579,10 @@ CURVATURE_AUTODIFF_DIAG_MAX_P = 300_000  # the autodiff diagonal holds N × P pe
 
 
 def curvature_pieces(case: Case) -> dict[str, Callable]:
-    """Per quantity, ``(params, x, y) -> result``: the hand-written route (:mod:`fnn.curvature`) and, where
-    one exists, the autodiff route; each reduced to one number so that XLA computes all of it. The
-    direction of ``H v`` and ``G v`` is ``params`` itself. Autodiff routes: ``jax.jvp(jax.grad(C))`` for
+    """Per quantity, ``((params, v), x, y) -> result``: the hand-written route (:mod:`fnn.curvature`) and,
+    where one exists, the autodiff route; each reduced to one number so that XLA computes all of it. ``v``
+    is the direction of ``H v`` and ``G v``, an argument of its own (a direction computed from ``params``,
+    or ``params`` itself, would let XLA share matmuls between the two). Autodiff routes: ``jax.jvp(jax.grad(C))`` for
     ``H v``; for ``G v`` the network's ``jvp``, the loss's Hessian by ``jvp(grad)`` at the logits, and
     the network's ``vjp``; for the exact diagonal, ``lax.map`` over the ``K`` columns of ``S_x`` of
     ``vmap(jax.grad)`` of ``s_{x,c} · z^L_x``, squared and summed (``N × P`` per column; small model only)."""
@@ -592,8 +593,8 @@ def curvature_pieces(case: Case) -> dict[str, Callable]:
     def logits(p, x):
         return net.forward_trace(p, x).zs[-1]
 
-    def ggn_autodiff(p, x, y):
-        z, jv = jax.jvp(lambda q: logits(q, x), (p,), (p,))
+    def ggn_autodiff(p, v, x, y):
+        z, jv = jax.jvp(lambda q: logits(q, x), (p,), (v,))
         hjv = jax.jvp(jax.grad(lambda o: loss(o, y) * o.shape[0]), (z,), (jv,))[1]
         return jax.vjp(lambda q: logits(q, x), p)[1](hjv / x.shape[0])[0]
 
@@ -610,11 +611,11 @@ def curvature_pieces(case: Case) -> dict[str, Callable]:
 
     pieces = {
         "gradient (fnn.backprop)": lambda p, x, y: _total(fnn.backprop(net, p, x, y, loss)),
-        "H v, by hand": lambda p, x, y: _total(cv.hvp(net, p, x, y, loss, p)),
-        "H v, jvp(grad)": lambda p, x, y: _total(jax.jvp(jax.grad(lambda q: fnn.objective(net, q, x, y, loss)),
-                                                         (p,), (p,))[1]),
-        "G v, by hand": lambda p, x, y: _total(cv.ggn_vp(net, p, x, y, loss, p)),
-        "G v, autodiff": lambda p, x, y: _total(ggn_autodiff(p, x, y)),
+        "H v, by hand": lambda p, v, x, y: _total(cv.hvp(net, p, x, y, loss, v)),
+        "H v, jvp(grad)": lambda p, v, x, y: _total(jax.jvp(jax.grad(lambda q: fnn.objective(net, q, x, y, loss)),
+                                                            (p,), (v,))[1]),
+        "G v, by hand": lambda p, v, x, y: _total(cv.ggn_vp(net, p, x, y, loss, v)),
+        "G v, autodiff": lambda p, v, x, y: _total(ggn_autodiff(p, v, x, y)),
         "exact GGN diagonal, by hand": lambda p, x, y: _total(cv.ggn_diag(net, p, x, y, loss)),
         "MC GGN diagonal (1 sample), by hand": lambda p, x, y: _total(
             cv.ggn_diag_mc(net, p, x, y, loss, jax.random.PRNGKey(0))),
@@ -624,14 +625,23 @@ def curvature_pieces(case: Case) -> dict[str, Callable]:
     }
     if sum(t.size for t in jax.tree.leaves(params0)) <= CURVATURE_AUTODIFF_DIAG_MAX_P:
         pieces["exact GGN diagonal, autodiff"] = lambda p, x, y: _total(diag_autodiff(p, x, y))
-    return pieces
+    takes_v = {"H v, by hand", "H v, jvp(grad)", "G v, by hand", "G v, autodiff"}
+    return {name: _with_direction(fn, name in takes_v) for name, fn in pieces.items()}
+
+
+def _with_direction(fn: Callable, takes_v: bool) -> Callable:
+    """``fn`` as a function of ``((params, v), x, y)``."""
+    if takes_v:
+        return lambda pv, x, y: fn(pv[0], pv[1], x, y)
+    return lambda pv, x, y: fn(pv[0], x, y)
 
 
 def bench_curvature(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
     """Milliseconds per batch of each curvature quantity, its ratio to a plain gradient, and the autodiff
     route's time over the hand-written one where both exist."""
     params = fnn_model(case)[3]
-    timings, ms, memory = time_pieces(curvature_pieces(case), params, x[: case.batch], y[: case.batch], args)
+    v = fnn.MLP(case.sizes, "relu", "identity").init(jax.random.PRNGKey(7), jnp.dtype(case.dtype))  # a direction
+    timings, ms, memory = time_pieces(curvature_pieces(case), (params, v), x[: case.batch], y[: case.batch], args)
     plain = "gradient (fnn.backprop)"
     ratios = {}
     for name in timings:
