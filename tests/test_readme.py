@@ -15,7 +15,7 @@ def _blocks(lang):
 
 def test_readme_examples_run():
     examples = _blocks("python")
-    assert len(examples) == 2  # the first steps, and the per-example quantities
+    assert len(examples) == 3  # the first steps, the per-example quantities, curvature
     for example in examples:
         # a fresh interpreter with JAX's defaults, as a reader would run it
         done = subprocess.run([sys.executable, "-c", example], cwd=ROOT, capture_output=True, text=True, timeout=300)
