@@ -24,6 +24,7 @@ from fnn import (
     per_example,
     perceptron,
     schedules,
+    second_order,
 )
 from fnn.backprop import Trace, backprop, backprop_trace
 from fnn.gradcheck import LeafCheck, check_gradients, format_report, gradient_report
@@ -60,6 +61,7 @@ __all__ = [
     "losses",
     "optim",
     "schedules",
+    "second_order",
     "data",
     "checkpoint",
     "curvature",

@@ -61,6 +61,7 @@ Mask = Any  # a pytree of bools with the params' structure, or a callable params
 __all__ = [
     "GradientTransformation",
     "Optimizer",
+    "BatchOptimizer",
     "OPTIMIZERS",
     "describe",
     "from_description",
@@ -138,6 +139,13 @@ class Optimizer(GradientTransformation):
 
     def __setattr__(self, attr, value):
         raise AttributeError(f"an Optimizer is immutable; build another one instead of setting {attr!r}.")
+
+
+class BatchOptimizer(Optimizer):
+    """An :class:`Optimizer` whose update also reads the batch: ``update(grads, state, params, batch)``
+    with ``batch = (x, y)``, the inputs and targets the gradient was computed on. The second-order
+    optimizers of :mod:`fnn.second_order` (K-FAC, Hessian-free) are such, since their curvature comes
+    from the batch. :func:`step`, :func:`fnn.train_step` and :func:`fnn.fit` pass the batch to them."""
 
 
 class EmptyState(NamedTuple):
@@ -292,12 +300,19 @@ def _add_leaf(p, u):
     return (p + u).astype(jnp.result_type(p))
 
 
-def step(opt: GradientTransformation, grads: Updates, state: State, params: Params) -> tuple[Params, State]:
+def step(opt: GradientTransformation, grads: Updates, state: State, params: Params,
+         batch: tuple | None = None) -> tuple[Params, State]:
     """One optimizer step: ``u, state ← opt.update(g, state, θ)``, then ``θ ← θ + u``.
 
     Returns ``(new_params, new_state)``; pure and jit-able. :func:`fnn.train_step` puts the
-    gradient computation in front of it.
+    gradient computation in front of it. A :class:`BatchOptimizer` also receives ``batch = (x, y)``
+    (required for it, ignored by the others).
     """
+    if isinstance(opt, BatchOptimizer):
+        if batch is None:
+            raise ValueError(f"the {opt.name} optimizer reads the batch: call step(opt, grads, state, params, (x, y)).")
+        updates, state = opt.update(grads, state, params, batch)
+        return apply_updates(params, updates), state
     updates, state = opt.update(grads, state, params)
     return apply_updates(params, updates), state
 

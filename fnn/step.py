@@ -53,5 +53,5 @@ def train_step(net: MLP, opt, params: Params, opt_state, x: jax.Array, y: jax.Ar
     """
     grads_of = checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
     cost, grads, new_state, trace = grads_of(net, params, x, y, loss, l2, state)
-    new_params, new_opt_state = optim.step(opt, grads, opt_state, params)
+    new_params, new_opt_state = optim.step(opt, grads, opt_state, params, (x, y))
     return StepResult(new_params, new_opt_state, new_state, cost, grads, trace)

@@ -123,6 +123,11 @@ def make_epoch(
     """
     checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
     checks.lookup(dict.fromkeys(LAST_BATCH), "last_batch rule", last_batch)
+    if privacy is not None and isinstance(opt, optim.BatchOptimizer):
+        raise ValueError(
+            f"the {opt.name} optimizer reads the curvature of the batch, which the privacy analysis does not "
+            "cover (it bounds one example's influence through the clipped gradient only). Use a first-order "
+            "optimizer with privacy.")
     per_example = check_statistics(net, per_example, grad_source)
 
     def gradients_and_update(x, y, params, opt_state, state, idx):

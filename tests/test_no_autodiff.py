@@ -96,3 +96,12 @@ def test_curvature_runs_without_autodiff(trap_autodiff):
 
     everything(params, x, y, jax.random.PRNGKey(0))
     jax.jit(lambda p, x, y, k: everything(p, x, y, k))(params, x, y, jax.random.PRNGKey(0))
+
+
+def test_second_order_optimizers_run_without_autodiff(trap_autodiff):
+    net, params, x, y = _problem()
+    loss = fnn.losses.categorical_cross_entropy
+    for opt in (fnn.second_order.kfac(net, loss, rescale=True), fnn.second_order.hessian_free(net, loss, cg_iters=3)):
+        _, grads = fnn.backprop(net, params, x, y, loss)
+        step = jax.jit(lambda p, s, g, x, y, opt=opt: fnn.optim.step(opt, g, s, p, (x, y)))
+        step(params, opt.init(params), grads, x, y)

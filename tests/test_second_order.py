@@ -1,0 +1,182 @@
+"""fnn.second_order (K-FAC, Hessian-free) against explicit matrices, numpy.linalg.solve and least squares."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from test_curvature import _explicit_ggn
+
+import fnn
+from fnn import second_order as so
+from fnn.losses import LOSSES
+
+from helpers import rel_err
+
+
+def _problem(loss_name="mse", sizes=(3, 4, 2), n=12, seed=0, act="tanh", output="identity"):
+    rng = np.random.default_rng(seed)
+    net = fnn.MLP(sizes, act, output)
+    params = jax.tree.map(lambda p: p + rng.normal(0, 0.3, p.shape), net.init(jax.random.PRNGKey(seed), jnp.float64))
+    x = jnp.asarray(rng.normal(size=(n, sizes[0])))
+    loss = LOSSES[loss_name]
+    if loss.targets == "classes":
+        y = jnp.asarray(rng.integers(0, sizes[-1], n))
+    elif loss.targets == "binary":
+        y = jnp.asarray(rng.integers(0, 2, (n, sizes[-1])).astype(np.float64))
+    else:
+        y = jnp.asarray(rng.normal(size=(n, sizes[-1])))
+    return net, params, x, y, loss
+
+
+def _bar(layer):
+    return np.concatenate([np.asarray(layer["W"]), np.asarray(layer["b"])[:, None]], axis=1)
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "half_mse", "binary_cross_entropy_with_logits"])
+@pytest.mark.parametrize("damping", [0.0, 0.3])
+def test_kfac_update_is_the_kronecker_solve(loss_name, damping):
+    """Exact factors, no averaging: u^l = −α (G_d ⊗ A_d)⁻¹ vec(∇W̄^l) (row-major [W | b]) with the damped
+    factors A + π√γ I, G + (√γ/π) I formed here from the factors' definition, and solved by numpy."""
+    net, params, x, y, loss = _problem(loss_name)
+    opt = so.kfac(net, loss, learning_rate=0.5, damping=damping, decay=0.0, refresh=1, exact=True)
+    _, grads = fnn.backprop(net, params, x, y, loss)
+    updates, _ = opt.update(grads, opt.init(params), params, (x, y))
+    acts = net.forward_trace(params, x).acts
+    G_full, _, _ = _explicit_ggn(net, params, x, y, loss, 0.0)
+    index = ravel_pytree(jax.tree.map(lambda p: jnp.zeros(p.shape), params))[1](
+        jnp.arange(sum(p.size for p in jax.tree.leaves(params)), dtype=jnp.float64))
+    for l in range(net.num_layers):
+        abar = np.concatenate([np.asarray(acts[l]), np.ones((x.shape[0], 1))], axis=1)
+        A = abar.T @ abar / x.shape[0]
+        b = np.asarray(index[l]["b"], int)
+        G = np.asarray(G_full)[np.ix_(b, b)]  # G^l is the Gauss-Newton block of the bias
+        pi = np.sqrt((np.trace(A) / A.shape[0]) / (np.trace(G) / G.shape[0]))
+        Ad = A + pi * np.sqrt(damping) * np.eye(A.shape[0])
+        Gd = G + np.sqrt(damping) / pi * np.eye(G.shape[0])
+        ref = -0.5 * np.linalg.solve(np.kron(Gd, Ad), _bar(grads[l]).ravel()).reshape(_bar(grads[l]).shape)
+        assert rel_err(_bar(updates[l]), ref) <= 1e-9, f"layer {l}"
+
+
+def test_kfac_running_averages_and_refresh_period():
+    net, params, x, y, loss = _problem("softmax_cross_entropy", output="identity")
+    opt = so.kfac(net, loss, learning_rate=0.1, damping=1e-2, decay=0.8, refresh=3, exact=True)
+    state = opt.init(params)
+    history = []
+    for _ in range(4):
+        _, grads = fnn.backprop(net, params, x, y, loss)
+        history.append(fnn.curvature.kronecker_factors(net, params, x, y, loss))
+        before = state
+        params, state = fnn.optim.step(opt, grads, state, params, (x, y))
+        refreshed = int(before.count) % 3 == 0
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.A_inv), jax.tree.leaves(state.A_inv)))
+        assert same != refreshed or int(before.count) == 0
+    # A after 4 steps: A₁ then A ← 0.8 A + 0.2 A_t
+    for l in range(net.num_layers):
+        expect = np.asarray(history[0][l].A)
+        for f in history[1:]:
+            expect = 0.8 * expect + 0.2 * np.asarray(f[l].A)
+        assert rel_err(state.A[l], expect) <= 1e-12
+    assert int(state.count) == 4
+
+
+def test_conjugate_gradient_against_numpy_solve():
+    rng = np.random.default_rng(1)
+    m = rng.normal(size=(12, 12))
+    spd = m @ m.T + 0.1 * np.eye(12)
+    b = rng.normal(size=12)
+    x = so.cg(lambda v: jnp.asarray(spd) @ v, jnp.asarray(b), jnp.zeros(12), 60)
+    assert rel_err(x, np.linalg.solve(spd, b)) <= 1e-9
+    # warm start at the solution stays there
+    x2 = so.cg(lambda v: jnp.asarray(spd) @ v, jnp.asarray(b), x, 5)
+    assert rel_err(x2, x) <= 1e-9
+
+
+@pytest.mark.parametrize("loss_name,output", [("softmax_cross_entropy", "identity"), ("mse", "sigmoid")])
+def test_hessian_free_solves_the_damped_gauss_newton_system(loss_name, output):
+    """The CG step against numpy.linalg.solve on the explicit damped GGN (jacfwd/hessian), with L2; the
+    damping then follows the Levenberg–Marquardt rule on the reduction ratio computed here."""
+    net, params, x, y, loss = _problem(loss_name, output=output)
+    opt = so.hessian_free(net, loss, damping=0.5, cg_iters=200, decay=0.0, l2=0.01)
+    _, grads = fnn.backprop(net, params, x, y, loss, 0.01)
+    updates, state = opt.update(grads, opt.init(params), params, (x, y))
+    G, _, _ = _explicit_ggn(net, params, x, y, loss, 0.01)
+    g = np.asarray(ravel_pytree(grads)[0])
+    M = np.asarray(G) + 0.5 * np.eye(g.size)
+    d = -np.linalg.solve(M, g)
+    assert rel_err(ravel_pytree(updates)[0], d) <= 1e-9
+    unravel = ravel_pytree(params)[1]
+    moved = jax.tree.map(lambda p, s: p + s, params, unravel(jnp.asarray(d)))
+    change = float(fnn.objective(net, moved, x, y, loss, 0.01) - fnn.objective(net, params, x, y, loss, 0.01))
+    rho = change / (g @ d + 0.5 * d @ M @ d)
+    assert float(state.rho) == pytest.approx(rho, rel=1e-8)
+    expect = 0.75 if rho < 0.25 else (1 / 3 if rho > 0.75 else 0.5)
+    assert float(state.damping) == pytest.approx(expect, rel=1e-12)
+
+
+@pytest.mark.parametrize("make", [
+    lambda net, loss: so.kfac(net, loss, learning_rate=1.0, damping=0.0, decay=0.0, refresh=1, exact=True),
+    lambda net, loss: so.hessian_free(net, loss, damping=1e-9, cg_iters=30),
+])
+def test_a_convex_quadratic_is_solved_in_one_step(make):
+    """A linear model with ½‖·‖²: the Gauss-Newton matrix is the Hessian and, for one layer, exactly A ⊗ G,
+    so one step reaches the least-squares solution (numpy.linalg.lstsq)."""
+    rng = np.random.default_rng(2)
+    net = fnn.MLP((3, 2), "tanh", "identity")
+    params = net.init(jax.random.PRNGKey(1), jnp.float64)
+    x, y = jnp.asarray(rng.normal(size=(20, 3))), jnp.asarray(rng.normal(size=(20, 2)))
+    loss = fnn.losses.half_mse
+    opt = make(net, loss)
+    _, grads = fnn.backprop(net, params, x, y, loss)
+    params, _ = fnn.optim.step(opt, grads, opt.init(params), params, (x, y))
+    X = np.hstack([np.asarray(x), np.ones((20, 1))])
+    theta = np.linalg.lstsq(X, np.asarray(y), rcond=None)[0]  # (4, 2)
+    assert rel_err(_bar(params[0]), theta.T) <= 1e-7
+
+
+@pytest.mark.parametrize("which", ["kfac", "hessian_free"])
+def test_fit_trains_with_them_compiles_once_and_keeps_dtypes(which):
+    rng = np.random.default_rng(3)
+    net = fnn.MLP((4, 8, 3), "tanh", "identity")
+    x = rng.normal(size=(96, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0).astype(np.int32)
+    loss = fnn.losses.softmax_cross_entropy
+    opt = so.kfac(net, loss, learning_rate=0.1, damping=1e-2) if which == "kfac" else \
+        so.hessian_free(net, loss, damping=1.0, cg_iters=5)
+    params = net.init(jax.random.PRNGKey(0))
+    before = jax.tree.map(lambda t: t.dtype, opt.init(params))
+    result = fnn.fit(net, params, opt, (x, y), loss=loss, epochs=4, batch_size=32, key=jax.random.PRNGKey(1))
+    costs = np.asarray([h["train_loss"] for h in result.history])
+    assert np.all(np.isfinite(costs)) and costs[-1] < costs[0]
+    assert jax.tree.map(lambda t: t.dtype, result.opt_state) == before
+    assert int(result.opt_state.count) == 4 * 3
+    traces = []
+    step = jax.jit(lambda p, s, x, y: (traces.append(1), fnn.train_step(net, opt, p, s, x, y, loss))[1][:2])
+    p, s = params, opt.init(params)
+    for i in range(3):
+        p, s = step(p, s, x[32 * i: 32 * i + 32], y[32 * i: 32 * i + 32])
+    assert len(traces) == 1
+
+
+def test_bad_input():
+    net, params, x, y, loss = _problem()
+    opt = so.kfac(net, loss)
+    _, grads = fnn.backprop(net, params, x, y, loss)
+    with pytest.raises(ValueError, match="reads the batch"):
+        fnn.optim.step(opt, grads, opt.init(params), params)
+    bn = fnn.MLP((3, 4, 2), "tanh", "identity", batch_norm=True)
+    for make in (so.kfac, so.hessian_free):
+        with pytest.raises(ValueError, match="batch-normalized"):
+            make(bn, loss)
+    own = fnn.Loss("my_mse", "regression", lambda a, t: jnp.sum((a - t) ** 2, -1), lambda a, t: 2 * (a - t))
+    with pytest.raises(ValueError, match="second derivative"):
+        so.hessian_free(net, own)
+    with pytest.raises(ValueError, match="refresh"):
+        so.kfac(net, loss, refresh=0)
+    with pytest.raises(ValueError, match="cg_iters"):
+        so.hessian_free(net, loss, cg_iters=0)
+    with pytest.raises(ValueError, match="damping"):
+        so.hessian_free(net, loss, damping=0.0)
+    plan = fnn.privacy.plan(fnn.privacy.Privacy(clip=1.0, lot_size=4, noise_multiplier=1.0), 12, 1)
+    with pytest.raises(ValueError, match="privacy"):
+        fnn.train.make_epoch(net, loss, opt, num_samples=12, batch_size=4, privacy=plan)
