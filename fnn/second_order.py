@@ -49,7 +49,8 @@ from fnn import curvature
 from fnn.checks import real_in
 from fnn.losses import Loss, check_output, l2_penalty, output_curvature, resolve
 from fnn.mlp import MLP
-from fnn.optim import BatchOptimizer, _as_schedule, _increment, _rate, _zero_count
+from fnn.optim import BatchOptimizer
+from fnn.schedules import Schedule, constant
 
 
 class KfacState(NamedTuple):
@@ -72,6 +73,19 @@ class HessianFreeState(NamedTuple):
     damping: jax.Array
     previous: list
     rho: jax.Array
+
+
+def _count() -> jax.Array:
+    return jnp.zeros((), jnp.int32)
+
+
+def _next(count: jax.Array) -> jax.Array:
+    """``count + 1``, saturating at the int32 maximum (as fnn.optim's counters do)."""
+    return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
+
+
+def _schedule(learning_rate) -> Schedule:
+    return learning_rate if callable(learning_rate) else constant(real_in("learning_rate", learning_rate, 0.0))
 
 
 def _check_network(net: MLP, loss, what: str) -> Loss:
@@ -110,7 +124,7 @@ def kfac(net: MLP, loss: Loss | str, learning_rate=1e-3, damping: float = 1e-3, 
         sampled columns.
     """
     loss = _check_network(net, loss, "K-FAC")
-    schedule = _as_schedule(learning_rate)
+    schedule = _schedule(learning_rate)
     gamma = real_in("damping", damping, 0.0)
     rho = real_in("decay", decay, 0.0, 1.0, high_open=True)
     if not isinstance(refresh, int) or isinstance(refresh, bool) or refresh < 1:
@@ -121,7 +135,7 @@ def kfac(net: MLP, loss: Loss | str, learning_rate=1e-3, damping: float = 1e-3, 
         dt = params[0]["W"].dtype
         A = [jnp.eye(p["W"].shape[1] + 1, dtype=dt) for p in params]
         G = [jnp.eye(p["W"].shape[0], dtype=dt) for p in params]
-        return KfacState(_zero_count(), A, G, A, G, jax.random.PRNGKey(seed))
+        return KfacState(_count(), A, G, A, G, jax.random.PRNGKey(seed))
 
     def inverses(A, G):
         out_a, out_g = [], []
@@ -143,14 +157,14 @@ def kfac(net: MLP, loss: Loss | str, learning_rate=1e-3, damping: float = 1e-3, 
         A_inv, G_inv = lax.cond(state.count % refresh == 0, lambda _: inverses(A, G),
                                 lambda _: (state.A_inv, state.G_inv), None)
         delta = [_unbar(layer, gi @ _bar(g) @ ai) for layer, g, ai, gi in zip(params, grads, A_inv, G_inv)]
-        rate = _rate(schedule, state.count)
+        rate = jnp.asarray(schedule(state.count), grads[0]["W"].dtype)
         if rescale:
             gd = curvature.ggn_vp(net, params, x, y, loss, delta, l2)
             flat_d, flat_g, flat_gd = (ravel_pytree(t)[0] for t in (delta, grads, gd))
             curv = jnp.vdot(flat_d, flat_gd) + gamma * jnp.vdot(flat_d, flat_d)
             rate = jnp.minimum(rate, jnp.vdot(flat_g, flat_d) / jnp.maximum(curv, jnp.finfo(curv.dtype).tiny))
         updates = jax.tree.map(lambda d: (-rate * d).astype(d.dtype), delta)
-        return updates, KfacState(_increment(state.count), A, G, A_inv, G_inv, key)
+        return updates, KfacState(_next(state.count), A, G, A_inv, G_inv, key)
 
     return BatchOptimizer(init, update, name="kfac", hyperparams=dict(
         net=net, loss=loss, learning_rate=learning_rate, damping=damping, decay=decay, refresh=refresh,
@@ -183,7 +197,7 @@ def hessian_free(net: MLP, loss: Loss | str, learning_rate: float = 1.0, damping
     def init(params):
         net.check_params(params)
         dt = params[0]["W"].dtype
-        return HessianFreeState(_zero_count(), jnp.asarray(lam0, dt), jax.tree.map(jnp.zeros_like, params),
+        return HessianFreeState(_count(), jnp.asarray(lam0, dt), jax.tree.map(jnp.zeros_like, params),
                                 jnp.asarray(jnp.nan, dt))
 
     def update(grads, state, params, batch):
@@ -202,7 +216,7 @@ def hessian_free(net: MLP, loss: Loss | str, learning_rate: float = 1.0, damping
         rho = (after - before) / jnp.where(model < 0, model, -jnp.finfo(model.dtype).tiny)
         lam = jnp.where(rho < 0.25, lam * 1.5, jnp.where(rho > 0.75, lam * (2 / 3), lam))
         updates = jax.tree.map(lambda s, p: (alpha * s).astype(p.dtype), unravel(d), params)
-        return updates, HessianFreeState(_increment(state.count), lam.astype(state.damping.dtype),
+        return updates, HessianFreeState(_next(state.count), lam.astype(state.damping.dtype),
                                          unravel(d), rho.astype(state.rho.dtype))
 
     return BatchOptimizer(init, update, name="hessian_free", hyperparams=dict(
