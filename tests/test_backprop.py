@@ -116,7 +116,7 @@ def assert_matches_autodiff(manual, refs, dtype):
         assert err <= 1, f"{leaf}: error {err:.3g} × the tolerance"
 
 
-@settings(max_examples=320)
+@settings(max_examples=220)
 @given(cfg=configurations())
 def test_backprop_equals_autodiff(cfg):
     net, params, x, y, loss, l2, dtype = cfg
@@ -131,7 +131,7 @@ _both = jax.jit(lambda params, x, y, l2, net, loss: (
 ), static_argnums=(4, 5))
 
 
-@settings(max_examples=30)
+@settings(max_examples=22)
 @given(cfg=configurations(widths=st.integers(1, 64), batch=st.integers(1, 64)))
 def test_backprop_equals_autodiff_any_width_under_jit(cfg):
     net, params, x, y, loss, l2, dtype = cfg

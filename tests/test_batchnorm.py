@@ -62,7 +62,7 @@ def _assert_equal_to_autodiff(net, params, state, x, y, loss, l2, train):
     chex.assert_trees_all_close(s_m, s_a, rtol=1e-12)
 
 
-@settings(max_examples=80)
+@settings(max_examples=55)
 @given(problem=bn_problems())
 def test_train_mode_backward_equals_autodiff(problem):
     _assert_equal_to_autodiff(*problem, train=True)

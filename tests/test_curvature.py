@@ -134,7 +134,7 @@ def _check_products(net, params, x, y, loss, v, l2, state):
     _assert_tree_close(diag, unravel(jnp.diag(G)), what="diag G")
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=22, deadline=None)
 @given(problem=problems())
 def test_products_and_diagonal_equal_autodiff(problem):
     """H v = jvp(grad C), G v = Jᵀ H J v and diag G, from explicit jacfwd/hessian matrices, to 1e-10."""
@@ -148,7 +148,7 @@ def test_batch_norm_in_eval_mode(problem):
     _check_products(*problem)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(problem=problems())
 def test_kronecker_factors(problem):
     """``A^l = mean ā āᵀ``; ``G^l`` = the Gauss-Newton block of ``b^l`` (``∂z^l/∂b^l = I``, so the bias

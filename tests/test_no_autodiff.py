@@ -94,7 +94,7 @@ def test_curvature_runs_without_autodiff(trap_autodiff):
                 cv.sharpness(net, params, x, y, loss, max_iter=3), cv.sharpness(net, params, x, y, loss, matrix="ggn",
                                                                                  max_iter=3))
 
-    everything(params, x, y, jax.random.PRNGKey(0))
+    # traced once under jit: every operation of every quantity passes the trap while tracing
     jax.jit(lambda p, x, y, k: everything(p, x, y, k))(params, x, y, jax.random.PRNGKey(0))
 
 
