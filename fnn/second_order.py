@@ -18,8 +18,9 @@ curvature", ICML 2015). Per layer, with ``W̄ = [W | b]`` and its gradient ``∇
 - their inverses, refreshed every ``refresh`` steps (``T₃`` of the paper) and kept in the state;
 - the update ``u = −α (G + (√γ/π)I)⁻¹ ∇W̄ (A + π√γI)⁻¹``;
 - optionally (``rescale=True``) the step length ``α`` chosen by the exact quadratic model of §6.4
-  along ``Δ = (G_d)⁻¹ ∇W̄ (A_d)⁻¹``: ``α* = ∇Cᵀ Δ / (Δᵀ G Δ + (γ + β_λ) ‖Δ‖²)`` with ``G Δ`` by
-  :func:`fnn.curvature.ggn_vp`, capped at ``learning_rate``.
+  along ``Δ = (G_d)⁻¹ ∇W̄ (A_d)⁻¹``: ``α* = ∇Cᵀ Δ / (Δᵀ G Δ + γ ‖Δ‖²)`` with ``G Δ`` by
+  :func:`fnn.curvature.ggn_vp` (its ``G`` includes the L2 term ``β`` on the weights), capped at
+  ``learning_rate``.
 
 **Hessian-free** (Martens, "Deep learning via Hessian-free optimization", ICML 2010): the update is
 ``d ≈ −(G + λI)⁻¹ ∇C`` by ``cg_iters`` iterations of conjugate gradient on the damped Gauss-Newton
