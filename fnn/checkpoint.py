@@ -139,7 +139,8 @@ def save(path, *, params, opt_state, key, epoch: int, normalizer=None, meta: dic
       meta: free-form JSON-able metadata.
       net: the :class:`fnn.MLP` the params belong to; its configuration is stored (the params and
         state are checked against it first: ``ValueError``).
-      opt: the optimizer ``opt_state`` belongs to, one of :data:`fnn.optim.OPTIMIZERS`; its name
+      opt: the optimizer ``opt_state`` belongs to, one of :data:`fnn.optim.OPTIMIZERS` or of
+        :mod:`fnn.second_order` (whose network and loss are stored with it); its name
         and hyper-parameters are stored (``TypeError`` for other transformations; ``ValueError``
         when ``opt_state`` is not shaped like ``opt.init(params)``).
     """

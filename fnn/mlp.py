@@ -150,9 +150,14 @@ class MLP:
                              ("compute_dtype", compute_dtype)):
             object.__setattr__(self, field, value)
 
+    def config(self) -> dict:
+        """The constructor's arguments as JSON data (tuples as lists): ``MLP(**net.config()) == net``."""
+        return {"init" if f.name == "initializer" else f.name:
+                list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
+
     def replace(self, **changes) -> MLP:
         """A copy with some of the constructor's arguments changed, e.g. ``net.replace(compute_dtype=None)``."""
-        args = {"init" if f.name == "initializer" else f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        args = self.config()
         unknown = set(changes) - set(args)
         if unknown:
             raise TypeError(f"MLP.replace: unknown arguments {sorted(unknown)}; expected some of {sorted(args)}.")

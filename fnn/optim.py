@@ -51,6 +51,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fnn.checks import real_in
+from fnn.losses import LOSSES, Loss, resolve
+from fnn.mlp import MLP
 from fnn.schedules import Schedule, constant
 
 Params = Any  # a pytree of floating arrays, e.g. [{"W": (n_l, n_{l-1}), "b": (n_l,)}, ...]
@@ -862,14 +864,26 @@ def newton(
 
 OPTIMIZERS: Mapping[str, Callable[..., Optimizer]] = MappingProxyType(
     {f.__name__: f for f in (sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw)})
-"""The optimizers :func:`from_description` can build, by name."""
+"""The first-order optimizers :func:`from_description` can build, by name (it also builds the
+second-order ones, :func:`fnn.second_order.kfac` and :func:`fnn.second_order.hessian_free`)."""
+
+
+def _factories() -> dict[str, Callable[..., Optimizer]]:
+    """Every optimizer a description can name. :mod:`fnn.second_order` builds on this module, so its
+    factories are looked up when a description is made or read, not when this module loads."""
+    from fnn import second_order
+
+    return {**OPTIMIZERS, "kfac": second_order.kfac, "hessian_free": second_order.hessian_free}
 
 
 def describe(opt: Optimizer) -> dict:
     """How ``opt`` was built, as JSON data: ``{"name": "adam", "hyperparams": {"learning_rate": 0.001, ...}}``.
 
-    Numbers become floats (the factories use them as floats) and bools stay bools. A function of
-    this module (the default mask :func:`weights_only`) is written ``{"function": "weights_only"}``.
+    Numbers become floats (the factories use them as floats), ints stay ints where the factory counts
+    with them (K-FAC's ``refresh``, Hessian-free's ``cg_iters``), and bools stay bools. A function of
+    this module (the default mask :func:`weights_only`) is written ``{"function": "weights_only"}``;
+    the network of a second-order optimizer ``{"mlp": net.config()}`` and its loss, one of
+    :data:`fnn.losses.LOSSES`, ``{"loss": "mse"}``.
     Anything else, a learning-rate schedule or a custom mask, cannot be written down; it becomes
     ``{"not_stored": "<module>.<qualified name>"}`` (e.g. ``"fnn.schedules.cosine_decay.<locals>
     .schedule"``), which names its kind but not its arguments, and :func:`from_description`
@@ -878,10 +892,12 @@ def describe(opt: Optimizer) -> dict:
     Raises ``TypeError`` for a transformation that is not an :class:`Optimizer` (a ``chain``,
     :func:`newton`): those record nothing.
     """
-    if not isinstance(opt, Optimizer) or opt.name not in OPTIMIZERS:
+    factories = _factories()
+    if not isinstance(opt, Optimizer) or opt.name not in factories:
         raise TypeError(
-            f"only the optimizers {sorted(OPTIMIZERS)} of fnn.optim record how they were built; got "
-            f"{type(opt).__name__}. Build the optimizer with one of them, or keep it out of the description."
+            f"only the optimizers {sorted(factories)} of fnn.optim and fnn.second_order record how they were "
+            f"built; got {type(opt).__name__}. Build the optimizer with one of them, or keep it out of the "
+            "description."
         )
     return {"name": opt.name, "hyperparams": {k: _describe_value(v) for k, v in opt.hyperparams.items()}}
 
@@ -889,8 +905,14 @@ def describe(opt: Optimizer) -> dict:
 def _describe_value(value):
     if isinstance(value, bool):
         return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
+    if isinstance(value, MLP):
+        return {"mlp": value.config()}
+    if isinstance(value, Loss) and LOSSES.get(value.name) == value:
+        return {"loss": value.name}
     name = getattr(value, "__name__", None)
     if callable(value) and globals().get(name) is value:
         return {"function": name}
@@ -910,9 +932,10 @@ def from_description(description: Mapping) -> Optimizer:
         raise ValueError(
             f"an optimizer description is {{'name': ..., 'hyperparams': {{...}}}}; got {description!r}."
         ) from None
-    factory = OPTIMIZERS.get(name)
+    factories = _factories()
+    factory = factories.get(name)
     if factory is None:
-        raise ValueError(f"unknown optimizer {name!r} in the description; expected one of {sorted(OPTIMIZERS)}.")
+        raise ValueError(f"unknown optimizer {name!r} in the description; expected one of {sorted(factories)}.")
     unknown = sorted(set(hyper) - set(inspect.signature(factory).parameters))
     if unknown:
         raise ValueError(f"{name} takes no hyper-parameter {', '.join(unknown)} (found in the description).")
@@ -923,11 +946,21 @@ def from_description(description: Mapping) -> Optimizer:
                 f"build the optimizer yourself (fnn.optim.{name}({key}=...)) and pass it instead."
             )
         if isinstance(value, dict):
-            hyper[key] = _function_named(value)
+            hyper[key] = _value_named(value)
     return factory(**hyper)
 
 
-def _function_named(value: Mapping) -> Callable:
+def _value_named(value: Mapping):
+    """The network, loss or function of this module that a described value names."""
+    if set(value) == {"mlp"} and isinstance(value["mlp"], Mapping):
+        try:
+            return MLP(**value["mlp"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{value!r} is not a valid fnn.MLP configuration: {e}") from None
+    if set(value) == {"loss"}:
+        if value["loss"] not in LOSSES:
+            raise ValueError(f"{value!r} names no loss of fnn.losses; expected one of {sorted(LOSSES)}.")
+        return resolve(value["loss"])
     function = globals().get(value.get("function")) if set(value) == {"function"} else None
     if not (callable(function) and getattr(function, "__module__", None) == __name__):
         raise ValueError(f"{value!r} names no function of fnn.optim.")

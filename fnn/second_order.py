@@ -30,6 +30,9 @@ damping follows the Levenberg–Marquardt rule on the reduction ratio
 ``λ ← 3λ/2`` if ``ρ < 1/4``, ``λ ← 2λ/3`` if ``ρ > 3/4``. ``C(θ + d)`` is one more forward pass on the
 batch. Martens' backtracking over the CG iterates is left out: the update is ``α d``.
 
+Both are self-describing (:func:`fnn.optim.describe`, network and loss included), so a checkpoint
+saved with ``opt=`` rebuilds them and a resumed run continues bit for bit.
+
 Both refuse what their curvature does not cover: batch-normalized networks (K-FAC: no Kronecker
 factors for γ, β; Hessian-free: the Gauss-Newton split needs eval mode, which training is not) and
 losses without a known second derivative. The L2 term: pass the ``l2`` that training uses, so that
