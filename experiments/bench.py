@@ -79,7 +79,7 @@ MANUAL_STEP, AUTODIFF_STEP = "step, manual backprop", "step, jax.grad"
 FNN_MANUAL, FNN_AUTODIFF = "fnn.train epoch, manual", "fnn.train epoch, jax.grad"
 FNN_GUARDED = "fnn.train guarded epoch (replay), manual"
 NO_NORM = "fnn, grad_norm=False"
-SECTIONS = ("steps", "epochs", "gpu", "per_example", "private", "curvature")
+SECTIONS = ("steps", "epochs", "gpu", "per_example", "private", "curvature", "second_order")
 
 
 class Case(NamedTuple):
@@ -657,6 +657,68 @@ def bench_curvature(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Second-order steps: K-FAC and Hessian-free against an Adam step.
+
+SECOND_ORDER_CASE = Case((784, 1024, 1024, 10), 256)
+KFAC_REFRESH = 10  # K-FAC's default period T₃
+HF_CG = (5, 20)  # CG budgets whose difference gives the cost of one CG iteration
+
+
+def _float_total(tree) -> jax.Array:
+    """The sum of every floating leaf (a PRNG key's words left out), so that XLA computes all of them."""
+    return sum(jnp.sum(leaf) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+def second_order_pieces(case: Case) -> tuple[dict[str, Callable], dict]:
+    """Per step, ``((params, states), x, y) -> number``: one :func:`fnn.train_step` (gradient and update,
+    new params and the whole new optimizer state summed) with Adam; with K-FAC on a step that reuses
+    the inverses and on one that refreshes them (the state's count set to 1 and to ``T₃``; the
+    branch is a ``lax.cond``, so only the taken one runs); with Hessian-free at each CG budget of
+    ``HF_CG``. Returns the pieces and the states they start from."""
+    net, loss, adam, params = fnn_model(case)
+    kfac = fnn.second_order.kfac(net, loss, refresh=KFAC_REFRESH)
+    start = kfac.init(params)
+    opts = {"Adam step": (adam, adam.init(params)),
+            "K-FAC step, inverses reused": (kfac, start._replace(count=jnp.ones((), jnp.int32))),
+            f"K-FAC step, inverses refreshed (1 in {KFAC_REFRESH})":
+                (kfac, start._replace(count=jnp.full((), KFAC_REFRESH, jnp.int32)))}
+    for k in HF_CG:
+        hf = fnn.second_order.hessian_free(net, loss, cg_iters=k)
+        opts[f"Hessian-free step, {k} CG iterations"] = (hf, hf.init(params))
+
+    def piece(name, opt):
+        def run(ps, x, y):
+            r = fnn.train_step(net, opt, ps[0], ps[1][name], x, y, loss)
+            return _float_total((r.params, r.opt_state))
+        return run
+
+    return {name: piece(name, opt) for name, (opt, _) in opts.items()}, {n: s for n, (_, s) in opts.items()}
+
+
+def bench_second_order(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
+    """Milliseconds per step (alternated rounds) and, per round, the derived costs over an Adam step:
+    K-FAC averaged over its refresh period ``((T₃ − 1) t_reused + t_refreshed) / T₃``, one CG iteration
+    of Hessian-free ``(t_20 − t_5) / 15``, and a Hessian-free step at each budget."""
+    pieces, states = second_order_pieces(case)
+    params = fnn_model(case)[3]
+    timings, ms, memory = time_pieces(pieces, (params, states), x[: case.batch], y[: case.batch], args)
+    adam = [1 / t.rate for t in timings["Adam step"]]
+    names = list(timings)
+    reused, refreshed, hf_lo, hf_hi = ([1 / t.rate for t in timings[n]] for n in names[1:5])
+    t = KFAC_REFRESH
+    derived = {
+        f"K-FAC step over its refresh period (T₃ = {t}) / Adam step":
+            [((t - 1) * a + b) / t / c for a, b, c in zip(reused, refreshed, adam)],
+        "one CG iteration of Hessian-free / Adam step":
+            [(b - a) / (HF_CG[1] - HF_CG[0]) / c for a, b, c in zip(hf_lo, hf_hi, adam)],
+    }
+    derived.update({f"{n} / Adam step": [v / c for v, c in zip((1 / q.rate for q in timings[n]), adam)]
+                    for n in names[1:]})
+    return {"model": case.name, "batch": case.batch, "ms": ms, "memory_bytes": memory,
+            "over_adam": {k: {"median": float(np.median(v)), "rounds": v} for k, v in derived.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
 # DP-SGD: the private epoch against the ordinary one, and the δ route against vmap(jax.grad).
 
 PRIVATE_CASE, PRIVATE_STEP_CASE = Case((784, 256, 256, 10), 256), Case((784, 1024, 1024, 10), 256)
@@ -932,6 +994,8 @@ def print_tables(results: dict) -> None:
         _print_per_example(results["per_example"])
     if results.get("curvature"):
         _print_curvature(results["curvature"])
+    if results.get("second_order"):
+        _print_second_order(results["second_order"])
     if results["private"]:
         e, s = results["private"]["epochs"], results["private"]["steps"]
         print(f"\nDP-SGD, {e['model']}, lot = batch = {e['batch']}: samples/s "
@@ -1026,6 +1090,15 @@ def _print_curvature(curv: list[dict]) -> None:
     _print_routes("Curvature", curv, "autodiff_over_hand", "autodiff time / by-hand time", "autodiff / by hand")
 
 
+def _print_second_order(r: dict) -> None:
+    print(f"\nSecond-order steps, {r['model']} B={r['batch']}: ms per step (median), XLA memory (temporaries "
+          "and outputs)")
+    print(table(["step", "ms", "memory"], [[n, f"{ms:.2f}", f"{(r['memory_bytes'][n] or 0) / 2**20:,.1f} MiB"]
+                                           for n, ms in r["ms"].items()]))
+    print("\nSecond-order steps over an Adam step (median of per-round ratios [range])")
+    print(table(["quantity", "/ Adam step"], [[n, _ratio(v)] for n, v in r["over_adam"].items()]))
+
+
 def main(argv=None) -> dict:
     """Run the benchmark (``argv``: the command line); returns the results written to the JSON."""
     def extra(p):
@@ -1058,11 +1131,14 @@ def main(argv=None) -> dict:
     per = [bench_per_example(case, x, y, args) for case in cases] if "per_example" in sections else []
     private = bench_private(x, y, args, args.quick) if "private" in sections else None
     curvature = [bench_curvature(case, x, y, args) for case in cases] if "curvature" in sections else []
+    second = bench_second_order(QUICK_CASES[0] if args.quick else SECOND_ORDER_CASE, x, y, args) \
+        if "second_order" in sections else None
     info["load_average_end"] = _load()
     results = {"machine": info, "samples": int(x.shape[0]), "repeats": args.repeats, "warmup": args.warmup,
                "torch_version": torch.__version__ if torch else None, "torch_skipped": args.torch_skipped,
                "steps": steps, "epochs": epochs, "gpu": gpu, "per_example": per, "private": private,
-               "curvature": curvature, "targets": targets(steps, epochs, info["platform"], per, private, curvature)}
+               "curvature": curvature, "second_order": second,
+               "targets": targets(steps, epochs, info["platform"], per, private, curvature)}
     print_tables(results)
     path = common.save_json(args, results)
     print(f"\n[bench] wrote {path} in {time.perf_counter() - args.started:.1f}s")

@@ -104,6 +104,19 @@ def test_bench_quick(tmp_path):
         assert {name for name, r in c["ratios"].items() if "autodiff_over_hand" in r} == {
             "H v, by hand", "G v, by hand", "exact GGN diagonal, by hand"}
 
+    second = saved["second_order"]
+    assert list(second["ms"]) == ["Adam step", "K-FAC step, inverses reused",
+                                  "K-FAC step, inverses refreshed (1 in 10)", "Hessian-free step, 5 CG iterations",
+                                  "Hessian-free step, 20 CG iterations"]
+    assert all(positive(v) for v in second["ms"].values())
+    assert len(second["over_adam"]) == 2 + 4 and all(len(r["rounds"]) == saved["repeats"]
+                                                     for r in second["over_adam"].values())
+    # the refresh period's mean lies between the two K-FAC steps it averages, per round
+    period = second["over_adam"]["K-FAC step over its refresh period (T₃ = 10) / Adam step"]["rounds"]
+    reused = second["over_adam"]["K-FAC step, inverses reused / Adam step"]["rounds"]
+    refreshed = second["over_adam"]["K-FAC step, inverses refreshed (1 in 10) / Adam step"]["rounds"]
+    assert all(min(a, b) <= p <= max(a, b) for p, a, b in zip(period, reused, refreshed))
+
     # torch, reference (with and without the norm), matmul; one per step row; five per-example targets; two DP;
     # five per curvature case
     assert len(saved["targets"]) == 4 + len(saved["steps"]) + 5 * bool(saved["per_example"]) + 2 + 5 * len(

@@ -173,6 +173,33 @@ def test_kronecker_factors(problem):
         assert rel_err(jnp.kron(f.G, f.A), G[np.ix_(order, order)]) <= TOL, f"layer {l}, N = 1"
 
 
+@pytest.mark.parametrize("loss_name, output", [("softmax_cross_entropy", "identity"), ("mse", "tanh")])
+def test_kronecker_factors_of_wide_layers(loss_name, output):
+    """Widths past ``GRAM_BLOCK`` (the factors formed from the blocks on and above the diagonal, 2 and 3
+    blocks here, the constant column in the last): ``A^l`` against numpy, exactly symmetric, and ``G^l``
+    against the bias's Gauss-Newton block ``(1/N) Σ_x J_xᵀ H_x J_x`` with ``J_x = ∂o_x/∂b^l`` by
+    jax.jacfwd and ``H_x`` by jax.hessian. Catches a block misplaced, transposed or left out."""
+    assert 2 * cv.GRAM_BLOCK <= 530 < 3 * cv.GRAM_BLOCK <= 771 < 4 * cv.GRAM_BLOCK
+    rng = np.random.default_rng(5)
+    net = fnn.MLP((530, 770, 3), "tanh", output)
+    loss = LOSSES[loss_name]
+    params = net.init(jax.random.PRNGKey(5), jnp.float64)
+    x = jnp.asarray(rng.normal(size=(6, 530)))
+    y = jnp.asarray(rng.integers(0, 3, 6)) if loss.targets == "classes" else jnp.asarray(rng.normal(size=(6, 3)))
+    factors = cv.kronecker_factors(net, params, x, y, loss)
+    o, cost_of_o = _split(net, params, x, loss)
+    target, _ = loss.target(net.apply(params, x), y)
+    H = jax.vmap(jax.hessian(cost_of_o))(o(params), target)  # (N, K, K)
+    acts = net.forward_trace(params, x).acts
+    for l, f in enumerate(factors):
+        abar = np.concatenate([np.asarray(acts[l]), np.ones((6, 1))], axis=1)
+        assert rel_err(f.A, abar.T @ abar / 6) <= TOL and np.array_equal(f.A, f.A.T), f"layer {l}"
+        with_b = lambda b, l=l: o([{**p, "b": b} if i == l else p for i, p in enumerate(params)])  # noqa: E731
+        J = jax.jacfwd(with_b)(params[l]["b"])  # (N, K, n_l)
+        assert rel_err(f.G, jnp.einsum("nkp,nkj,njq->pq", J, H, J) / 6) <= TOL, f"layer {l}"
+        assert np.array_equal(f.G, f.G.T)
+
+
 def _layer_index(params):
     """Per layer, the positions of each leaf in ``ravel_pytree(params)``."""
     flat_index = ravel_pytree(jax.tree.map(lambda p: jnp.zeros(p.shape), params))[1]

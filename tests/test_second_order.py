@@ -219,3 +219,30 @@ def test_checkpoint_describes_them_and_resume_is_bit_identical(tmp_path, which):
     with pytest.raises(fnn.checkpoint.CheckpointError, match="loss"):
         fnn.checkpoint.load(fnn.checkpoint.latest(tmp_path), opt=type(opt)(
             opt.init, opt.update, name=which, hyperparams={**opt.hyperparams, "loss": fnn.losses.mse}))
+
+
+def test_deep_autoencoder_experiment(tmp_path, mnist_dir):
+    """experiments/second_order.py --quick: every method lowers the training error from the shared start;
+    the snapshots are ordered in iterations and seconds within the budget; the per-iteration and per-second
+    comparisons are those the curves give; the first snapshot's error is recomputed here with jax.nn."""
+    from test_experiments_b import run
+
+    r = run("second_order", tmp_path, "--data-dir", str(mnist_dir))
+    assert set(r["runs"]) == {"momentum", "Adam", "K-FAC", "Hessian-free"}
+    raw = fnn.data.load_dataset("mnist-10k", str(mnist_dir))
+    x = jnp.asarray(raw.x_train[: r["eval_rows"]], jnp.float32)
+    hidden = len(r["sizes"]) - 2
+    assert r["activation"] == ["identity" if l == hidden // 2 else "sigmoid" for l in range(hidden)]
+    net = fnn.MLP(tuple(r["sizes"]), tuple(r["activation"]), "identity", init="xavier_normal")
+    z = net.apply(net.init(jax.random.PRNGKey(0)), x)
+    ce = jnp.mean(jnp.maximum(z, 0) - z * x + jnp.log1p(jnp.exp(-jnp.abs(z))))
+    assert abs(r["initial_cross_entropy"] - float(ce)) <= 1e-5 * float(ce)
+    for name, run_ in r["runs"].items():
+        its, clock, ce = (np.asarray(run_[k], float) for k in ("iterations", "clock", "cross_entropy"))
+        assert its[0] == 0 and ce[0] == r["initial_cross_entropy"] and its[-1] == run_["steps"] >= 1
+        assert np.all(np.diff(its) > 0) and np.all(np.diff(clock) > 0) and clock[-1] >= r["budget_s"]
+        assert np.all(np.isfinite(ce)) and ce[-1] < ce[0], name
+        assert r["per_second"][name] == ce[-1]
+        assert r["per_iteration"][name] == pytest.approx(np.interp(r["common_iteration"], its, ce), rel=1e-12)
+        assert r["common_iteration"] <= run_["steps"]
+    assert r["common_iteration"] == min(run_["steps"] for run_ in r["runs"].values())
