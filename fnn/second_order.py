@@ -24,9 +24,10 @@ curvature", ICML 2015). Per layer, with ``W̄ = [W | b]`` and its gradient ``∇
 
 **Hessian-free** (Martens, "Deep learning via Hessian-free optimization", ICML 2010): the update is
 ``d ≈ −(G + λI)⁻¹ ∇C`` by ``cg_iters`` iterations of conjugate gradient on the damped Gauss-Newton
-products :func:`fnn.curvature.ggn_vp`, warm-started from ``decay`` times the previous solution; the
-damping follows the Levenberg–Marquardt rule on the reduction ratio
-``ρ = (C(θ + d) − C(θ)) / (q(d) − q(0))``, ``q(d) = ∇Cᵀd + ½dᵀ(G + λI)d`` (the model CG minimized):
+products (:func:`fnn.curvature.product_operator`: the forward pass once per step), warm-started
+from ``decay`` times the previous solution; the damping follows the Levenberg–Marquardt rule on the reduction ratio
+``ρ = (C(θ + d) − C(θ)) / (q(d) − q(0))``, ``q(d) = ∇Cᵀd + ½dᵀ(G + λI)d`` (the model CG minimized,
+read off CG's residual ``r``: ``q(d) = ½∇Cᵀd − ½rᵀd``, no product more):
 ``λ ← 3λ/2`` if ``ρ < 1/4``, ``λ ← 2λ/3`` if ``ρ > 3/4``. ``C(θ + d)`` is one more forward pass on the
 batch. Martens' backtracking over the CG iterates is left out: the update is ``α d``.
 
@@ -208,12 +209,13 @@ def hessian_free(net: MLP, loss: Loss | str, learning_rate: float = 1.0, damping
         x, y = batch
         lam = state.damping
         flat_g, unravel = ravel_pytree(grads)
+        ggn = curvature.product_operator(net, params, x, y, loss, l2)  # the forward pass once, not per product
 
         def damped(v):
-            return ravel_pytree(curvature.ggn_vp(net, params, x, y, loss, unravel(v), l2))[0] + lam * v
+            return ravel_pytree(ggn(unravel(v)))[0] + lam * v
 
-        d = cg(damped, -flat_g, warm * ravel_pytree(state.previous)[0], cg_iters)
-        model = jnp.vdot(flat_g, d) + 0.5 * jnp.vdot(d, damped(d))
+        d, r = _cg(damped, -flat_g, warm * ravel_pytree(state.previous)[0], cg_iters)
+        model = 0.5 * jnp.vdot(flat_g, d) - 0.5 * jnp.vdot(r, d)  # q(d), as (G + λI)d = −∇C − r
         moved = jax.tree.map(lambda p, s: p + s.astype(p.dtype), params, unravel(d))
         before = loss(net.apply(params, x), y) + l2_penalty(params, l2)
         after = loss(net.apply(moved, x), y) + l2_penalty(moved, l2)
@@ -231,6 +233,11 @@ def cg(matvec, b: jax.Array, x0: jax.Array, iters: int) -> jax.Array:
     """``iters`` iterations of conjugate gradient on ``M x = b`` (``M`` symmetric positive definite, as
     ``v ↦ matvec(v)``) from ``x0``; a fixed trip count (``lax.fori_loop``), stopping early only in
     effect: once the residual is exactly 0 the iterates stay put (Hestenes & Stiefel 1952)."""
+    return _cg(matvec, b, x0, iters)[0]
+
+
+def _cg(matvec, b: jax.Array, x0: jax.Array, iters: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`cg`'s iterate and its residual ``r = b − M x`` (updated as CG does, with no product more)."""
     r = b - matvec(x0)
 
     def body(_, carry):
@@ -243,5 +250,5 @@ def cg(matvec, b: jax.Array, x0: jax.Array, iters: int) -> jax.Array:
         beta = jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1), 0)
         return x, r, r + beta * p, rr_new
 
-    x, *_ = lax.fori_loop(0, iters, body, (x0, r, r, jnp.vdot(r, r)))
-    return x
+    x, r, *_ = lax.fori_loop(0, iters, body, (x0, r, r, jnp.vdot(r, r)))
+    return x, r

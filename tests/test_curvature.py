@@ -173,6 +173,49 @@ def test_kronecker_factors(problem):
         assert rel_err(jnp.kron(f.G, f.A), G[np.ix_(order, order)]) <= TOL, f"layer {l}, N = 1"
 
 
+@pytest.mark.parametrize("matrix", ["hessian", "ggn"])
+def test_product_operator_is_the_product_with_one_forward_pass(matrix):
+    """``product_operator(...)(v)`` equals :func:`hvp` / :func:`ggn_vp` for several directions (L2 on),
+    and in a loop of products the operator leaves the forward pass outside the loop body: the body has
+    at least ``L`` matmuls fewer than a loop of ``hvp`` / ``ggn_vp`` calls."""
+    net, params, x, y, loss = fnn.MLP((4, 6, 5, 3), "tanh", "identity"), None, None, None, LOSSES["mse"]
+    rng = np.random.default_rng(8)
+    params = net.init(jax.random.PRNGKey(8), jnp.float64)
+    x, y = jnp.asarray(rng.normal(size=(7, 4))), jnp.asarray(rng.normal(size=(7, 3)))
+    op = cv.product_operator(net, params, x, y, loss, 0.05, matrix=matrix)
+    direct = cv.hvp if matrix == "hessian" else cv.ggn_vp
+    for seed in range(3):
+        v = net.init(jax.random.PRNGKey(20 + seed), jnp.float64)
+        _assert_tree_close(op(v), direct(net, params, x, y, loss, v, 0.05), 1e-13, f"direction {seed}")
+    with pytest.raises(ValueError, match="matrix"):
+        cv.product_operator(net, params, x, y, loss, matrix="fisher")
+
+    def once(p, v):
+        op = cv.product_operator(net, p, x, y, loss, matrix=matrix)
+        return jax.lax.fori_loop(0, 8, lambda _, u: op(u), v)
+
+    def every(p, v):
+        return jax.lax.fori_loop(0, 8, lambda _, u: direct(net, p, x, y, loss, u), v)
+
+    def subjaxprs(e):
+        for value in e.params.values():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns"):
+                    yield getattr(v, "jaxpr", v)
+
+    def eqns(jaxpr):  # every equation, nested calls included
+        for e in jaxpr.eqns:
+            yield e
+            for sub in subjaxprs(e):
+                yield from eqns(sub)
+
+    def dots_in_loop(f):  # fori_loop with static bounds is a scan
+        (loop,) = [e for e in eqns(jax.make_jaxpr(f)(params, params).jaxpr) if e.primitive.name == "scan"]
+        return sum(e.primitive.name == "dot_general" for b in subjaxprs(loop) for e in eqns(b))
+
+    assert dots_in_loop(every) - dots_in_loop(once) >= net.num_layers  # at least the forward pass's matmuls
+
+
 @pytest.mark.parametrize("loss_name, output", [("softmax_cross_entropy", "identity"), ("mse", "tanh")])
 def test_kronecker_factors_of_wide_layers(loss_name, output):
     """Widths past ``GRAM_BLOCK`` (the factors formed from the blocks on and above the diagonal, 2 and 3

@@ -92,7 +92,9 @@ def test_curvature_runs_without_autodiff(trap_autodiff):
                 cv.ggn_diag(net, params, x, y, loss, 0.1), cv.ggn_diag_mc(net, params, x, y, loss, key, 0.1),
                 cv.kronecker_factors(net, params, x, y, loss), cv.kronecker_factors(net, params, x, y, loss, key),
                 cv.sharpness(net, params, x, y, loss, max_iter=3), cv.sharpness(net, params, x, y, loss, matrix="ggn",
-                                                                                 max_iter=3))
+                                                                                 max_iter=3),
+                cv.product_operator(net, params, x, y, loss, 0.1, matrix="hessian")(params),
+                cv.product_operator(net, params, x, y, loss, 0.1)(params))
 
     # traced once under jit: every operation of every quantity passes the trap while tracing
     jax.jit(lambda p, x, y, k: everything(p, x, y, k))(params, x, y, jax.random.PRNGKey(0))
