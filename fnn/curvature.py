@@ -338,31 +338,10 @@ def kronecker_factors(net: MLP, params: Params, x, y, loss: Loss | str, key: jax
     out = []
     for l, (delta, _) in enumerate(_columns(net, params, trace, curv, top)):
         a = f.acts[l]
-        A = _gram(net, a, jnp.ones((n, 1), a.dtype)) / n
-        out.append(Kronecker(A, _gram(net, delta.reshape(-1, delta.shape[-1])) * (scale / n)))
+        abar = jnp.concatenate([a, jnp.ones((n, 1), a.dtype)], axis=1)
+        rows = delta.reshape(-1, delta.shape[-1])
+        out.append(Kronecker(net.matmul(abar.T, abar) / n, net.matmul(rows.T, rows) * (scale / n)))
     return out
-
-
-GRAM_BLOCK = 256
-"""Width of the column blocks in which :func:`kronecker_factors` forms ``Xᵀ X``."""
-
-
-def _gram(net: MLP, x: jax.Array, extra: jax.Array | None = None) -> jax.Array:
-    """``X̄ᵀ X̄`` for ``X̄ = [x | extra]`` ``(R, d)``, from the blocks on and above the diagonal only.
-
-    The columns are cut into ``b = max(1, d // GRAM_BLOCK)`` blocks; the ``b(b+1)/2`` products
-    ``X̄_iᵀ X̄_j`` (``i ≤ j``) are formed and the others are their transposes: ``(b+1)/(2b)`` of the full
-    product's multiply-adds (3/4 for ``b = 2``, 5/8 for ``b = 4``), for a symmetric result.
-    """
-    d = x.shape[1] + (0 if extra is None else extra.shape[1])
-    b = max(1, d // GRAM_BLOCK)
-    edges = [d * i // b for i in range(b + 1)]  # blocks of GRAM_BLOCK to 2 GRAM_BLOCK − 1 columns
-    cols = [x[:, lo:hi] for lo, hi in zip(edges[:-2], edges[1:-1])]
-    last = x[:, edges[-2]:]
-    cols.append(last if extra is None else jnp.concatenate([last, extra], axis=1))
-    upper = {(i, j): net.matmul(cols[i].T, cols[j]) for i in range(len(cols)) for j in range(i, len(cols))}
-    rows = [[upper[i, j] if i <= j else upper[j, i].T for j in range(len(cols))] for i in range(len(cols))]
-    return jnp.block(rows) if len(cols) > 1 else rows[0][0]
 
 
 def sharpness(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0, *, matrix: str = "hessian",

@@ -218,11 +218,10 @@ def test_product_operator_is_the_product_with_one_forward_pass(matrix):
 
 @pytest.mark.parametrize("loss_name, output", [("softmax_cross_entropy", "identity"), ("mse", "tanh")])
 def test_kronecker_factors_of_wide_layers(loss_name, output):
-    """Widths past ``GRAM_BLOCK`` (the factors formed from the blocks on and above the diagonal, 2 and 3
-    blocks here, the constant column in the last): ``A^l`` against numpy, exactly symmetric, and ``G^l``
-    against the bias's Gauss-Newton block ``(1/N) Σ_x J_xᵀ H_x J_x`` with ``J_x = ∂o_x/∂b^l`` by
-    jax.jacfwd and ``H_x`` by jax.hessian. Catches a block misplaced, transposed or left out."""
-    assert 2 * cv.GRAM_BLOCK <= 530 < 3 * cv.GRAM_BLOCK <= 771 < 4 * cv.GRAM_BLOCK
+    """Layers of benchmark widths (hundreds of units, where XLA tiles its matmuls), beyond the small
+    networks of :func:`test_kronecker_factors`: ``A^l`` against numpy and ``G^l`` against the bias's
+    Gauss-Newton block ``(1/N) Σ_x J_xᵀ H_x J_x`` with ``J_x = ∂o_x/∂b^l`` by jax.jacfwd and ``H_x`` by
+    jax.hessian."""
     rng = np.random.default_rng(5)
     net = fnn.MLP((530, 770, 3), "tanh", output)
     loss = LOSSES[loss_name]
@@ -236,11 +235,10 @@ def test_kronecker_factors_of_wide_layers(loss_name, output):
     acts = net.forward_trace(params, x).acts
     for l, f in enumerate(factors):
         abar = np.concatenate([np.asarray(acts[l]), np.ones((6, 1))], axis=1)
-        assert rel_err(f.A, abar.T @ abar / 6) <= TOL and np.array_equal(f.A, f.A.T), f"layer {l}"
+        assert rel_err(f.A, abar.T @ abar / 6) <= TOL, f"layer {l}"
         with_b = lambda b, l=l: o([{**p, "b": b} if i == l else p for i, p in enumerate(params)])  # noqa: E731
         J = jax.jacfwd(with_b)(params[l]["b"])  # (N, K, n_l)
         assert rel_err(f.G, jnp.einsum("nkp,nkj,njq->pq", J, H, J) / 6) <= TOL, f"layer {l}"
-        assert np.array_equal(f.G, f.G.T)
 
 
 def _layer_index(params):
