@@ -9,6 +9,12 @@ fresh initialization, and the errors are averaged (the theory speaks of the expe
 training sets). The theory expects the training error to fall with capacity and the held-out
 error to fall (under-fitting) and then rise (over-fitting): a U. The held-out error cannot go
 below the noise variance ``0.3² = 0.09``.
+
+Every claim is read off the spread over the draws: the mean and the range (min–max) per width.
+A difference between two widths is called resolved only where their ranges are disjoint (every
+draw of one below every draw of the other); the held-out minimum is resolved only where its range
+lies below the ranges of both neighbouring widths. As the draws are shared by all widths, the
+count of draws in which one width beats another is given too.
 """
 
 from __future__ import annotations
@@ -61,6 +67,32 @@ def train_and_score(width: int, x, ys, held_out, x_plot, steps: int):
     return jax.device_get(jax.jit(jax.vmap(run))(keys, ys))
 
 
+def spread(values: np.ndarray) -> dict:
+    """``{"mean", "min", "max"}`` of ``values (repeats,)``."""
+    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
+
+
+def findings(widths, mse: np.ndarray) -> dict:
+    """What the draws ``mse (widths, repeats)`` support: the width of the lowest mean and whether its
+    range lies below each neighbour's, the widths whose ranges lie above it, the stretches over
+    which the mean falls or rises, and ``wins[i][j]``, the draws in which width ``i`` is below ``j``."""
+    mean = mse.mean(axis=1)
+    k = int(np.argmin(mean))
+    below = [bool(mse[k].max() < mse[j].min()) for j in range(len(widths))]  # k's range below j's
+    neighbours = [j for j in (k - 1, k + 1) if 0 <= j < len(widths)]
+    return {
+        "spread": [spread(v) for v in mse],
+        "lowest_index": k, "lowest_width": widths[k],
+        "resolved_from_neighbours": {widths[j]: below[j] for j in neighbours},
+        "resolved": all(below[j] for j in neighbours),
+        "ranges_above_lowest": [w for w, b in zip(widths, below) if b],
+        "mean_falls_to_lowest": bool(np.all(np.diff(mean[: k + 1]) < 0)),
+        "mean_rises_after_lowest": bool(np.all(np.diff(mean[k:]) > 0)),
+        "last_over_lowest": float(mean[-1] / mean[k]),
+        "wins": (mse[:, None, :] < mse[None, :, :]).sum(axis=2),
+    }
+
+
 def main(argv=None) -> dict:
     args = common.parse_args("capacity", __doc__.splitlines()[0], argv)
     widths, repeats, steps = ((1, 4, 64), 2, 2000) if args.quick else ((1, 2, 4, 8, 16, 32, 64, 128, 256), 5, 10_000)
@@ -77,26 +109,34 @@ def main(argv=None) -> dict:
         curves[width] = fits[0]  # the fits to the first training set, drawn in panel (b)
     train_mse, held_mse = np.array(train_mse), np.array(held_mse)  # (widths, repeats)
     train_mean, held_mean = train_mse.mean(axis=1), held_mse.mean(axis=1)
-    best = int(np.argmin(held_mean))
-    rise = held_mean[best:].max() / held_mean[best] - 1  # how far the held-out error climbs after its minimum
-    u_shaped = bool(0 < best < len(widths) - 1 and held_mean[0] > 1.1 * held_mean[best] and rise > 0.1)
+    train, held = findings(widths, train_mse), findings(widths, held_mse)
+    best = held["lowest_index"]
+    smaller, larger = widths[:best], widths[best + 1:]
+    verdict = {"under_fitting_resolved": any(w in held["ranges_above_lowest"] for w in smaller),
+               "over_fitting_resolved": any(w in held["ranges_above_lowest"] for w in larger),
+               "minimum_resolved": held["resolved"]}
 
     plt = common.pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ax = axes[0]
-    for values, mean, name, color in ((train_mse, train_mean, "training", "C0"),
-                                      (held_mse, held_mean, "held out", "C1")):
-        ax.plot(widths, mean, "o-", color=color, label=f"{name} (mean of {repeats})")
-        ax.scatter(np.repeat(widths, repeats), values.ravel(), s=8, color=color, alpha=0.5)
+    for values, mean, name, color, shift in ((train_mse, train_mean, "training", "C0", 0.97),
+                                             (held_mse, held_mean, "held out", "C1", 1.03)):
+        at = np.asarray(widths) * shift  # side by side, so that the bars do not hide each other
+        ax.errorbar(at, mean, yerr=[mean - values.min(1), values.max(1) - mean], fmt="o-", color=color,
+                    capsize=3, label=f"{name}: mean of {repeats} draws, bar min–max")
     ax.axhline(NOISE**2, color="grey", ls="--", label=f"noise variance {NOISE**2:.2f}")
     ax.set(xscale="log", yscale="log", xlabel="hidden units n (capacity)", ylabel="mean squared error",
-           title=f"(a) {len(x)} training points: best held-out at n = {widths[best]}")
+           title=f"(a) {len(x)} training points: lowest training mean at n = {train['lowest_width']}, "
+                 f"held-out at n = {widths[best]}")
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.legend(fontsize=8)
     ax = axes[1]
-    ax.plot(widths, held_mean, "o-", color="C1", label="held out (mean)")
-    ax.scatter(np.repeat(widths, repeats), held_mse.ravel(), s=8, color="C1", alpha=0.5)
-    ax.plot(widths[best], held_mean[best], "k*", ms=14, label=f"minimum {held_mean[best]:.3f}")
+    ax.errorbar(widths, held_mean, yerr=[held_mean - held_mse.min(1), held_mse.max(1) - held_mean], fmt="o-",
+                color="C1", capsize=3, label="held out: mean, bar min–max")
+    ax.scatter(np.repeat(widths, repeats), held_mse.ravel(), s=8, color="C1", alpha=0.4, label="one draw")
+    ax.axhspan(held_mse[best].min(), held_mse[best].max(), color="k", alpha=0.08,
+               label=f"range at n = {widths[best]} ({'resolved' if held['resolved'] else 'not resolved'} "
+                     "from its neighbours)")
     ax.set(xscale="log", xlabel="hidden units n (capacity)", ylabel="held-out mean squared error",
            title="(b) held-out error, linear scale")
     ax.set_xticks(widths, [str(w) for w in widths])
@@ -106,26 +146,50 @@ def main(argv=None) -> dict:
     for width in sorted({widths[0], widths[best], widths[-1]}):
         ax.plot(np.asarray(x_plot[:, 0]), curves[width], lw=1.3, label=f"n = {width}")
     ax.scatter(x[:, 0], ys[0, :, 0], color="k", s=18, zorder=3, label="training points (set 1)")
-    ax.set(xlabel="x", ylabel="y", ylim=(-3, 3), title="(c) fits to training set 1: smallest, best, largest n")
+    ax.set(xlabel="x", ylabel="y", ylim=(-3, 3), title="(c) fits to training set 1: smallest, lowest held-out, "
+                                                       "largest n")
     ax.legend(fontsize=8)
     common.save_figure(args, fig)
 
     results = {"widths": list(widths), "repeats": repeats, "steps": steps, "n_train": len(x),
                "n_held_out": len(fresh.x_train), "noise_variance": NOISE**2,
                "train_mse": train_mse, "held_out_mse": held_mse, "train_mse_mean": train_mean,
-               "held_out_mse_mean": held_mean, "best_width": widths[best], "rise_after_best": rise,
-               "u_shaped": u_shaped}
+               "held_out_mse_mean": held_mean, "train": train, "held_out": held, "best_width": widths[best],
+               **verdict}
     common.save_json(args, results)
-    common.conclude(
-        args,
-        f"training MSE falls from {train_mean[0]:.3f} (n={widths[0]}) to {train_mean[-1]:.4f} (n={widths[-1]}); "
-        f"held-out MSE is {held_mean[0]:.3f} at n={widths[0]}, lowest {held_mean[best]:.3f} at n={widths[best]}, "
-        f"{held_mean[-1]:.3f} at n={widths[-1]}, at most {100 * rise:.0f}% above its minimum after it "
-        f"(noise floor {NOISE**2:.2f}; means of {repeats} training sets); "
-        + ("U-shaped as the theory expects" if u_shaped else "NOT the expected U shape")
-        + f" (held-out by width: {', '.join(f'{w}: {m:.3f}' for w, m in zip(widths, held_mean))}).",
-    )
+    common.conclude(args, describe(results))
     return results
+
+
+def _range(s: dict, digits: str = ".3g") -> str:
+    return f"{s['mean']:{digits}} [{s['min']:{digits}}–{s['max']:{digits}}]"
+
+
+def describe(r: dict) -> str:
+    """The conclusion, in words, from the results ``r``."""
+    widths, t, h = r["widths"], r["train"], r["held_out"]
+    k, j = t["lowest_index"], h["lowest_index"]
+    last = len(widths) - 1
+    text = (f"training MSE, mean [min–max] over {r['repeats']} draws: {_range(t['spread'][0])} at n={widths[0]}, "
+            f"lowest mean {_range(t['spread'][k])} at n={widths[k]} ("
+            + ("falling all the way" if t["mean_falls_to_lowest"] else "not falling at every step") + ")")
+    if k < last:
+        text += (f", then {_range(t['spread'][last])} at n={widths[last]}, {t['last_over_lowest']:.3g} times the "
+                 "lowest mean, its range " + ("above" if widths[last] in t["ranges_above_lowest"] else "overlapping")
+                 + f" that of n={widths[k]}, higher in {t['wins'][k][last]} of {r['repeats']} draws")
+    others = "; ".join(f"n={w}: {'ranges disjoint' if ok else 'ranges overlap'}, n={widths[j]} lower in "
+                       f"{h['wins'][j][widths.index(int(w))]} of {r['repeats']} draws"
+                       for w, ok in h["resolved_from_neighbours"].items())
+    text += (f". Held-out MSE: {_range(h['spread'][0])} at n={widths[0]}, lowest mean {_range(h['spread'][j])} at "
+             f"n={widths[j]} (against its neighbours: {others}; minimum "
+             + ("resolved" if h["resolved"] else "not resolved") + "), "
+             f"{_range(h['spread'][last])} at n={widths[last]}; ranges above the lowest's: "
+             f"{', '.join(f'n={w}' for w in h['ranges_above_lowest']) or 'none'} "
+             f"(noise floor {r['noise_variance']:.2f}). "
+             f"Under-fitting (a smaller width's range above the lowest's): "
+             f"{'resolved' if r['under_fitting_resolved'] else 'not resolved'}; over-fitting (a larger width's): "
+             f"{'resolved' if r['over_fitting_resolved'] else 'not resolved'}.")
+    return text
 
 
 if __name__ == "__main__":

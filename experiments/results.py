@@ -1,9 +1,12 @@
 """The results blocks of experiments/README.md, generated from the experiments' JSON.
 
-A block is the text between ``<!-- results NAME -->`` and ``<!-- /results -->``; it quotes only the
-deterministic fields of ``NAME.json`` (counts, not timings), rendered by ``RENDER[NAME]``, so a quoted
-number cannot drift from what the script prints: ``tests/test_experiments_b.py`` renders a fresh
-run's JSON and compares it with the block. After changing an experiment, regenerate with
+A block is the text between ``<!-- results NAME -->`` and ``<!-- /results -->``; it quotes fields of
+``NAME.json``, rendered by ``RENDER[NAME]``, so a quoted number cannot drift from what the script
+wrote. Where a block holds deterministic counts only, as ``autodiff_graphs``' does,
+``tests/test_experiments_b.py`` renders a fresh run's JSON and compares it with the block; the others
+quote a default run, whose sizes a test's quick run does not have (and ``batch_sizes``' quotes that
+run's timings), so their tests check the block's form and that its words follow from its numbers.
+After changing an experiment, regenerate with
 
     python experiments/<name>.py && python experiments/results.py
 
@@ -127,8 +130,190 @@ def render_initialization(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _g(v: float, digits: int = 2) -> str:
+    """``v`` to ``digits`` significant figures, as Python's ``g`` writes it."""
+    return f"{float(v):.{digits}g}"
+
+
+def _span(values, fmt: str) -> str:
+    """``"lo to hi"`` of ``values`` in the format ``fmt``, or one number where both read the same."""
+    lo, hi = f"{min(values):{fmt}}", f"{max(values):{fmt}}"
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def _cell(text: str) -> str:
+    """``text`` safe in a Markdown table cell."""
+    return text.replace("|", "\\|")
+
+
+def render_xor(r: dict) -> str:
+    """The default run: the counts of the 5,000-step run and, per stalled seed, what the continued run
+    measured and the verdict its thresholds give (a quick run has other sizes, so the test checks this
+    block's form and that every verdict follows from the numbers it quotes)."""
+    _default_run(r, "xor")
+    p, single, mlp, long = r["perceptron"], r["single_unit"], r["mlp_2_2_1"], r["long_run"]
+    solved = mlp["solved"]
+    stalled = [s for s, ok in enumerate(solved) if not ok]
+    half = long["steps"].index(long["half"])
+    end = long["steps"][-1]
+    t = long["thresholds"]
+    lines = [f"- perceptron rule: converged {p['converged']} after {p['epochs']:,} epochs ({p['updates']:,} updates), "
+             f"accuracy {100 * p['accuracy']:.0f} %. One sigmoid unit, {r['seeds']} seeds: lowest cost "
+             f"{min(single['final_loss']):.4f} (ln 2 = 0.6931), output within "
+             f"{max(single['max_distance_from_half']):.0e} of ½ on every point.",
+             f"- 2-2-1, η = {r['learning_rate']:g}, {r['steps']:,} steps: {mlp['n_solved']} of {r['seeds']} seeds "
+             f"classify all four points (cost ≤ {max(c for c, ok in zip(mlp['final_loss'], solved) if ok):.4f}); "
+             f"stalled: seeds {_names([str(s) for s in stalled])}.",
+             f"- continued to {end:,} steps, measured every {long['steps'][1] - long['steps'][0]:,}; ‖∇C‖ ∝ steps^p "
+             f"and the growth of ‖θ‖ over steps {long['half']:,}–{end:,}; Hessian from `fnn.curvature.hvp`.", "",
+             f"| seed | cost − ½ ln 2 | ‖∇C‖ at {long['half']:,} → {end:,} | p | ‖θ‖ at {long['half']:,} → {end:,} "
+             "| Hessian eigenvalues, min and max | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in stalled:
+        g, w, e = long["grad_norm"][s], long["weight_norm"][s], long["hessian_eigenvalues"][s]
+        lines.append(f"| {s} | {long['excess_over_half_ln2'][s]:.1e} | {g[half]:.1e} → {g[-1]:.1e} | "
+                     f"{long['grad_norm_exponent_second_half'][s]:.2f} | {w[half]:.2f} → {w[-1]:.2f} | "
+                     f"{e[0]:.1e}, {e[-1]:.2g} | {long['verdict'][s]} |")
+    ok = [s for s in range(len(solved)) if solved[s]]
+    if ok:
+        g = [long["grad_norm"][s] for s in ok]
+        w = [long["weight_norm"][s] for s in ok]
+        lines.append(f"| solved ({len(ok)}) | cost {_span([long['cost'][s][-1] for s in ok], '.1e')} | "
+                     f"{_span([x[half] for x in g], '.1e')} → {_span([x[-1] for x in g], '.1e')} | "
+                     f"{_span([long['grad_norm_exponent_second_half'][s] for s in ok], '.2f')} | "
+                     f"{_span([x[half] for x in w], '.2f')} → {_span([x[-1] for x in w], '.2f')} | | |")
+    lines += ["", f"- verdict: saddle if the lowest eigenvalue < −{t['negative']:g} × the largest; minimum if, "
+                  f"besides, ‖∇C‖ ≤ {t['grad_tol']:g} and ‖θ‖ grew by ≤ {100 * t['growth_tol']:g} % over the "
+                  "second half; else plateau."]
+    return "\n".join(lines) + "\n"
+
+
+def render_universal_approximation(r: dict) -> str:
+    """The default run's width curves at three budgets, their slopes, and which widths were still
+    improving (a quick run has other sizes, so the test checks this block's form and its slopes
+    against its own quoted errors)."""
+    _default_run(r, "universal_approximation")
+    widths, budgets, cap = r["widths"], r["budgets"], r["cap"]
+    lines = [f"- `MLP((1, n, 1), \"tanh\")`, full-batch Adam at {r['rate']:g} · 2^(−t/{r['half_life']:,}), "
+             f"{r['seeds']} initializations; RMS error on 1,001 points of the network with the lowest training loss "
+             f"found up to the given step (over the initializations and the checkpoints every {r['chunk']:,} steps).",
+             "", "| target | steps | " + " | ".join(f"n = {n}" for n in widths) + " | log-log slope | lowest at |",
+             "| --- | --- | " + " | ".join("---" for _ in widths) + " | --- | --- |"]
+    for name, per_budget in r["rmse_best_at_budget"].items():
+        s = r["summary"][name]
+        for b in budgets:
+            lines.append(f"| {_cell(name)} | {b:,} | " + " | ".join(_g(e) for e in per_budget[str(b)])
+                         + f" | {s['slope_at_budget'][str(b)]:.2f} | n = {s['lowest_at_budget'][str(b)]} |")
+    lines.append("")
+    for name, per_width in r["at_cap"].items():
+        s = r["summary"][name]
+        improving = [str(n) for n, w in zip(widths, per_width) if w["still_improving"]]
+        ratios = s["cap_over_quarter"]
+        lines.append(f"- {name}: {cap // 4:,} → {cap:,} steps multiplies the error by {_g(min(ratios))}–"
+                     f"{_g(max(ratios))}; training loss still improving at {cap:,} steps (its lowest fell by ≥ "
+                     f"{100 * r['tol']:g} % over the last {r['window']:,}) for n = {_names(improving)}; a width not "
+                     f"below the one before it at {cap:,} steps: n = "
+                     f"{_names([str(n) for n in s['not_below_previous_width'][str(cap)]])}.")
+    step = r["at_cap"]["step [x ≥ 0]"]
+    lines.append("- the piecewise-linear interpolant of the 200 training points has RMS error "
+                 + ", ".join(f"{_g(v)} ({n})" for n, v in r["interpolant_rmse"].items())
+                 + f". The step: share of the squared error between the two training points around the jump "
+                 f"{100 * min(w['gap_share'] for w in step):.0f}–{100 * max(w['gap_share'] for w in step):.0f} %; "
+                 f"sup error {min(w['sup_error'] for w in step):.3f}–{max(w['sup_error'] for w in step):.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+def render_capacity(r: dict) -> str:
+    """The default run's MSE per width over the draws and what the ranges resolve (a quick run has
+    other sizes, so the test checks this block's form and that its words follow from its ranges)."""
+    _default_run(r, "capacity")
+    widths, t, h, n = r["widths"], r["train"], r["held_out"], r["repeats"]
+    lines = [f"- {r['n_train']} training points, {n} draws (noise and initialization), {r['steps']:,} Adam steps; "
+             f"{r['n_held_out']:,} held-out points; noise variance {r['noise_variance']:.2f}. MSE mean [min–max] "
+             "over the draws.", "", "| n | training MSE | held-out MSE |", "| --- | --- | --- |"]
+    for w, a, b in zip(widths, t["spread"], h["spread"]):
+        lines.append(f"| {w} | {_spread(a, '.3g')} | {_spread(b, '.3g')} |")
+    k, j, last = t["lowest_index"], h["lowest_index"], len(widths) - 1
+    rise = (f"; n = {widths[last]}: {t['last_over_lowest']:.3g} times the lowest mean, its range "
+            f"{'above' if widths[last] in t['ranges_above_lowest'] else 'overlapping'} n = {widths[k]}'s, higher in "
+            f"{t['wins'][k][last]} of {n} draws" if k < last else "")
+    near = "; ".join(f"n = {w}: {'ranges disjoint' if ok else 'ranges overlap'}, n = {widths[j]} lower in "
+                     f"{h['wins'][j][widths.index(int(w))]} of {n} draws"
+                     for w, ok in h["resolved_from_neighbours"].items())
+    lines += ["", f"- training: lowest mean at n = {widths[k]}, the mean "
+                  + ("" if t["mean_falls_to_lowest"] else "not ") + "falling at every step up to it"
+                  + rise + ".",
+              f"- held out: lowest mean at n = {widths[j]}; against its neighbours: {near}; minimum "
+              + ("resolved" if h["resolved"] else "not resolved") + f". Ranges above it: "
+              f"{_names([f'n = {w}' for w in h['ranges_above_lowest']])}. Under-fitting "
+              + ("resolved" if r["under_fitting_resolved"] else "not resolved") + "; over-fitting "
+              + ("resolved" if r["over_fitting_resolved"] else "not resolved") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def render_batch_sizes(r: dict) -> str:
+    """The default run's costs, measured times and, per cost level, the batch sizes no other beats
+    (timings vary from run to run: the block is the run of its date; the test checks its form)."""
+    _default_run(r, "batch_sizes")
+    runs = r["runs"]
+    lines = [f"- digits, N = {r['n']:,}, 64-64-10 tanh, SGD η = {r['eta']:g}, {r['epochs']} epochs, seeds "
+             f"0–{r['seeds'] - 1}; min–max over the seeds.", "",
+             f"| B | steps/epoch | cost after {r['epochs']} epochs | held-out accuracy (%) | compile (s) "
+             "| first call (ms) | median epoch (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, run in runs.items():
+        final = [c[-1] for c in run["full_train_cost"]]
+        acc = [100 * a for a in run["held_out_accuracy"]]
+        lines.append(f"| {name} | {run['steps_per_epoch']:,} | {min(final):.4f}–{max(final):.4f} | "
+                     f"{min(acc):.1f}–{max(acc):.1f} | {run['compile_seconds']:.2f} | "
+                     f"{1000 * run['first_call_seconds']:.1f} | {1000 * run['median_epoch_seconds']:.2f} |")
+    lines += ["", "| cost level | epochs to reach it, per seed: " + ", ".join(runs) + " | first in training time "
+              "| first with compile and first call |", "| --- | --- | --- | --- |"]
+
+    def who(names):
+        return "none" if not names else names[0] if len(names) == 1 else "not resolved: " + ", ".join(names)
+
+    for step in r["ladder"]:
+        epochs = "; ".join("/".join("–" if e is None else str(e) for e in step["epochs"][name]) for name in runs)
+        lines.append(f"| {_g(step['level'])} | {epochs} | {who(step['leaders'])} | "
+                     f"{who(step['leaders_with_compile'])} |")
+    noise = r["gradient_noise"]
+    ratio = [m / p for m, p in zip(noise["measured"], noise["predicted"])]
+    lines += ["", f"- noise: measured E‖∇C_B − ∇C‖² over the formula: {min(ratio):.2f}–{max(ratio):.2f} for B = "
+                  f"{', '.join(map(str, noise['batch_sizes']))}."]
+    return "\n".join(lines) + "\n"
+
+
+def render_batchnorm(r: dict) -> str:
+    """The default run per seed and the differences (a quick run has other sizes, so the test checks
+    this block's form and that its summary follows from its rows)."""
+    _default_run(r, "batchnorm")
+    ps, d, f = r["per_seed"], r["difference"], r["findings"]
+    lines = [f"- `mnist-10k`, {r['train_images']:,} training and {r['held_out_images']:,} held-out images, "
+             f"784-100-100-100-10 sigmoid, SGD η = {r['lr']:g}, batch {r['batch']}, {r['epochs']} epochs = "
+             f"{r['steps'][-1]:,} steps, seeds {r['seeds'][0]}–{r['seeds'][-1]}; held-out accuracy (%), with BN / "
+             "without.", "",
+             f"| seed | after epoch 1 | steps to {100 * r['level']:.0f} % | mean of the last {r['last_epochs']} epochs "
+             "| with BN − without at the end (points) |", "| --- | --- | --- | --- | --- |"]
+    for i, s in enumerate(r["seeds"]):
+        a, b = ps["with BN"], ps["without BN"]
+        steps = "/".join("never" if v is None else f"{v:,}" for v in (a["steps_to_level"][i], b["steps_to_level"][i]))
+        lines.append(f"| {s} | {100 * a['after_first_epoch'][i]:.2f} / {100 * b['after_first_epoch'][i]:.2f} | "
+                     f"{steps} | "
+                     f"{100 * a['mean_last_epochs'][i]:.2f} / {100 * b['mean_last_epochs'][i]:.2f} | "
+                     f"{100 * d['mean_last_epochs'][i]:+.2f} |")
+    end = [100 * v for v in d["mean_last_epochs"]]
+    first = [100 * v for v in d["after_first_epoch"]]
+    lines += ["", f"- with BN − without, in points: after epoch 1 {min(first):+.2f} to {max(first):+.2f}; at the end "
+                  f"{min(end):+.2f} to {max(end):+.2f}, mean {sum(end) / len(end):+.2f}. BN higher at the end in every "
+                  f"seed: {'yes' if f['higher_at_end_every_seed'] else 'no'}; sooner to {100 * r['level']:.0f} % in "
+                  f"{f['sooner_seeds']} of {len(r['seeds'])} seeds; ahead in "
+                  f"{100 * f['higher_share_second_half']:.0f} % of the evaluations (seed × epoch) of the second half."]
+    return "\n".join(lines) + "\n"
+
+
 RENDER = {"autodiff_graphs": render_autodiff_graphs, "optimizers": render_optimizers,
-          "initialization": render_initialization}
+          "initialization": render_initialization, "xor": render_xor,
+          "universal_approximation": render_universal_approximation, "capacity": render_capacity,
+          "batch_sizes": render_batch_sizes, "batchnorm": render_batchnorm}
 
 
 def blocks(text: str) -> dict[str, str]:

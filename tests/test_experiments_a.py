@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,33 +46,123 @@ def test_perceptron(tmp_path):
 
 def test_xor(tmp_path):
     r = run("xor", tmp_path)
-    assert {"perceptron", "single_unit", "mlp_2_2_1", "learning_rate", "steps", "seeds"} <= set(r)
+    assert {"perceptron", "single_unit", "mlp_2_2_1", "learning_rate", "steps", "seeds", "long_run"} <= set(r)
     assert not r["perceptron"]["converged"]
     assert min(r["single_unit"]["final_loss"]) >= math.log(2) - 1e-3  # a linear unit cannot beat ln 2
     mlp = r["mlp_2_2_1"]
     assert mlp["n_solved"] >= 1 and mlp["n_solved"] == sum(mlp["solved"])
     solved_losses = [loss for loss, ok in zip(mlp["final_loss"], mlp["solved"]) if ok]
     assert max(solved_losses) < 0.05
+    # The stalled seeds, continued: each verdict is the one the thresholds give for what was measured,
+    # and what section 2 says of them holds: the gradient has not vanished, the weights still grow.
+    long, t = r["long_run"], r["long_run"]["thresholds"]
+    grad, weight, eig = (np.asarray(long[k]) for k in ("grad_norm", "weight_norm", "hessian_eigenvalues"))
+    half = long["steps"].index(long["half"])
+    stalled = [s for s, ok in enumerate(mlp["solved"]) if not ok]
+    assert stalled  # seed 1 stalls: the quick run exercises the verdict
+    for s in stalled:
+        growth = weight[s, -1] / weight[s, half] - 1
+        assert growth == pytest.approx(long["weight_growth_second_half"][s])
+        assert long["verdict"][s] == expected_verdict(grad[s, -1], growth, eig[s, 0], eig[s, -1], t,
+                                                      escaped=long["solved"][s])
+        assert grad[s, -1] < grad[s, half] and grad[s, -1] > t["grad_tol"] and growth > t["growth_tol"]
+    # the Hessian the verdict reads, from the R-operator, against jax.hessian in float64 (an independent
+    # oracle), at the stalled seeds' final params
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    import fnn
+
+    net = fnn.MLP((2, 2, 1), "sigmoid", "identity")
+    unravel = ravel_pytree(net.init(jax.random.PRNGKey(0), jnp.float64))[1]
+    data = fnn.data.xor()
+    x, y = jnp.asarray(data.x_train, jnp.float64), jnp.asarray(data.y_train, jnp.float64)
+    hessian = jax.jit(jax.hessian(lambda theta: fnn.objective(net, unravel(theta), x, y,
+                                                              fnn.losses.binary_cross_entropy_with_logits)))
+    for s in stalled:
+        oracle = np.linalg.eigvalsh(np.asarray(hessian(jnp.asarray(long["final_params"][s], jnp.float64))))
+        np.testing.assert_allclose(eig[s], oracle, atol=1e-5 * np.abs(oracle).max())
+    # the README's block (default run): every verdict follows from the numbers it quotes
+    rows = [line.split(" | ") for line in quoted_block("xor").splitlines()
+            if line.startswith("| ") and line.endswith(("plateau |", "saddle |", "minimum |", "escaped |"))]
+    assert rows
+    for row in rows:
+        before, after = (float(v) for v in row[4].split(" → "))
+        low, high = (float(v) for v in row[5].split(", "))
+        quoted = expected_verdict(float(row[2].split(" → ")[1]), after / before - 1, low, high, t, escaped=False)
+        assert row[6].removesuffix(" |") in (quoted, "escaped"), row
+
+
+def expected_verdict(grad_norm, growth, lowest, highest, t, escaped) -> str:
+    """Section 2's rule, written out again: escaped, saddle, minimum or plateau."""
+    if escaped:
+        return "escaped"
+    if lowest < -t["negative"] * highest:
+        return "saddle"
+    return "minimum" if grad_norm <= t["grad_tol"] and growth <= t["growth_tol"] else "plateau"
 
 
 def test_universal_approximation(tmp_path):
     r = run("universal_approximation", tmp_path)
-    assert {"widths", "rmse_best", "rmse_all_seeds", "sup_error_best"} <= set(r)
+    widths, steps, window = r["widths"], r["steps"], r["window"] // r["chunk"]
+    assert set(r["rmse_best"]) == {"sin(x)", "|x|", "step [x ≥ 0]"}
+    assert r["padded_units_max_abs_weight"] == 0.0  # the extra units of the shared program never moved
+    for name in r["rmse_best"]:
+        loss, rmse = np.asarray(r["train_mse_all"][name]), np.asarray(r["rmse_all"][name])  # (widths, seeds, K)
+        assert loss.shape == rmse.shape == (len(widths), r["seeds"], len(steps))
+        for b in r["budgets"]:  # the best network found by step b: the lowest training loss up to b, any init
+            k = steps.index(b)
+            for i in range(len(widths)):
+                s, j = np.unravel_index(np.argmin(loss[i, :, : k + 1]), (r["seeds"], k + 1))
+                assert r["rmse_best_at_budget"][name][str(b)][i] == rmse[i, s, j], (name, b, i)
+        for i, w in enumerate(r["at_cap"][name]):  # still improving: the lowest loss fell ≥ tol over the window
+            best = np.minimum.accumulate(loss[i].min(axis=0))
+            assert w["still_improving"] == bool(best[-1 - window] - best[-1] >= r["tol"] * best[-1 - window])
     for name in ("sin(x)", "|x|"):
         errors = r["rmse_best"][name]
-        assert len(errors) == len(r["widths"])
+        assert len(errors) == len(widths)
         assert errors[-1] < 0.2 * errors[0], (name, errors)
-    assert set(r["rmse_best"]) == {"sin(x)", "|x|", "step [x ≥ 0]"}
+    # the README's block (default run): three step counts per target, each slope the fit of the quoted errors
+    lines = quoted_block("universal_approximation").splitlines()
+    header = next(line for line in lines if line.startswith("| target"))
+    quoted_widths = [int(c.split("= ")[1]) for c in header.split(" | ") if c.startswith("n = ")]
+    rows = [line.split(" | ") for line in lines if line.startswith("| ") and not line.startswith(("| target", "| ---"))]
+    assert len(rows) == 3 * len(r["rmse_best"])
+    for row in rows:
+        errors = [float(c) for c in row[-2 - len(quoted_widths):-2]]
+        fitted = np.polyfit(np.log(quoted_widths), np.log(errors), 1)[0]
+        assert abs(fitted - float(row[-2])) < 0.05, row  # the errors are quoted to 2 significant figures
 
 
 def test_capacity(tmp_path):
     r = run("capacity", tmp_path)
-    assert {"widths", "train_mse", "held_out_mse", "best_width", "u_shaped", "rise_after_best"} <= set(r)
-    train, held = np.array(r["train_mse_mean"]), np.array(r["held_out_mse_mean"])
-    assert train[-1] < train[0] / 3  # more capacity fits the training set better
-    assert r["best_width"] != r["widths"][0] and held.min() < 0.8 * held[0]  # width 1 under-fits
-    assert held[-1] > held.min()  # the largest net is past the held-out minimum
-    assert held.min() > 0.8 * r["noise_variance"]  # nothing beats the noise
+    widths = r["widths"]
+    train, held = np.array(r["train_mse"]), np.array(r["held_out_mse"])  # (widths, draws)
+    assert train.shape == held.shape == (len(widths), r["repeats"]) and r["repeats"] >= 2
+    for key, mse in (("train", train), ("held_out", held)):  # every claim recomputed from the draws
+        f, k = r[key], int(np.argmin(mse.mean(axis=1)))
+        assert f["lowest_width"] == widths[k]
+        for s, v in zip(f["spread"], mse):
+            assert s["min"] == v.min() and s["max"] == v.max() and s["mean"] == pytest.approx(v.mean())
+        neighbours = [j for j in (k - 1, k + 1) if 0 <= j < len(widths)]
+        assert f["resolved"] == all(mse[k].max() < mse[j].min() for j in neighbours)
+        np.testing.assert_array_equal(f["wins"], (mse[:, None, :] < mse[None, :, :]).sum(axis=2))
+    k = int(np.argmin(held.mean(axis=1)))
+    assert r["under_fitting_resolved"] == any(held[k].max() < held[j].min() for j in range(k))
+    assert r["over_fitting_resolved"] == any(held[k].max() < held[j].min() for j in range(k + 1, len(widths)))
+    assert train.mean(1)[-1] < train.mean(1)[0] / 3  # more capacity fits the training set better
+    assert r["best_width"] != widths[0] and held.mean(1).min() < 0.8 * held.mean(1)[0]  # width 1 under-fits
+    assert held.mean(1).min() > 0.8 * r["noise_variance"]  # nothing beats the noise
+    # the README's block (default run): a row per width, min ≤ mean ≤ max, and its words follow from its ranges
+    block = quoted_block("capacity")
+    rows = [line.split(" | ") for line in block.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert_spreads_ordered(rows)
+    quoted = [[float(v) for v in row[2].removesuffix(" |").replace(" [", "–").rstrip("]").split("–")] for row in rows]
+    j = int(np.argmin([mean for mean, _, _ in quoted]))
+    assert f"held out: lowest mean at n = {int(rows[j][0][2:])};" in block
+    resolved = all(quoted[j][2] < quoted[i][1] for i in (j - 1, j + 1) if 0 <= i < len(rows))
+    assert ("minimum resolved" if resolved else "minimum not resolved") in block
 
 
 def test_initialization(tmp_path, mnist_dir):

@@ -82,17 +82,83 @@ def test_mnist(tmp_path, mnist_dir):
 
 def test_batch_sizes(tmp_path):
     r = run("batch_sizes", tmp_path)
-    runs = r["runs"]
-    final = {name: run["full_train_cost"][-1] for name, run in runs.items()}
-    # more, noisier steps per epoch make more progress per epoch
-    assert final["B = 1"] < final["B = 32"] < final["B = 128"] < final["B = N"]
+    runs, seeds, epochs = r["runs"], r["seeds"], r["epochs"]
+    assert list(runs) == ["B = N", "B = 128", "B = 32", "B = 1"] and seeds >= 2
+    final = {name: np.asarray(run["full_train_cost"])[:, -1] for name, run in runs.items()}
+    # more, noisier steps per epoch make more progress per epoch, in every seed
+    assert np.all(final["B = 1"] < final["B = 32"]) and np.all(final["B = 32"] < final["B = 128"])
+    assert np.all(final["B = 128"] < final["B = N"])
     assert runs["B = 1"]["steps_per_epoch"] == r["n"]
-    assert all(len(run["full_train_cost"]) == r["epochs"] + 1 for run in runs.values())
+    for one in runs.values():
+        costs, seconds = np.asarray(one["full_train_cost"]), np.asarray(one["epoch_seconds"])
+        assert costs.shape == (seeds, epochs + 1) and seconds.shape == (seeds, epochs) and np.all(seconds > 0)
+        # the time axis is the measured epoch times summed up, not epochs × a typical epoch
+        np.testing.assert_array_equal(one["training_seconds"],
+                                      np.concatenate([np.zeros((seeds, 1)), np.cumsum(seconds, axis=1)], axis=1))
+        assert one["compile_seconds"] > 0 and one["first_call_seconds"] > 0
     costs = {name: np.asarray(c) for name, c in r["step_costs"].items()}
     assert costs["B = 1"].std() / costs["B = 1"].mean() > 3 * costs["B = 128"].std() / costs["B = 128"].mean()
     noise = r["gradient_noise"]
     ratio = np.asarray(noise["measured"]) / np.asarray(noise["predicted"])
     assert np.all((ratio > 0.5) & (ratio < 2))
+    # Every level of the ladder: the batch sizes no other beats, recomputed from the costs and the times.
+    # A level first met after epoch e was reached within (T_{e-1}, T_e]; a beats b where a's latest upper
+    # bound over the seeds is below b's earliest lower bound.
+    assert r["levels"] == sorted(r["levels"], reverse=True) and r["ladder"]
+    for step in r["ladder"]:
+        for compile_too, key in ((False, "leaders"), (True, "leaders_with_compile")):
+            bounds = {}
+            for name, one in runs.items():
+                shift = one["compile_seconds"] + one["first_call_seconds"] if compile_too else 0.0
+                pairs = []
+                for c, t in zip(one["full_train_cost"], one["training_seconds"]):
+                    e = next((e for e, v in enumerate(c) if v <= step["level"]), None)
+                    pairs.append((t[-1] + shift, np.inf) if e is None else (t[max(e - 1, 0)] + shift, t[e] + shift))
+                bounds[name] = (min(lo for lo, _ in pairs), max(hi for _, hi in pairs))
+            beaten = {b for a in bounds for b in bounds if b != a and bounds[a][1] < bounds[b][0]}
+            expected = [n for n in runs if np.isfinite(bounds[n][1]) and n not in beaten]
+            assert step[key] == expected and expected, (step["level"], key)
+    # the README's block (default run): a row per batch size, then a row per level, from easy to hard
+    block = importlib.import_module("results").blocks(
+        importlib.import_module("results").README.read_text())["batch_sizes"]
+    rows = [line.split(" | ") for line in block.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    assert [row[0][2:] for row in rows[1:5]] == list(runs)
+    levels = [float(row[0][2:]) for row in rows[6:]]
+    assert levels and levels == sorted(levels, reverse=True)
+    for row in rows[6:]:  # a batch size called first reached the level in every seed
+        epochs_quoted = dict(zip(runs, row[1].split("; ")))
+        for cell in row[2:4]:
+            first = cell.removesuffix(" |")
+            if first in runs:
+                assert "–" not in epochs_quoted[first], row
+
+
+def test_batchnorm(tmp_path, mnist_dir):
+    r = run("batchnorm", tmp_path, "--data-dir", str(mnist_dir))
+    seeds, steps, tail = r["seeds"], r["steps"], r["last_epochs"]
+    acc = {name: np.asarray(curve) for name, curve in r["accuracy"].items()}  # (seeds, epochs)
+    assert len(seeds) >= 2 and acc["with BN"].shape == acc["without BN"].shape == (len(seeds), r["epochs"])
+    assert not np.array_equal(acc["with BN"][0], acc["with BN"][1])  # another seed, another run
+    for name, a in acc.items():  # the per-seed measures, recomputed from the curves
+        m = r["per_seed"][name]
+        np.testing.assert_allclose(m["after_first_epoch"], a[:, 0])
+        np.testing.assert_allclose(m["mean_last_epochs"], a[:, -tail:].mean(axis=1))
+        assert m["steps_to_level"] == [next((s for s, v in zip(steps, row) if v >= r["level"]), None) for row in a]
+    end = acc["with BN"][:, -tail:].mean(axis=1) - acc["without BN"][:, -tail:].mean(axis=1)
+    np.testing.assert_allclose(r["difference"]["mean_last_epochs"], end)
+    f = r["findings"]
+    assert f["higher_at_end_every_seed"] == bool(end.min() > 0) and f["lower_at_end_every_seed"] == bool(end.max() < 0)
+    gap = acc["with BN"] - acc["without BN"]
+    assert f["higher_share_second_half"] == pytest.approx(np.mean(gap[:, r["epochs"] // 2:] > 0))
+    assert f["higher_after_first_epoch_every_seed"]  # BN's early lead holds even at the quick sizes
+    # the README's block (default run): a row per seed, and its summary the range of those rows
+    results = importlib.import_module("results")
+    block = results.blocks(results.README.read_text())["batchnorm"]
+    rows = [line.split(" | ") for line in block.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(row[0][2:]) for row in rows] == list(range(len(rows))) and len(rows) >= 2
+    quoted = [float(row[4].removesuffix(" |")) for row in rows]
+    assert f"at the end {min(quoted):+.2f} to {max(quoted):+.2f}" in block
+    assert f"every seed: {'yes' if min(quoted) > 0 else 'no'}" in block
 
 
 def test_autodiff_graphs(tmp_path):
