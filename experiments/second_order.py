@@ -25,10 +25,11 @@ epoch (seed 0), of ``BATCH`` images for momentum, Adam and K-FAC and ``HF_BATCH`
   cost). About ``SNAPSHOTS`` parameter snapshots, evenly spaced in time, are evaluated afterwards
   (outside the clock) on a fixed 2,000-image subset of the training images: the cross-entropy and
   the squared reconstruction error summed over the pixels (the error the papers plot).
-- **Compared**: per iteration, every method's training error at the largest iteration count all of
-  them reached; per second, at the end of the budget. The conclusion states whether the papers'
-  ordering (K-FAC and Hessian-free ahead of momentum per iteration) holds here, and the cost per
-  second, from those numbers.
+- **Compared**: the iterations and seconds each method took to reach momentum's error at the end of
+  its budget (the papers' claim: far fewer iterations for the second-order methods), every method's
+  training error at the largest iteration count all of them reached, and at the end of the budget.
+  The conclusion states whether the papers' ordering holds here, and the cost per step, from those
+  numbers.
 
 Departures from the papers: 8,000 images from the 10,000-image test file instead of the 60,000
 training images; no pre-training (Hinton & Salakhutdinov) and no sparse initialization (Martens);
@@ -136,6 +137,13 @@ def at_iteration(curve: dict, iteration: int) -> float:
     return float(np.interp(iteration, curve["iterations"], curve["cross_entropy"]))
 
 
+def first_reach(curve: dict, level: float) -> dict | None:
+    """The first snapshot whose cross-entropy is at most ``level``: its iteration and seconds (upper
+    bounds, as the snapshots are spaced in time), or ``None``."""
+    i = next((i for i, c in enumerate(curve["cross_entropy"]) if c <= level), None)
+    return None if i is None else {"iteration": curve["iterations"][i], "seconds": curve["clock"][i]}
+
+
 def main(argv=None) -> dict:
     args = common.parse_args("second_order", __doc__.splitlines()[0], argv)
     raw = common.mnist_10k(args, QUICK_ROWS)[-1]
@@ -169,12 +177,14 @@ def main(argv=None) -> dict:
     common_iteration = min(r["steps"] for r in runs.values())
     per_iteration = {n: at_iteration(r, common_iteration) for n, r in runs.items()}
     per_second = {n: r["cross_entropy"][-1] for n, r in runs.items()}
+    target = runs["momentum"]["cross_entropy"][-1]  # the papers' baseline: momentum's error at the end
+    reach = {n: first_reach(r, target) for n, r in runs.items()}
     figure(args, runs)
     results = {"sizes": sizes, "activation": activation, "rows": int(x.shape[0]), "eval_rows": int(x_eval.shape[0]),
                "budget_s": seconds, "pilot_seconds": pilot_seconds, "initial_cross_entropy": initial,
                "pilots": pilots, "runs": runs, "common_iteration": common_iteration,
-               "per_iteration": per_iteration, "per_second": per_second, "kfac_cap": KFAC_CAP,
-               "kfac_refresh": KFAC_REFRESH, "hf_cg_iters": HF_CG}
+               "per_iteration": per_iteration, "per_second": per_second, "target": target, "reach": reach,
+               "kfac_cap": KFAC_CAP, "kfac_refresh": KFAC_REFRESH, "hf_cg_iters": HF_CG}
     common.save_json(args, results)
     common.conclude(args, conclusion(results))
     return results
@@ -196,12 +206,16 @@ def conclusion(r: dict) -> str:
                  + " < ".join(f"{n} {r['per_iteration'][n]:.4f}" for n in by_iter))
     lines.append(f"per second (at {r['budget_s']:.0f} s): "
                  + " < ".join(f"{n} {r['per_second'][n]:.4f}" for n in by_time))
+    reach = r["reach"]
+    lines.append(f"to reach momentum's final error {r['target']:.4f} (first snapshot at or below it): " + "; ".join(
+        f"{n} at iteration {reach[n]['iteration']} ({reach[n]['seconds']:.0f} s)" if reach[n] else f"{n} never"
+        for n in runs))
     second = [n for n in ("K-FAC", "Hessian-free") if n in runs]
-    ahead = [n for n in second if r["per_iteration"][n] < r["per_iteration"]["momentum"]]
+    ahead = [n for n in second if reach[n] and reach[n]["iteration"] < reach["momentum"]["iteration"]]
     verdict = ("holds" if len(ahead) == len(second) else "holds for " + ", ".join(ahead) if ahead else "does not hold")
     cost = ", ".join(f"{n} {runs[n]['ms_per_step'] / runs['momentum']['ms_per_step']:.1f}x" for n in second)
-    lines.append(f"the papers' ordering (second-order ahead of momentum per iteration) {verdict} here; a step costs "
-                 f"{cost} a momentum step; per second, "
+    lines.append(f"the papers' ordering (second-order reaching momentum's error in fewer iterations) {verdict} here; "
+                 f"a step costs {cost} a momentum step; per second, "
                  + ("a second-order method is best" if by_time[0] in second else f"{by_time[0]} is best"))
     return "\n".join(lines)
 

@@ -29,7 +29,9 @@ from ``decay`` times the previous solution; the damping follows the Levenberg–
 ``ρ = (C(θ + d) − C(θ)) / (q(d) − q(0))``, ``q(d) = ∇Cᵀd + ½dᵀ(G + λI)d`` (the model CG minimized,
 read off CG's residual ``r``: ``q(d) = ½∇Cᵀd − ½rᵀd``, no product more):
 ``λ ← 3λ/2`` if ``ρ < 1/4``, ``λ ← 2λ/3`` if ``ρ > 3/4``. ``C(θ + d)`` is one more forward pass on the
-batch. Martens' backtracking over the CG iterates is left out: the update is ``α d``.
+batch. A step that does not lower the cost on the batch (``C(θ + d) ≥ C(θ)``, or not finite) is
+rejected, as in Levenberg–Marquardt: the update is 0 and ``λ ← 3λ/2``. Martens' backtracking over
+the CG iterates is left out: an accepted update is ``α d``.
 
 Both are self-describing (:func:`fnn.optim.describe`, network and loss included), so a checkpoint
 saved with ``opt=`` rebuilds them and a resumed run continues bit for bit.
@@ -220,8 +222,9 @@ def hessian_free(net: MLP, loss: Loss | str, learning_rate: float = 1.0, damping
         before = loss(net.apply(params, x), y) + l2_penalty(params, l2)
         after = loss(net.apply(moved, x), y) + l2_penalty(moved, l2)
         rho = (after - before) / jnp.where(model < 0, model, -jnp.finfo(model.dtype).tiny)
-        lam = jnp.where(rho < 0.25, lam * 1.5, jnp.where(rho > 0.75, lam * (2 / 3), lam))
-        updates = jax.tree.map(lambda s, p: (alpha * s).astype(p.dtype), unravel(d), params)
+        accept = after < before  # False for a NaN cost too
+        lam = jnp.where(~accept | (rho < 0.25), lam * 1.5, jnp.where(rho > 0.75, lam * (2 / 3), lam))
+        updates = jax.tree.map(lambda s, p: jnp.where(accept, alpha * s, 0).astype(p.dtype), unravel(d), params)
         return updates, HessianFreeState(_next(state.count), lam.astype(state.damping.dtype),
                                          unravel(d), rho.astype(state.rho.dtype))
 

@@ -114,6 +114,25 @@ def test_hessian_free_solves_the_damped_gauss_newton_system(loss_name, output):
     assert float(state.damping) == pytest.approx(expect, rel=1e-12)
 
 
+def test_hessian_free_rejects_a_step_that_raises_the_cost():
+    """With almost no damping the Gauss-Newton step of this problem overshoots: C(θ + d) > C(θ) for
+    d = −(G + λI)⁻¹∇C solved by numpy on the explicit GGN. The step must be rejected (update 0, params
+    kept) and λ raised by 3/2; a second step from the raised damping is still computed from the same θ."""
+    net, params, x, y, loss = _problem("softmax_cross_entropy", seed=38)
+    opt = so.hessian_free(net, loss, damping=1e-6, cg_iters=200, decay=0.0)
+    _, grads = fnn.backprop(net, params, x, y, loss)
+    G, _, _ = _explicit_ggn(net, params, x, y, loss, 0.0)
+    g = np.asarray(ravel_pytree(grads)[0])
+    d = -np.linalg.solve(np.asarray(G) + 1e-6 * np.eye(g.size), g)
+    moved = jax.tree.map(lambda p, s: p + s, params, ravel_pytree(params)[1](jnp.asarray(d)))
+    assert fnn.objective(net, moved, x, y, loss) > fnn.objective(net, params, x, y, loss)  # the step overshoots
+    updates, state = opt.update(grads, opt.init(params), params, (x, y))
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+    assert float(state.damping) == pytest.approx(1.5e-6, rel=1e-12) and float(state.rho) < 0
+    new_params, _ = fnn.optim.step(opt, grads, opt.init(params), params, (x, y))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)))
+
+
 @pytest.mark.parametrize("make", [
     lambda net, loss: so.kfac(net, loss, learning_rate=1.0, damping=0.0, decay=0.0, refresh=1, exact=True),
     lambda net, loss: so.hessian_free(net, loss, damping=1e-9, cg_iters=30),
@@ -246,3 +265,9 @@ def test_deep_autoencoder_experiment(tmp_path, mnist_dir):
         assert r["per_iteration"][name] == pytest.approx(np.interp(r["common_iteration"], its, ce), rel=1e-12)
         assert r["common_iteration"] <= run_["steps"]
     assert r["common_iteration"] == min(run_["steps"] for run_ in r["runs"].values())
+    assert r["target"] == r["runs"]["momentum"]["cross_entropy"][-1]
+    for name, run_ in r["runs"].items():  # the first snapshot at or below momentum's final error
+        hits = [i for i, c in enumerate(run_["cross_entropy"]) if c <= r["target"]]
+        expect = {"iteration": run_["iterations"][hits[0]], "seconds": run_["clock"][hits[0]]} if hits else None
+        assert r["reach"][name] == expect, name
+    assert r["reach"]["momentum"] is not None
