@@ -33,6 +33,10 @@ with ``α = 10⁻³``, the same initial parameters everywhere):
   unmeasured. In the mixed row the reference casts its forward matmuls the same way, but
   ``jax.grad`` runs its backward matmuls in float32 (a float32 cotangent times a bfloat16
   operand), so only fnn's time there is a bfloat16 step.
+- **Per-example quantities** (``per_example``), **DP-SGD** (``private``), **curvature**
+  (``curvature``) and **second-order steps** (``second_order``): each quantity on one batch by the
+  δ route against its autodiff route and against a plain gradient or an Adam step, with XLA's
+  memory analysis of each compiled program; see the functions of each section.
 
 Every comparison alternates its contenders (given order in even rounds, reversed in odd ones)
 after ``--warmup`` untimed rounds and reports the median of ``--repeats`` rounds, and the best.
@@ -44,6 +48,7 @@ samples: a smoke test of the code path in seconds, not a result.
 Output: tables on stdout (Markdown) and ``bench.json``. Run it by hand, never as a timed test::
 
     python experiments/bench.py [--repeats 5] [--warmup 1] [--quick] [--no-torch] [--out DIR]
+                                [--sections steps,epochs,gpu,per_example,private,curvature,second_order]
 """
 
 from __future__ import annotations
