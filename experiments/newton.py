@@ -157,6 +157,7 @@ def main(argv=None) -> dict:
     results = {
         "one_d": {
             "theta_star": theta_min,
+            "theta0": float(theta0_1d),
             "eta_gd": eta_1d,
             "newton_errors": newton_err_1d,
             "gd_errors": gd_err_1d,

@@ -21,6 +21,8 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "experiments" / "README.md"
 BLOCK = re.compile(r"(<!-- results (\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
@@ -310,10 +312,105 @@ def render_batchnorm(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_learning_rate(r: dict) -> str:
+    """The default run: the quadratic's curvature and η sweep, the MLP's runs and the first step (a quick
+    run has fewer steps and epochs, so the test compares the size-free clauses with a fresh run and checks
+    that the rest follows from the numbers it quotes)."""
+    _default_run(r, "learning_rate")
+    q, m, f = r["quadratic"], r["mlp"], r["first_step_factors"]
+    runs = sorted(m["runs"].values(), key=lambda run: run["factor"])
+    kept = [run for run in runs if not run["diverged"]]
+    best = min(kept, key=lambda run: run["final_loss"])
+    stops = [f"{run['factor']:g}× at epoch {len(run['train_loss'])}" for run in runs if run["diverged"]]
+    above = [run for run in kept if run["factor"] >= 1]
+    border = ("every η below 2/λ_max converged and every η above diverged"
+              if q["all_below_converge"] and q["all_above_diverge"] else "the border at 2/λ_max was not reproduced")
+    lines = [f"- quadratic: `λ_max = {q['lambda_max']:.4f}` (closed-form `H = (2/N)X̃ᵀX̃` equals `jax.hessian` to "
+             f"{q['hessian_rel_error_autodiff_vs_closed_form']:.1e}), `2/λ_max = {q['eta_critical']:.4f}`, "
+             f"`κ = {q['lambda_max'] / q['lambda_min']:.1f}`; {border}; the measured excess after {q['steps']} steps "
+             f"matches the formula within {100 * q['theory_max_rel_deviation']:.2g} %.",
+             f"- MLP: `λ_max(θ₀) = {m['lambda_max_init']:.3f}`, `2/λ_max = {m['eta_critical']:.4f}`; after "
+             f"{m['epochs']} full-batch epochs the smallest rate ({runs[0]['factor']:g}×) is at loss "
+             f"{runs[0]['final_loss']:.4f}, the best ({best['factor']:g}×) at {best['final_loss']:.4f}; stopped by "
+             f"`fit`'s NaN guard: {_names(stops)}"
+             + "".join(f"; {run['factor']:g}× did not diverge, its loss rose on "
+                       f"{int(np.sum(np.diff(run['train_loss']) > 0))} of the {len(run['train_loss']) - 1} epochs "
+                       "after the first" for run in above) + ".",
+             f"- first step: actual/predicted decrease {q['first_step_ratio'][0]:.4f} (quadratic) and "
+             f"{m['first_step_ratio'][0]:.4f} (MLP) at `η = {f[0]:g}·2/λ_max`; {q['first_step_ratio'][-1]:.2f} and "
+             f"{m['first_step_ratio'][-1]:.2f} at `{f[-1]:g}·2/λ_max`; on the quadratic the first step stops "
+             f"decreasing `C` at `η = 2‖g‖²/gᵀHg = {q['first_step_zero_crossing_factor']:.2f}·2/λ_max`."]
+    return "\n".join(lines) + "\n"
+
+
+def render_newton(r: dict) -> str:
+    """Every number is fixed by the script's constants; a quick run only runs gradient descent for fewer
+    steps, so the test compares the block with a fresh quick run's."""
+    o, q = r["one_d"], r["quadratic"]
+    measured, bound = q["gd_steps_measured"], q["gd_steps_predicted"]
+
+    def steps(name):
+        return f"{measured[name] if measured[name] is not None else 'never'} (bound `log(tol)/log ρ`: {bound[name]})"
+
+    return (f"- 1-D from `θ₀ = {o['theta0']:g}`: Newton reaches `|θ − ln 2| ≤ 1e-12` in "
+            f"{o['newton_steps_to_1e-12']} steps, gradient descent (`η = {o['eta_gd']:g}`) in "
+            f"{o['gd_steps_to_1e-12']}; "
+            f"Newton's `e_{{t+1}}/e_t²` = {', '.join(f'{c:.3f}' for c in o['newton_quadratic_constants'])} (theory "
+            "`f‴/2f″ = 0.5` at `θ*`).\n"
+            f"- 2-D quadratic, `κ = {q['kappa']:g}`: Newton's single step lands at relative distance "
+            f"{q['newton_relative_error_after_one_step']:.1e} from `θ*`; gradient descent needs {steps('1.8/λ_max')} "
+            f"steps to reach {q['tolerance']:g} with `η = 1.8/λ_max`, crossing the valley floor "
+            f"{q['gd_sign_changes_steep_axis']} times in its first 40 steps, and {steps('2/(λ_min+λ_max)')} with the "
+            "best constant rate `η = 2/(λ_min + λ_max)`.\n")
+
+
+def render_edge_of_stability(r: dict) -> str:
+    """The default run: the initial sharpness and, per step size, the sharpness against 2/η, the cost and
+    the verdict (a quick run uses fewer images and steps, so the test checks this block's form and that
+    every verdict follows from the numbers it quotes)."""
+    _default_run(r, "edge_of_stability")
+    runs, steps = r["runs"], r["steps"]
+    lines = [f"- sharpness at initialization {r['initial_sharpness']:.3f} (power iteration, "
+             f"{r['initial_iterations']} products, converged: {'yes' if r['initial_converged'] else 'no'}); during "
+             f"training every {r['every']} steps, at most {r['power_iters']} products.", "",
+             f"| η | 2/η | sharpness at step {r['every']} | largest sharpness | median over the second half / (2/η) "
+             f"| verdict | steps of the second half on which C rose | C at step {steps // 2:,} → {steps:,} "
+             "| measurements passing the residual test |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        lines.append(f"| {run['eta']:g} | {run['two_over_eta']:.2f} | {run['sharpness'][0]:.2f} | "
+                     f"{run['max_sharpness']:.2f} | {run['late_median_over_edge']:.3f} | {run['verdict']} | "
+                     f"{100 * run['late_increases']:.0f} % | {run['mid_cost']:.4f} → {run['final_cost']:.4f} | "
+                     f"{100 * run['converged_fraction']:.0f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def render_perceptron(r: dict) -> str:
+    """The default run: the blobs, the sweep of separable sets against Novikoff's bound, and XOR (a quick run
+    has a smaller sweep and epoch limit, so the test compares the blobs line with a fresh run and checks that
+    the rest follows from the numbers it quotes)."""
+    _default_run(r, "perceptron")
+    b, x, sweep = r["blobs"], r["xor"], r["sweep"]
+    most = max(sweep, key=lambda s: s["updates"])
+    margins = sorted({s["margin"] for s in sweep})
+    return (f"- blobs: converged {'yes' if b['converged'] else 'no'} after {b['updates']} updates in {b['epochs']} "
+            f"epochs (bound `(R/γ)²` = {b['bound']:.1f} for the generating separator), held-out accuracy "
+            f"{100 * b['test_accuracy']:.0f} %.\n"
+            f"- {len(sweep)} separable sets, margins γ from {margins[0]:g} to {margins[-1]:g} "
+            f"({len({s['seed'] for s in sweep})} seeds each): "
+            + ("all converged within the bound" if r["all_within_bound"] else "not all converged within the bound")
+            + f"; largest updates/bound {r['worst_ratio']:.3f}; most updates {most['updates']:,} (γ = "
+            f"{most['margin']:g}, seed {most['seed']}) against a bound of {most['bound']:,.0f}.\n"
+            f"- XOR: converged {'yes' if x['converged'] else 'no'} after {x['epochs']:,} epochs and {x['updates']:,} "
+            f"updates, final `w' = ({', '.join(f'{v:g}' for v in x['w'])})`, training accuracy "
+            f"{100 * x['train_accuracy']:.0f} %.\n")
+
+
 RENDER = {"autodiff_graphs": render_autodiff_graphs, "optimizers": render_optimizers,
           "initialization": render_initialization, "xor": render_xor,
           "universal_approximation": render_universal_approximation, "capacity": render_capacity,
-          "batch_sizes": render_batch_sizes, "batchnorm": render_batchnorm}
+          "batch_sizes": render_batch_sizes, "batchnorm": render_batchnorm,
+          "learning_rate": render_learning_rate, "newton": render_newton,
+          "edge_of_stability": render_edge_of_stability, "perceptron": render_perceptron}
 
 
 def blocks(text: str) -> dict[str, str]:

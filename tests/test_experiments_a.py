@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def test_perceptron(tmp_path):
     xor_curve = r["cumulative_updates"]["xor"]
     assert all(b > a for a, b in zip(xor_curve, xor_curve[1:]))  # a mistake in every epoch, forever
     assert len(set(r["cumulative_updates"]["blobs"][-3:])) == 1  # converged: no more updates
+    # the README's block quotes the default run (experiments/results.py): the blobs do not depend on the run's
+    # size, so their line is this fresh run's; the rest follows from its numbers, as section 1 reads them
+    block = quoted_block("perceptron").splitlines()
+    assert block[0] == importlib.import_module("results").render_perceptron({**r, "quick": False}).splitlines()[0]
+    ratio, most, bound = re.search(r"updates/bound ([\d.]+); most updates ([\d,]+) .* bound of ([\d,]+)",
+                                   block[1]).groups()
+    most, bound = int(most.replace(",", "")), int(bound.replace(",", ""))
+    assert "all converged within the bound" in block[1] and most / bound <= float(ratio) < 0.5  # loose
+    epochs, updates, w, acc = re.search(r"converged no after ([\d,]+) epochs and ([\d,]+) updates, "
+                                        r"final `w' = \((.*)\)`, training accuracy (\d+) %", block[2]).groups()
+    assert int(updates.replace(",", "")) == 4 * int(epochs.replace(",", ""))  # a mistake per sample per epoch
+    assert [float(v) for v in w.split(", ")] == [0, 0, 0] and int(acc) == 50
 
 
 def test_xor(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -46,6 +47,24 @@ def test_learning_rate(tmp_path):
     assert quad["first_step_ratio"][0] > 0.95 and mlp["first_step_ratio"][0] > 0.95
     assert quad["first_step_ratio"][-1] < 0 and mlp["first_step_ratio"][-1] < 0
     np.testing.assert_allclose(quad["first_step_ratio"], quad["first_step_ratio_theory"], atol=0.02)
+    # The README's block quotes the default run (experiments/results.py). The quadratic's curvature, the MLP's
+    # λ_max(θ₀) and the first step do not depend on the run's size: they must be those of this fresh run.
+    results = importlib.import_module("results")
+    block = results.blocks(results.README.read_text())["learning_rate"].splitlines()
+    fresh = results.render_learning_rate({**r, "quick": False}).splitlines()
+    assert [line.split("; ")[0] for line in block[:2]] == [line.split("; ")[0] for line in fresh[:2]]
+    assert block[2] == fresh[2], "regenerate: python experiments/learning_rate.py && python experiments/results.py"
+    # the rest follows from its numbers: 2/λ_max, the smallest rate slow, the 2× and larger rates stopped
+    lam, two_over = (float(v) for v in re.findall(r"λ_max = ([\d.]+)`", block[0]))
+    assert abs(2 / lam - two_over) < 1e-4
+    slow, best = re.search(r"smallest rate \(([\d.]+)×\) is at loss ([\d.]+), the best \(([\d.]+)×\) at ([\d.]+)",
+                           block[1]).group(2, 4)
+    assert float(slow) > 2 * float(best)
+    stopped = [float(f) for f in re.findall(r"([\d.]+)× at epoch", block[1])]
+    assert stopped and min(stopped) > 1
+    assert re.search(r"; 1× did not diverge, its loss rose on [1-9]", block[1])  # survives, not monotonically
+    small, large = re.search(r"decrease ([-\d.]+) \(quadratic\).*; ([-\d.]+) and", block[2]).group(1, 2)
+    assert float(small) > 0.95 and float(large) < 0  # the cost goes up beyond 2/λ_max
 
 
 def test_newton(tmp_path):
@@ -59,6 +78,11 @@ def test_newton(tmp_path):
     assert quad["gd_sign_changes_steep_axis"] >= 20  # the zig-zag across the valley
     assert one["newton_steps_to_1e-12"] <= 8 < one["gd_steps_to_1e-12"]
     assert abs(one["newton_quadratic_constants"][-1] - 0.5) < 0.05  # e_{t+1} ≈ ½ e_t²
+    # every number of the README's block is fixed by the script's constants (a quick run only stops gradient
+    # descent sooner, after it has converged): the block must be this fresh run's
+    results = importlib.import_module("results")
+    assert results.render_newton(r) == results.blocks(results.README.read_text())["newton"], (
+        "regenerate: python experiments/newton.py && python experiments/results.py")
 
 
 def test_gradient_agreement(tmp_path, mnist_dir):
@@ -240,3 +264,26 @@ def test_edge_of_stability(tmp_path, mnist_dir):
     # where 2/η lies below the initial sharpness, gradient descent brought the sharpness down to about 2/η
     unstable = [x for x in r["runs"] if x["two_over_eta"] < r["initial_sharpness"]]
     assert unstable and all(x["sharpness"][-1] < r["initial_sharpness"] for x in unstable)
+    # the README's block (default run): a row per η, each verdict the one its quoted numbers give, and what
+    # section 16 says of them holds: sharpening where 2/η lay above the initial sharpness, η = 1 and 2 at the
+    # edge with few measurements passing the residual test, η = 0.5 below the edge with a monotone cost
+    results = importlib.import_module("results")
+    block = results.blocks(results.README.read_text())["edge_of_stability"]
+    initial = float(re.search(r"sharpness at initialization ([\d.]+)", block).group(1))
+    rows = [[c.strip(" |%") for c in line.split(" | ")] for line in block.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [float(row[0]) for row in rows] == [x["eta"] for x in r["runs"]]
+    for eta, edge, first, largest, median, verdict, rose, costs, passed in rows:
+        eta, edge, median, largest = float(eta), float(edge), float(median), float(largest)
+        assert f"{2 / eta:.2f}" == f"{edge:.2f}" and largest >= float(first)
+        expected = ("edge" if 0.9 <= median <= 1.15 else "below" if largest < 0.9 * edge
+                    else "above" if median > 1.15 else "between")
+        assert verdict == expected, (eta, verdict, expected)
+        mid, final = (float(c) for c in costs.split(" → "))
+        assert final < mid
+        if edge > initial:
+            assert largest > 1.2 * initial, eta  # progressive sharpening
+        if eta >= 1:
+            assert verdict == "edge" and float(passed) <= 10, eta
+        else:
+            assert verdict != "edge" and float(rose) == 0 and largest < edge, eta
