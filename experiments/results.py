@@ -405,12 +405,129 @@ def render_perceptron(r: dict) -> str:
             f"{100 * x['train_accuracy']:.0f} %.\n")
 
 
+def _count(v: float) -> str:
+    """A noise scale: an integer with thousands separators, ``∞`` where it is not resolved."""
+    return "∞" if v == float("inf") else f"{v:,.0f}"
+
+
+def _factor(v: float) -> str:
+    return "∞" if v == float("inf") else f"{v:.1f}"
+
+
+def render_gradient_noise(r: dict) -> str:
+    """The default run per seed, then the ranges over the seeds (a quick run has fewer images, seeds and
+    epochs, so the test checks this block's form against a fresh quick run's and that its summary follows
+    from its rows)."""
+    _default_run(r, "gradient_noise")
+    epochs, seeds, tail = r["epochs"], r["seeds"], r["late_epochs"]
+    unresolved = np.asarray(r["unresolved_epochs"], bool)  # (seeds, epochs)
+    b = np.where(unresolved, np.inf, np.asarray(r["noise_scale"], float))  # ‖G‖² ≤ 0 counted as ∞
+    late, growth = np.asarray(r["late_median"], float), np.asarray(r["growth_late_over_first"], float)
+    second = b[:, 1] / b[:, 0]
+    rises = (np.diff(b[:, 1:], axis=1) > 0).sum(axis=1)  # after epoch 2
+    steps = epochs - 2
+    lines = [f"- 784-256-10 relu, batch {r['batch']}, {epochs} epochs, seeds 0–{seeds - 1}; `B_simple` per epoch is "
+             "the ratio of the epoch means of the `tr(Σ)` and `‖G‖²` estimates, ∞ where the `‖G‖²` estimate is ≤ 0.",
+             "", f"| seed | `B_simple`, epoch 1 | epoch 2 / epoch 1 | median over epochs {epochs - tail + 1}–{epochs} "
+             "| median / epoch 1 | rises after epoch 2 | epochs with `‖G‖²` ≤ 0 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in range(seeds):
+        lines.append(f"| {s} | {_count(b[s, 0])} | {_factor(second[s])} | {_count(late[s])} | {_factor(growth[s])} "
+                     f"| {rises[s]} of {steps} | {int(unresolved[s].sum())} of {epochs} |")
+    resolved = b[:, 1:][np.isfinite(b[:, 1:])]
+    loss = np.asarray(r["train_loss"], float).mean(axis=0)
+    median, top = (np.asarray(r[k], float) for k in ("norm_median", "norm_max"))
+    spread = np.asarray(top / median).mean(axis=0)
+    lines += ["", f"- median over epochs {epochs - tail + 1}–{epochs} above epoch 1 in {int(np.sum(growth > 1))} of "
+                  f"{seeds} seeds: from {_count(b[:, 0].min())}–{_count(b[:, 0].max())} in epoch 1 to "
+                  f"{_count(late.min())}–{_count(late.max())} (a factor {_factor(growth.min())}–"
+                  f"{_factor(growth.max())}); epoch 2 alone {_factor(second.min())}–{_factor(second.max())}× epoch 1; "
+                  f"after that it rose in {100 * rises.sum() / (seeds * steps):.0f} % of the {seeds * steps} "
+                  f"epoch-to-epoch steps, its resolved values between {_count(resolved.min())} and "
+                  f"{_count(resolved.max())}; `‖G‖²` estimate ≤ 0 in {int(unresolved.sum())} of {unresolved.size} "
+                  "seed-epochs.",
+              f"- means over the seeds, epoch 1 → epoch {epochs}: training loss {loss[0]:.2g} → {loss[-1]:.2g}; "
+              f"median per-example gradient norm {median.mean(axis=0)[0]:.3g} → {median.mean(axis=0)[-1]:.3g}; "
+              f"largest over median {spread[0]:.0f} → {spread[-1]:.0f}; held-out accuracy at the end "
+              f"{100 * np.mean(np.asarray(r['held_out_accuracy'])[:, -1]):.2f} %."]
+    return "\n".join(lines) + "\n"
+
+
+def render_mnist(r: dict) -> str:
+    """The default run's final scores, its best epochs and its mistakes (a quick run has fewer images and
+    epochs, so the test checks this block's form against a fresh quick run's and that its words follow
+    from its numbers)."""
+    _default_run(r, "mnist")
+    hist, confusion = r["history"], np.asarray(r["confusion"])
+    n, last = int(confusion.sum()), hist[-1]
+    best = max(hist, key=lambda h: h["held_out_accuracy"])
+    lowest = min(hist, key=lambda h: h["held_out_loss"])
+    per_class = 100 * np.asarray(r["per_class_accuracy"], float)
+    worst, pair = int(np.argmin(per_class)), r["most_confused"]
+    return (f"- after {r['epochs']} epochs: held-out accuracy {100 * r['final_held_out_accuracy']:.2f} % "
+            f"({r['misclassified']:,} of {n:,} wrong; best epoch {best['epoch']}: "
+            f"{100 * best['held_out_accuracy']:.2f} %), training accuracy {100 * r['final_train_accuracy']:.2f} %; "
+            f"held-out loss {last['held_out_loss']:.4f} (lowest, {lowest['held_out_loss']:.4f}, at epoch "
+            f"{lowest['epoch']} of {last['epoch']}) against a training loss of {last['train_loss']:.4f} (mean over "
+            "the last epoch).\n"
+            "- held-out accuracy per digit (%): " + ", ".join(f"{d}: {a:.1f}" for d, a in enumerate(per_class))
+            + f"; hardest {worst} ({per_class[worst]:.1f} %); most frequent confusion {pair['true']} → "
+            f"{pair['predicted']} ({pair['count']} times).\n")
+
+
+def render_gradient_agreement(r: dict) -> str:
+    """The default run's largest differences, per batch and per layer (rounding-level figures that move
+    with XLA's fusion decisions, so the test checks this block's form against a fresh quick run's and the
+    claim's bound, not its values)."""
+    _default_run(r, "gradient_agreement")
+    diffs = {name: np.asarray(d, float) for name, d in r["max_rel_diff"].items()}  # name -> (checks, L)
+    checks, layers = next(iter(diffs.values())).shape
+    zero = sum((d == 0).sum(axis=0) for d in diffs.values())
+    total = checks * len(diffs)
+    return (f"- `{'-'.join(map(str, r['sizes']))}` ({', '.join(r['activations'])}), {r['dtype']}, {checks} checks "
+            f"(epochs {r['checked_epochs'][0]}–{r['checked_epochs'][-1]}): largest per-layer relative difference "
+            f"{r['max_observed']:.2e} ("
+            + "; ".join(f"{name}: {v:.2e}" for name, v in r["max_per_batch"].items())
+            + f"); the claim ≤ {r['claim']:g} " + ("holds" if r["claim_holds"] else "does not hold") + ".\n"
+            f"- bit-identical (difference 0) over the {total} checks of the {len(diffs)} batches: "
+            + ", ".join(f"layer {l + 1} in {int(zero[l])}" for l in range(layers))
+            + f". Held-out accuracy after {r['epochs']} epochs: {100 * r['final_held_out_accuracy']:.2f} %.\n")
+
+
+def render_private_mnist(r: dict) -> str:
+    """The default run per target ε against the paper, and the non-private reference (a quick run has fewer
+    images, epochs and seeds, so the test checks this block's form against a fresh quick run's and that its
+    words follow from its numbers)."""
+    _default_run(r, "private_mnist")
+    private = [t for t in r["mean"] if t != "None"]
+    lines = [f"- {r['epochs']} epochs, {r['steps']} steps at q = {r['q']:.3f}, seeds 0–{r['seeds'] - 1}; held-out "
+             "accuracy (%), mean [min–max] over the seeds.", "",
+             "| target ε | ε spent | σ | held-out accuracy (%) | gain in the last epoch (points, mean) | paper (%) "
+             "| paper − mean (points) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def accuracy(t):
+        lo, hi = r["range"][t]
+        gain = 100 * np.diff(np.asarray(r["curves"][t], float).mean(axis=0))[-1]
+        return f"{100 * r['mean'][t]:.2f} [{100 * lo:.2f}–{100 * hi:.2f}] | {gain:+.2f}"
+
+    for t in private:
+        lines.append(f"| {float(t):g} | {r['epsilon'][t]:.3f} | {r['noise_multiplier'][t]:.2f} | {accuracy(t)} | "
+                     f"{100 * r['paper'][t]:.0f} | {100 * (r['paper'][t] - r['mean'][t]):.1f} |")
+    lines += [f"| not private | | | {accuracy('None')} | | |", "",
+              "- mean accuracy " + ("rises" if r["monotone_in_epsilon"] else "does not rise") + " with ε at every "
+              "step; every seed below the paper's figure at ε = "
+              + _names([f"{float(t):g}" for t in private if r["below_paper"][t]]) + "."]
+    return "\n".join(lines) + "\n"
+
+
 RENDER = {"autodiff_graphs": render_autodiff_graphs, "optimizers": render_optimizers,
           "initialization": render_initialization, "xor": render_xor,
           "universal_approximation": render_universal_approximation, "capacity": render_capacity,
           "batch_sizes": render_batch_sizes, "batchnorm": render_batchnorm,
           "learning_rate": render_learning_rate, "newton": render_newton,
-          "edge_of_stability": render_edge_of_stability, "perceptron": render_perceptron}
+          "edge_of_stability": render_edge_of_stability, "perceptron": render_perceptron,
+          "gradient_noise": render_gradient_noise, "mnist": render_mnist,
+          "gradient_agreement": render_gradient_agreement, "private_mnist": render_private_mnist}
 
 
 def blocks(text: str) -> dict[str, str]:
