@@ -20,9 +20,11 @@ from fnn import (
     distributed,
     initializers,
     losses,
+    noise,
     optim,
     per_example,
     perceptron,
+    privacy,
     schedules,
     second_order,
 )
@@ -69,5 +71,7 @@ __all__ = [
     "batchnorm",
     "distributed",
     "per_example",
+    "privacy",
+    "noise",
     "perceptron",
 ]

@@ -11,10 +11,15 @@ The mechanism (Abadi, Chu, Goodfellow et al., "Deep learning with differential p
    analysis assumes, then ``+ βW`` for an L2 term.
 
 The clipped sum is read off the backprop's δ's (:func:`fnn.per_example.clipped_sum`), so the step
-never builds the ``N × P`` per-example gradients. Under ``jit`` shapes are static: the sampled
-examples are gathered in chunks of a fixed size and a ``lax.while_loop`` runs as many chunks as
-the lot needs, so the lot is exactly Poisson (no cap, no padding that changes the analysis; padded
-rows of the last chunk have weight 0).
+never builds the ``N × P`` per-example gradients. Under ``jit`` shapes are static: the lot is
+padded to the nearest of a few sizes compiled around ``qN`` (:func:`lot_sizes`), and a larger one
+runs in pieces, so the lot is exactly Poisson (no cap, no padding that changes the
+analysis; padding rows have weight 0). The noise is ``jax.random.normal``'s, drawn in one fused
+pass (:mod:`fnn.noise`).
+
+The step's running time depends on the lot's size (through the padded size), as with any
+Poisson-sampled DP-SGD; the guarantee covers the released parameters, not that timing (nor the
+:class:`PrivateStats`).
 
 The accountant: the Rényi differential privacy (RDP) of the Poisson-subsampled Gaussian
 mechanism (Mironov, Talwar & Zhang, "Rényi differential privacy of the sampled Gaussian
@@ -39,6 +44,7 @@ over the grid :data:`ORDERS` (fractional orders from 1.25 on, then integers up t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -47,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import per_example
+from fnn import noise, per_example
 from fnn.backprop import backprop_trace
 from fnn.losses import Loss, check_output, l2_active
 from fnn.mlp import MLP, Params
@@ -190,49 +196,105 @@ class PrivateStats(NamedTuple):
     clipped_fraction: jax.Array
 
 
-def poisson_lot(key: jax.Array, num_samples: int, q: float) -> tuple[jax.Array, jax.Array]:
+def poisson_lot(key: jax.Array, num_samples: int, q: float, block: int | None = None) -> tuple[jax.Array, jax.Array]:
     """A Poisson-sampled lot: ``(indices (N,) int32, count)``.
 
     Each of the ``N`` examples joins independently with probability ``q``; the ``count`` sampled
     indices come first, in increasing order, and the rest of the array holds ``N`` (no example).
     Drawn in ``O(qN)`` rather than ``O(N)``: the gaps between successive members of a Bernoulli(q)
-    sequence are independent Geometric(q), so ``K = qN + 10√(qN) + 16`` gaps give the lot whenever
-    it has fewer than ``K`` members; otherwise (probability below 10⁻²⁰) the first ``K`` members are
-    kept and the examples after the last of them are drawn one by one, which is the same
+    sequence are independent Geometric(q), ``⌊log u / log(1 − q)⌋ + 1`` for a uniform ``u``. They
+    are drawn ``block`` at a time until the sequence passes ``N``; with the default block
+    ``K = qN + 10√(qN) + 16`` one block does unless the lot has ``K`` members or more (probability
+    below 10⁻²⁰ for ``qN ≥ 1``), so the loop's body runs once. Any block size gives the same
     distribution. (Exact up to the float32 resolution of the uniform draws, as any sampler.)
     """
     n = num_samples
-    cap = int(min(n, math.ceil(q * n + 10 * math.sqrt(q * n) + 16)))
-    gap_key, rest_key = jax.random.split(key)
-    u = jax.random.uniform(gap_key, (cap,), minval=jnp.finfo(jnp.float32).tiny)
-    gaps = jnp.floor(jnp.log(u) / jnp.log1p(-jnp.float32(min(q, 1 - 1e-7)))) + 1 if q < 1 else jnp.ones(cap)
-    positions = jnp.cumsum(gaps.astype(jnp.int32)) - 1  # the first K members of an endless Bernoulli(q) sequence
-    padded = jnp.full((n,), n, jnp.int32)
+    cap = int(min(n, math.ceil(q * n + 10 * math.sqrt(q * n) + 16))) if block is None else block
+    first_key, rest_key = jax.random.split(key)
+    log_miss = jnp.log1p(-jnp.float32(min(q, 1 - 1e-7)))
 
-    def found_all():
-        inside = positions < n
-        return padded.at[:cap].set(jnp.where(inside, positions, n)), jnp.sum(inside, dtype=jnp.int32)
+    def block(state):  # the next K members of the endless sequence, after the last one drawn
+        order, count, last, i = state
+        u = jax.random.uniform(jnp.where(i == 0, first_key, jax.random.fold_in(rest_key, i)), (cap,),
+                               minval=jnp.finfo(jnp.float32).tiny)
+        gaps = jnp.floor(jnp.log(u) / log_miss) + 1 if q < 1 else jnp.ones(cap)
+        positions = last + jnp.cumsum(gaps.astype(jnp.int32))
+        inside = positions < n  # a prefix, the positions increasing
+        order = jax.lax.dynamic_update_slice(order, jnp.where(inside, positions, n), (count,))
+        return order, count + jnp.sum(inside, dtype=jnp.int32), positions[-1], i + 1
 
-    def draw_the_rest():
-        after = jax.random.bernoulli(rest_key, q, (n,)) & (jnp.arange(n) > positions[-1])
-        joined = after | jnp.zeros((n,), bool).at[positions].set(True)
-        return jnp.nonzero(joined, size=n, fill_value=n)[0].astype(jnp.int32), jnp.sum(joined, dtype=jnp.int32)
+    start = (jnp.full((n + cap,), n, jnp.int32), jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32),
+             jnp.zeros((), jnp.int32))
+    order, count, _, _ = jax.lax.while_loop(lambda state: state[2] < n - 1, block, start)
+    return order[:n], count
 
-    return jax.lax.cond(positions[-1] >= n, found_all, draw_the_rest)
+
+def lot_sizes(num_samples: int, q: float) -> tuple[int, ...]:
+    """The padded lot sizes a private step is compiled for, increasing.
+
+    They step by ``⌈2s⌉`` from about ``qN − 4s`` to ``qN + 4s`` (``s = √(qN(1 − q))``, the standard
+    deviation of the lot's size): about five sizes, and a lot is padded by about ``s`` rows
+    (6 % at ``qN = 256``). A lot beyond the last (probability about 3·10⁻⁵ per step) is processed
+    in pieces (:func:`lot_sum`). The sizes depend on ``N`` and ``q`` only, never on the data.
+    """
+    n = num_samples
+    mean, sd = q * n, math.sqrt(q * n * (1 - q))
+    grain = max(1, math.ceil(2 * sd))
+    first, last = max(1, math.floor((mean - 4 * sd) / grain)), math.ceil((mean + 4 * sd) / grain)
+    return tuple(sorted({min(n, grain * k) for k in range(first, last + 1)}))
+
+
+def lot_sum(key: jax.Array, num_samples: int, q: float, rows_sum, start, *, chunk: int):
+    """``(start + Σ_{pieces} rows_sum(rows), |lot|)`` over a Poisson lot drawn by :func:`poisson_lot` from ``key``.
+
+    The lot's indices are padded with ``N`` (no example) to the smallest of :func:`lot_sizes` that
+    holds them, and that padded lot, of static size ``m``, is cut into ``k = ⌈m/chunk⌉`` pieces
+    of ``⌈m/k⌉`` indices (the last padded too); a ``lax.switch`` picks the compiled size and a
+    ``fori_loop`` runs the pieces. A lot larger than every size runs in as many pieces of the
+    largest size's piece as it needs. ``rows_sum(rows (p,) int32) -> pytree like start`` must give
+    padding rows (``rows == N``) no weight. Nothing is capped or truncated: every member of the
+    lot is in some piece, so the sampling is exactly Poisson whatever the padding.
+    """
+    n = num_samples
+    order, count = poisson_lot(key, n, q)
+    sizes = lot_sizes(n, q)
+    pieces = [-(-m // chunk) for m in sizes]
+    piece = [-(-m // k) for m, k in zip(sizes, pieces)]
+    length = max(*(k * p for k, p in zip(pieces, piece)), -(-n // piece[-1]) * piece[-1])
+    order = jnp.concatenate([order, jnp.full((length - n,), n, jnp.int32)])  # room for every piece
+
+    def run(k, p):
+        def body(i, total):
+            return jax.tree.map(jnp.add, total, rows_sum(jax.lax.dynamic_slice(order, (i * p,), (p,))))
+        return body(0, start) if isinstance(k, int) and k == 1 else jax.lax.fori_loop(0, k, body, start)
+
+    branches = [functools.partial(run, k, p) for k, p in zip(pieces, piece)]
+    if sizes[-1] < n:  # beyond the last size: pieces of its piece's size, as many as the lot needs
+        branches.append(lambda: run((count + piece[-1] - 1) // piece[-1], piece[-1]))
+    branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count)
+    return jax.lax.switch(branch, branches), count
+
+
+def gaussian(key: jax.Array, like: Params, std: float) -> Params:
+    """``𝒩(0, std² I)`` shaped like ``like``: one normal per entry, drawn by :func:`fnn.noise.normal`
+    from a split of ``key`` per leaf, in each leaf's dtype."""
+    leaves, treedef = jax.tree.flatten(like)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([std * noise.normal(k, t.shape, t.dtype) for t, k in zip(leaves, keys)])
 
 
 def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, key: jax.Array, *,
-                     clip: float, noise_multiplier: float, q: float, chunk: int = 128,
+                     clip: float, noise_multiplier: float, q: float, chunk: int = 1024,
                      l2: float = 0.0) -> tuple[Params, PrivateStats]:
     """One DP-SGD gradient from the training set ``(x (N, n_0), y)``: ``(g̃, stats)``.
 
     ``g̃ = (Σ_{x ∈ lot} g_x min(1, c/‖g_x‖) + 𝒩(0, σ²c² I)) / (qN) + βW``, the lot drawn by
-    :func:`poisson_lot` from ``key`` and the noise from an independent split of it. The lot is
-    processed ``chunk`` examples at a time by a ``lax.while_loop`` that runs ``⌈|lot| / chunk⌉``
-    times; the clipped sum of each chunk is read off its δ's
-    (:func:`fnn.per_example.weighted_sum` with the clipping weights), so no ``N × P`` (or
-    ``chunk × P``) array is ever built. The result has ``params``' structure and dtype.
-    Batch norm in train mode is refused (one example's clip bound would not bound its influence).
+    :func:`poisson_lot` from ``key`` and the noise (:func:`gaussian`) from an independent split of
+    it. The lot is processed by :func:`lot_sum`, at most ``chunk`` examples per backprop; the
+    clipped sum of each piece is read off its δ's (:func:`fnn.per_example.weighted_sum` with the
+    clipping weights), so no ``N × P`` (or ``chunk × P``) array is ever built. The result has
+    ``params``' structure and dtype. Batch norm in train mode is refused (one example's clip bound
+    would not bound its influence).
     """
     loss = check_output(loss, net.output)
     if net.has_state:
@@ -242,34 +304,26 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
     if not (clip > 0 and noise_multiplier >= 0 and 0 < q <= 1):
         raise ValueError(f"need clip > 0, noise_multiplier ≥ 0 and 0 < q ≤ 1; got clip={clip!r}, "
                          f"noise_multiplier={noise_multiplier!r}, q={q!r}.")
+    if not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"chunk must be a positive int; got {chunk!r}.")
     n = x.shape[0]
     lot_key, noise_key = jax.random.split(key)
-    order, count = poisson_lot(lot_key, n, q)
-    order = jnp.concatenate([order, jnp.full((-n % chunk,), n, jnp.int32)])  # whole chunks
     dtype = jnp.result_type(params[0]["W"])
 
-    def one_chunk(i, carry):
-        total, cost, clipped = carry
-        rows = jax.lax.dynamic_slice(order, (i * chunk,), (chunk,))
+    def clipped_sum(rows):
         real = rows < n
         rows = jnp.where(real, rows, 0)
         _, _, _, trace = backprop_trace(net, params, x[rows], y[rows], loss)
         norms = per_example.grad_norms(net, params, trace)
         weights = jnp.where(real, jnp.minimum(1, clip / jnp.where(norms > 0, norms, 1)), 0).astype(dtype)
-        part = per_example.weighted_sum(net, params, trace, weights)
-        total = jax.tree.map(jnp.add, total, part)
-        clipped = clipped + jnp.sum(real & (norms > clip), dtype=jnp.int32)
-        return total, cost + jnp.sum(jnp.where(real, trace.costs, 0)), clipped
+        return (per_example.weighted_sum(net, params, trace, weights), jnp.sum(jnp.where(real, trace.costs, 0)),
+                jnp.sum(real & (norms > clip), dtype=jnp.int32))
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    steps = (count + chunk - 1) // chunk
-    start = (zeros, jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
-    total, cost, clipped = jax.lax.fori_loop(0, steps, one_chunk, start)
-    leaves, treedef = jax.tree.flatten(total)
-    keys = jax.random.split(noise_key, len(leaves))
-    noisy = [(t + noise_multiplier * clip * jax.random.normal(k, t.shape, dtype)) / (q * n)
-             for t, k in zip(leaves, keys)]
-    grads = treedef.unflatten(noisy)
+    # The sum starts from the noise: drawn once, before the lot (an operand of the lot's switch, so
+    # that XLA materializes it instead of recomputing it inside every consumer of g̃).
+    start = (gaussian(noise_key, params, noise_multiplier * clip), jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
+    (total, cost, clipped), count = lot_sum(lot_key, n, q, clipped_sum, start, chunk=chunk)
+    grads = jax.tree.map(lambda t: t / (q * n), total)
     if l2_active(l2):
         grads = [{**g, "W": g["W"] + l2 * layer["W"]} for g, layer in zip(grads, params)]
     lot = jnp.maximum(count, 1)
@@ -291,7 +345,7 @@ class Privacy(NamedTuple):
       target_epsilon: the ``ε`` the whole run (``start_epoch + epochs`` epochs) may spend; ``σ`` is
         then the smallest that keeps to it (:func:`noise_multiplier_for`).
       delta: ``δ`` of the ``(ε, δ)`` guarantee (below ``1/N``, as a rule).
-      chunk: examples per chunk of the lot (memory and speed, not privacy).
+      chunk: at most this many examples per backprop pass over the lot (memory, not privacy).
     """
 
     clip: float
@@ -299,7 +353,7 @@ class Privacy(NamedTuple):
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     delta: float = 1e-5
-    chunk: int = 128
+    chunk: int = 1024
 
 
 class PrivatePlan(NamedTuple):

@@ -89,9 +89,11 @@ def test_bench_quick(tmp_path):
 
     private = saved["private"]
     assert positive(private["epochs"]["samples_per_s"]["ordinary epoch"])
-    assert {"private epoch, chunk 64", "private epoch, chunk 128"} == set(private["epochs"]["private_over_ordinary"])
+    assert {"private epoch", "private epoch, chunk 64"} == set(private["epochs"]["private_over_ordinary"])
     assert all(positive(v) for v in private["steps"]["ms"].values())
     assert positive(private["steps"]["vmap_over_delta"]["median"])
+    assert set(private["noise"]["ms"]) == {"jax.random.normal", "fnn.noise.normal"}
+    assert positive(private["noise"]["jax_over_fused"]["median"]) and private["noise"]["parameters"] > 0
 
     assert len(saved["curvature"]) == 1
     for c in saved["curvature"]:

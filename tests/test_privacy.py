@@ -1,5 +1,6 @@
 """DP-SGD: the Rényi accountant against Google's dp-accounting and Abadi et al., and the private step."""
 
+import functools
 import math
 
 import dp_accounting  # the reference accountant, a test dependency (pip install -e '.[test]')
@@ -157,6 +158,7 @@ def test_the_noise_is_gaussian_with_standard_deviation_sigma_c_over_qn():
     y = jnp.arange(64) % 10
     kw = dict(clip=1.5, q=0.25, chunk=16)
 
+    @functools.partial(jax.jit, static_argnums=1)
     def noise(key, sigma):
         g, _ = privacy.private_gradient(net, params, x, y, fnn.losses.softmax_cross_entropy, key,
                                         noise_multiplier=sigma, **kw)
@@ -254,12 +256,13 @@ def test_private_training_refuses_what_the_analysis_does_not_cover():
         fnn.fit(net, params, fnn.optim.sgd(0.1), (x, y), privacy={"clip": 1.0}, **kw)
 
 
-@pytest.mark.parametrize("n, q", [(1000, 0.004), (20, 0.95), (40, 1.0)])
-def test_poisson_lots_have_binomial_sizes_and_uniform_membership(n, q):
+@pytest.mark.parametrize("n, q, block", [(1000, 0.004, None), (20, 0.95, None), (40, 1.0, None), (1000, 0.004, 2),
+                                         (20, 0.6, 3)])
+def test_poisson_lots_have_binomial_sizes_and_uniform_membership(n, q, block):
     """Over 20,000 lots: the size has mean qN and variance qN(1−q), every example joins with
     frequency q (bounds at about 5 standard errors), members come first in increasing order. With
-    q = 0.95 and N = 20 both ways of drawing are taken (the slow one in 36 % of the lots)."""
-    order, count = jax.jit(jax.vmap(lambda k: privacy.poisson_lot(k, n, q)))(
+    blocks of 2 or 3 gaps the lots take several blocks (the default block almost never does)."""
+    order, count = jax.jit(jax.vmap(lambda k: privacy.poisson_lot(k, n, q, block)))(
         jax.random.split(jax.random.PRNGKey(0), 20_000))
     order, count = np.asarray(order), np.asarray(count)
     assert count.mean() == pytest.approx(n * q, abs=5 * np.sqrt(n * q * (1 - q) / 20_000) + 1e-12)
@@ -269,3 +272,33 @@ def test_poisson_lots_have_binomial_sizes_and_uniform_membership(n, q):
     assert np.all(np.abs(joined[:n] / 20_000 - q) <= 5 * np.sqrt(q * (1 - q) / 20_000) + 1e-12)
     for o, c in zip(order[:500], count[:500]):
         assert np.all(np.diff(o[:c]) > 0) and np.all(o[c:] == n)
+
+
+def test_lot_sum_covers_every_member_at_every_padded_size():
+    """:func:`lot_sum` over lots that land in every compiled size and beyond the largest (drawn from
+    keys found by search: a lot above qN + 4s is rare): every member exactly once, no padding row,
+    pieces of at most ``chunk`` rows (3, and 64: one piece), and the sum starts from ``start``."""
+    n, q = 400, 0.01  # qN = 4: sizes (4, 8, 12), and beyond
+    sizes = privacy.lot_sizes(n, q)
+    lot = jax.jit(lambda k: privacy.poisson_lot(k, n, q))
+    keys = jax.random.split(jax.random.PRNGKey(0), 40_000)
+    counts = np.asarray(jax.jit(jax.vmap(lambda k: lot(k)[1]))(keys))
+    assert counts.max() > sizes[-1] and n > sizes[-1]  # the search found a lot beyond the largest size
+    picks = [int(np.flatnonzero(counts == c)[0]) for c in sorted(set(counts.tolist()))]
+    start = (jnp.int32(7), jnp.int32(0), jnp.int32(0))
+    for chunk in (3, 64):
+        def rows_sum(rows, chunk=chunk):
+            assert rows.shape[0] <= chunk  # static: checked while tracing every branch
+            real = rows < n
+            return (jnp.sum(real, dtype=jnp.int32), jnp.sum(jnp.where(real, rows, 0), dtype=jnp.int32),
+                    jnp.sum(jnp.where(real, rows * rows, 0), dtype=jnp.int32))
+
+        run = jax.jit(lambda key, rows_sum=rows_sum, chunk=chunk: privacy.lot_sum(key, n, q, rows_sum, start,
+                                                                                   chunk=chunk))
+        for i in picks:
+            order, count = lot(keys[i])
+            members = np.asarray(order)[: int(count)]
+            (got_count, got_sum, got_squares), got_lot = run(keys[i])
+            assert int(got_lot) == len(members) == counts[i]
+            assert (int(got_count), int(got_sum), int(got_squares)) == (7 + len(members), members.sum(),
+                                                                        (members ** 2).sum())
