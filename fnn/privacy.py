@@ -232,14 +232,14 @@ def poisson_lot(key: jax.Array, num_samples: int, q: float, block: int | None = 
 def lot_sizes(num_samples: int, q: float) -> tuple[int, ...]:
     """The padded lot sizes a private step is compiled for, increasing.
 
-    They step by ``⌈2s⌉`` from about ``qN − 4s`` to ``qN + 4s`` (``s = √(qN(1 − q))``, the standard
-    deviation of the lot's size): about five sizes, and a lot is padded by about ``s`` rows
-    (6 % at ``qN = 256``). A lot beyond the last (probability about 3·10⁻⁵ per step) is processed
+    They step by ``⌈s⌉`` from about ``qN − 4s`` to ``qN + 4s`` (``s = √(qN(1 − q))``, the standard
+    deviation of the lot's size): about nine sizes, and a lot is padded by about ``s/2`` rows
+    (3 % at ``qN = 256``; each size is one more compiled backprop). A lot beyond the last (probability about 3·10⁻⁵ per step) is processed
     in pieces (:func:`lot_sum`). The sizes depend on ``N`` and ``q`` only, never on the data.
     """
     n = num_samples
     mean, sd = q * n, math.sqrt(q * n * (1 - q))
-    grain = max(1, math.ceil(2 * sd))
+    grain = max(1, math.ceil(sd))
     first, last = max(1, math.floor((mean - 4 * sd) / grain)), math.ceil((mean + 4 * sd) / grain)
     return tuple(sorted({min(n, grain * k) for k in range(first, last + 1)}))
 

@@ -278,7 +278,7 @@ def test_lot_sum_covers_every_member_at_every_padded_size():
     """:func:`lot_sum` over lots that land in every compiled size and beyond the largest (drawn from
     keys found by search: a lot above qN + 4s is rare): every member exactly once, no padding row,
     pieces of at most ``chunk`` rows (3, and 64: one piece), and the sum starts from ``start``."""
-    n, q = 400, 0.01  # qN = 4: sizes (4, 8, 12), and beyond
+    n, q = 400, 0.01  # qN = 4: sizes 2, 4, …, 12, and beyond
     sizes = privacy.lot_sizes(n, q)
     lot = jax.jit(lambda k: privacy.poisson_lot(k, n, q))
     keys = jax.random.split(jax.random.PRNGKey(0), 40_000)
