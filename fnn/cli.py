@@ -353,7 +353,10 @@ def main(argv=None) -> int:
                       f"--checkpoint-dir.")
             stored = dict(ck.meta.get("privacy") or {})
             resolved = stored.pop("resolved_noise_multiplier", None)
-            if stored != ({} if private is None else private._asdict()):
+            chunk = stored.pop("chunk", None)  # memory only: the run's own is kept, whatever the default now
+            if private is not None and chunk is not None:
+                private = private._replace(chunk=chunk)
+            if stored != ({} if private is None else {k: v for k, v in private._asdict().items() if k != "chunk"}):
                 _fail(f"cannot --resume: the checkpoint was written with privacy settings {ck.meta.get('privacy')}, "
                       f"this run has {private}; ε would be accounted wrongly.")
             if private is not None and resolved != sigma:  # keep the σ of the steps already taken

@@ -234,8 +234,9 @@ def lot_sizes(num_samples: int, q: float) -> tuple[int, ...]:
 
     They step by ``⌈s⌉`` from about ``qN − 4s`` to ``qN + 4s`` (``s = √(qN(1 − q))``, the standard
     deviation of the lot's size): about nine sizes, and a lot is padded by about ``s/2`` rows
-    (3 % at ``qN = 256``; each size is one more compiled backprop). A lot beyond the last (probability about 3·10⁻⁵ per step) is processed
-    in pieces (:func:`lot_sum`). The sizes depend on ``N`` and ``q`` only, never on the data.
+    (3 % at ``qN = 256``; each size is one more compiled backprop). A lot beyond the last
+    (probability about 3·10⁻⁵ per step) is processed in pieces (:func:`lot_sum`). The sizes depend
+    on ``N`` and ``q`` only, never on the data.
     """
     n = num_samples
     mean, sd = q * n, math.sqrt(q * n * (1 - q))

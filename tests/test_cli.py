@@ -264,3 +264,19 @@ def test_private_run_prints_epsilon_and_resume_keeps_its_noise(tmp_path, capsys)
     out = capsys.readouterr().out
     assert f"σ = {sigma:.4g}" in out.split("resuming with the run's")[1]
     assert float(re.search(r"ε ([0-9.]+)", out.split("epoch   2/2")[1]).group(1)) > 3.0  # the same σ, twice the steps
+
+
+def test_resume_keeps_the_runs_chunk_when_the_default_changes(tmp_path, capsys, monkeypatch):
+    """``Privacy.chunk`` bounds memory, not privacy: a checkpoint written under another default chunk
+    resumes (with its own chunk) instead of being refused as other privacy settings."""
+    from fnn import privacy
+    ck = str(tmp_path / "ck")
+    flags = ["--hidden", "8", "--optimizer", "sgd", "--lr", "0.5", "--dp-clip", "1.0", "--dp-lot-size", "128",
+             "--dp-noise", "1.0", "--checkpoint-dir", ck]
+    defaults = privacy.Privacy.__new__.__defaults__
+    monkeypatch.setattr(privacy.Privacy.__new__, "__defaults__", (*defaults[:-1], 64))  # an older default
+    assert main(["--epochs", "1", "--quiet", *flags]) == 0
+    monkeypatch.setattr(privacy.Privacy.__new__, "__defaults__", defaults)
+    assert privacy.Privacy(clip=1.0, lot_size=1).chunk != 64
+    assert main(["--epochs", "2", "--resume", *flags]) == 0
+    assert "privacy settings" not in capsys.readouterr().err
