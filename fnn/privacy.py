@@ -208,12 +208,14 @@ def poisson_lot(key: jax.Array, num_samples: int, q: float, block: int | None = 
     below 10⁻²⁰ for ``qN ≥ 1``), so the loop's body runs once. Any block size gives the same
     distribution. (Exact up to the float32 resolution of the uniform draws, as any sampler.)
     """
+    if block is not None and not (isinstance(block, int) and block >= 1):
+        raise ValueError(f"block must be None (the default K) or a positive int; got {block!r}.")
     n = num_samples
     cap = int(min(n, math.ceil(q * n + 10 * math.sqrt(q * n) + 16))) if block is None else block
     first_key, rest_key = jax.random.split(key)
     log_miss = jnp.log1p(-jnp.float32(min(q, 1 - 1e-7)))
 
-    def block(state):  # the next K members of the endless sequence, after the last one drawn
+    def next_block(state):  # the next K members of the endless sequence, after the last one drawn
         order, count, last, i = state
         u = jax.random.uniform(jnp.where(i == 0, first_key, jax.random.fold_in(rest_key, i)), (cap,),
                                minval=jnp.finfo(jnp.float32).tiny)
@@ -225,7 +227,7 @@ def poisson_lot(key: jax.Array, num_samples: int, q: float, block: int | None = 
 
     start = (jnp.full((n + cap,), n, jnp.int32), jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32),
              jnp.zeros((), jnp.int32))
-    order, count, _, _ = jax.lax.while_loop(lambda state: state[2] < n - 1, block, start)
+    order, count, _, _ = jax.lax.while_loop(lambda state: state[2] < n - 1, next_block, start)
     return order[:n], count
 
 

@@ -195,6 +195,8 @@ def test_batch_norm_and_bad_settings_are_refused():
     with pytest.raises(ValueError, match="batch normalization"):
         privacy.private_gradient(bn, bn.init(jax.random.PRNGKey(0)), x, y, loss, jax.random.PRNGKey(0), clip=1.0,
                                  noise_multiplier=1.0, q=0.1)
+    with pytest.raises(ValueError, match="block must be"):
+        privacy.poisson_lot(jax.random.PRNGKey(0), 50, 0.1, block=0)
     with pytest.raises(ValueError, match="clip > 0"):
         privacy.private_gradient(net, params, x, y, loss, jax.random.PRNGKey(0), clip=0.0, noise_multiplier=1.0, q=0.1)
 
