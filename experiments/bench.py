@@ -628,7 +628,7 @@ def curvature_pieces(case: Case) -> dict[str, Callable]:
         "G v, autodiff": lambda p, v, x, y: _total(ggn_autodiff(p, v, x, y)),
         "exact GGN diagonal, by hand": lambda p, x, y: _total(cv.ggn_diag(net, p, x, y, loss)),
         "MC GGN diagonal (1 sample), by hand": lambda p, x, y: _total(
-            cv.ggn_diag_mc(net, p, x, y, loss, jax.random.PRNGKey(0))),
+            cv.ggn_diag_mc(net, p, x, y, loss, key=jax.random.PRNGKey(0))),
         "KFLR factors, by hand": lambda p, x, y: _total(cv.kronecker_factors(net, p, x, y, loss)),
         "KFAC factors (1 sample), by hand": lambda p, x, y: _total(
             cv.kronecker_factors(net, p, x, y, loss, jax.random.PRNGKey(0))),

@@ -298,14 +298,15 @@ def ggn_diag(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0,
     return _diag_from_columns(net, params, trace, columns, l2)
 
 
-def ggn_diag_mc(net: MLP, params: Params, x, y, loss: Loss | str, key: jax.Array, l2: float = 0.0,
+def ggn_diag_mc(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0, *, key: jax.Array | int,
                 samples: int = 1, state: State | None = None, train: bool = False) -> Params:
     """A Monte-Carlo estimate of :func:`ggn_diag`: ``samples`` random columns per example instead of ``K``.
 
     Each column has ``E[s sᵀ] = H_x`` (:attr:`fnn.losses.Curvature.sample`: the gradient at a target
     drawn from the model's predictive distribution where the loss is its negative log-likelihood), so
     the estimate is unbiased; its average over draws converges to the exact diagonal. The L2 term ``β``
-    is added exactly. Cost about ``samples + 1`` gradients.
+    is added exactly. Arguments as :func:`ggn_diag`, then keyword-only ``key`` (a PRNG key or an int
+    seed) and ``samples``. Cost about ``samples + 1`` gradients.
     """
     m = _check_samples(samples)
     _, curv, trace, target, valid = _prepare(net, params, x, y, loss, l2, state, train, "the GGN diagonal")

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn import noise, per_example
+from fnn.checks import positive_int, real_in
 from fnn.backprop import backprop_trace
 from fnn.losses import Loss, check_output, l2_active
 from fnn.mlp import MLP, Params
@@ -337,6 +338,30 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
 # Training: the settings fnn.fit takes, and what they resolve to.
 
 
+class Spent(NamedTuple):
+    """The privacy a run has spent: its DP-SGD ``steps`` and their composed RDP, ``Σ_t ε_α(q_t, σ_t)`` for
+    every order of :data:`ORDERS` (``rdp``, a tuple of floats). Steps at different ``σ`` or ``q`` compose
+    by adding their RDP (:meth:`plus`); :attr:`fnn.FitResult.privacy_spent` is one, and a resumed
+    :func:`fnn.fit` takes it back as :attr:`Privacy.spent`."""
+
+    steps: int
+    rdp: tuple[float, ...]
+
+    def plus(self, other: Spent) -> Spent:
+        """The composition of the two: steps and RDP added."""
+        return Spent(self.steps + other.steps, tuple(a + b for a, b in zip(self.rdp, other.rdp)))
+
+    def epsilon(self, delta: float) -> float:
+        """``ε`` of the ``(ε, δ)`` guarantee at ``delta`` (0 for no steps)."""
+        return epsilon(np.asarray(self.rdp), delta)[0]
+
+
+def account(q: float, noise_multiplier: float, steps: int) -> Spent:
+    """:class:`Spent` of ``steps`` DP-SGD steps at sampling rate ``q`` and noise multiplier ``σ``."""
+    steps = positive_int("steps", steps, allow_zero=True)
+    return Spent(steps, tuple(rdp(q, noise_multiplier, steps).tolist()))
+
+
 class Privacy(NamedTuple):
     """DP-SGD settings for :func:`fnn.fit` (``fit(..., privacy=Privacy(...))``).
 
@@ -347,8 +372,14 @@ class Privacy(NamedTuple):
       noise_multiplier: ``σ``; or leave it ``None`` and give
       target_epsilon: the ``ε`` the whole run (``start_epoch + epochs`` epochs) may spend; ``σ`` is
         then the smallest that keeps to it (:func:`noise_multiplier_for`).
-      delta: ``δ`` of the ``(ε, δ)`` guarantee (below ``1/N``, as a rule).
+      delta: ``δ`` of the ``(ε, δ)`` guarantee; it must be below ``1/N`` (a mechanism that publishes
+        one example in full, at random, is ``(0, 1/N)``-DP), unless ``allow_large_delta``.
       chunk: at most this many examples per backprop pass over the lot (memory, not privacy).
+      spent: what the run being resumed spent (its :attr:`fnn.FitResult.privacy_spent`, a
+        :class:`Spent`); required when :func:`fnn.fit` resumes (``start_epoch > 0``), so that ``ε``
+        counts the earlier steps at the ``σ`` they were taken with, and a ``target_epsilon`` is the
+        budget of the whole run.
+      allow_large_delta: accept ``δ ≥ 1/N`` (a guarantee that allows releasing an example outright).
     """
 
     clip: float
@@ -357,6 +388,8 @@ class Privacy(NamedTuple):
     target_epsilon: float | None = None
     delta: float = 1e-5
     chunk: int = 1024
+    spent: Spent | None = None
+    allow_large_delta: bool = False
 
 
 class PrivatePlan(NamedTuple):

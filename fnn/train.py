@@ -37,7 +37,7 @@ from fnn.metrics import epoch_record, evaluate, format_epoch, predictions_accura
 from fnn.mlp import MLP, Params, State
 from fnn.optim import global_norm, has_skip_nonfinite, scheduled_learning_rate, skipped_updates
 from fnn.per_example import check_statistics, step_statistics
-from fnn.privacy import Privacy, PrivatePlan, plan, private_gradient
+from fnn.privacy import Privacy, PrivatePlan, Spent, plan, private_gradient
 from fnn.step import GRAD_SOURCES, train_step
 
 LAST_BATCH = ("smaller", "drop")
@@ -69,6 +69,7 @@ class FitResult(NamedTuple):
     state: State | None = None  # batch-norm running statistics, for networks that have them
     nan_report: dict | None = None  # where the first non-finite value appeared, see fit
     before_failure: tuple | None = None  # (params, opt_state, state) just before the failing step, to replay it
+    privacy_spent: Spent | None = None  # with privacy: every private step taken so far, earlier runs' included
 
 
 def _select(ok, new, old):

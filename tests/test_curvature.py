@@ -266,7 +266,7 @@ def test_monte_carlo_diagonal_and_factors_converge_to_the_exact_ones(loss_name, 
     keys = jax.random.split(jax.random.PRNGKey(11), 400)
 
     def diag(k, m):
-        return ravel_pytree(cv.ggn_diag_mc(net, params, x, y, loss, k, 0.1, samples=m))[0]
+        return ravel_pytree(cv.ggn_diag_mc(net, params, x, y, loss, 0.1, key=k, samples=m))[0]
 
     def kfac(k):
         return jnp.concatenate([f.G.ravel() for f in cv.kronecker_factors(net, params, x, y, loss, key=k, samples=20)])
@@ -373,7 +373,7 @@ def test_results_keep_structure_and_dtype_and_jit_compiles_once():
     def everything(p, v, key):
         traces.append(1)
         return (cv.hvp(net, p, x32, y, loss, v), cv.ggn_vp(net, p, x32, y, loss, v, 0.1),
-                cv.ggn_diag(net, p, x32, y, loss), cv.ggn_diag_mc(net, p, x32, y, loss, key, samples=2))
+                cv.ggn_diag(net, p, x32, y, loss), cv.ggn_diag_mc(net, p, x32, y, loss, key=key, samples=2))
 
     for i in range(3):
         outs = everything(params32, params32, jax.random.PRNGKey(i))
@@ -395,7 +395,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="params must be a list of 2 layers"):
         cv.hvp(net, params, x, y, loss, params[:1])
     with pytest.raises(ValueError, match="samples must be a positive int"):
-        cv.ggn_diag_mc(net, params, x, y, loss, jax.random.PRNGKey(0), samples=0)
+        cv.ggn_diag_mc(net, params, x, y, loss, key=jax.random.PRNGKey(0), samples=0)
     with pytest.raises(ValueError, match="matrix must be"):
         cv.sharpness(net, params, x, y, loss, matrix="fisher")
     bn = fnn.MLP((3, 4, 3), "tanh", "identity", batch_norm=True)

@@ -89,7 +89,7 @@ def test_curvature_runs_without_autodiff(trap_autodiff):
 
     def everything(params, x, y, key):
         return (cv.hvp(net, params, x, y, loss, params, 0.1), cv.ggn_vp(net, params, x, y, loss, params, 0.1),
-                cv.ggn_diag(net, params, x, y, loss, 0.1), cv.ggn_diag_mc(net, params, x, y, loss, key, 0.1),
+                cv.ggn_diag(net, params, x, y, loss, 0.1), cv.ggn_diag_mc(net, params, x, y, loss, 0.1, key=key),
                 cv.kronecker_factors(net, params, x, y, loss), cv.kronecker_factors(net, params, x, y, loss, key),
                 cv.sharpness(net, params, x, y, loss, max_iter=3), cv.sharpness(net, params, x, y, loss, matrix="ggn",
                                                                                  max_iter=3),
