@@ -22,8 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fnn import batchnorm
-from fnn.losses import Loss, check_output, l2_active, l2_penalty, mark_invalid
+from fnn import batchnorm, checks
+from fnn.losses import Loss, check_l2, check_output, l2_active, l2_penalty, mark_invalid
 from fnn.mlp import MLP, ForwardTrace, Params, State
 
 
@@ -47,7 +47,9 @@ class Trace(NamedTuple):
     - ``weight_deltas[l-1]``: the rows that meet ``a^{l-1}`` in BP4, ``∂C_x/∂h^l``: ``δ^l`` itself
       for a plain layer, ``δ_h = γ/√(v+ε) ⊙ δ^l`` for a batch-normalized layer in eval mode, and
       ``None`` for one in train mode, where every sample's row depends on the whole batch through
-      μ and σ² (so no per-sample gradient exists).
+      μ and σ² (so no per-sample gradient exists);
+    - ``l2``: the ``β`` of the cost the trace was taken for (the per-example quantities read it from
+      here, so that they always match the gradient).
 
     Per-example quantities (:mod:`fnn.per_example`) are contractions of these rows:
     ``∂C_x/∂W^l = weight_deltas[l-1]_xᵀ acts[l-1]_x``. (Before per-example quantities existed the
@@ -58,6 +60,7 @@ class Trace(NamedTuple):
     costs: jax.Array
     deltas: list
     weight_deltas: list
+    l2: float = 0.0
 
     @property
     def zs(self) -> list:
@@ -106,7 +109,9 @@ def backprop_trace(net: MLP, params: Params, x, y, loss: Loss, l2: float = 0.0, 
     Returns ``(C, grads, new_state, trace)``; ``new_state`` is ``None`` without batch norm.
     """
     loss = check_output(loss, net.output)
+    l2 = check_l2(l2)
     fwd = net.forward_trace(params, x, state, train=train)
+    checks.nonempty("x", fwd.acts[0].shape[0])
     zs, acts = fwd.zs, fwd.acts
     target, valid = loss.target(acts[-1], y)
     n = acts[0].shape[0]
@@ -137,4 +142,4 @@ def backprop_trace(net: MLP, params: Params, x, y, loss: Loss, l2: float = 0.0, 
             # BP2: δ^l = (δ^{l+1} W^{l+1}) ⊙ φ'(z^l)
             delta = phi[l - 1].backward(zs[l - 1], acts[l], net.matmul(delta, params[l]["W"]))
     grads = [{k: g[k] for k in params[l]} for l, g in enumerate(grads)]  # the params' own key order
-    return cost, grads, fwd.state, Trace(fwd, costs, deltas, weight_deltas)
+    return cost, grads, fwd.state, Trace(fwd, costs, deltas, weight_deltas, l2)

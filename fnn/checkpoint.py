@@ -11,6 +11,8 @@ file, whatever part of it is damaged, is refused with :class:`CheckpointError`.
 In a directory of ``epoch-NNNNNN.npz`` files (:func:`path_for`), :func:`latest` finds the newest intact
 one, passing over damaged ones, and :func:`prune` rotates the files of one run (``meta["run"]``),
 keeping its newest ones and its best by ``meta["held_out_loss"]``, and never touching other runs' files.
+:func:`lock` gives one process at a time the directory (a ``.lock`` file, which no function here takes
+for a checkpoint).
 
 Saved with ``net=`` and ``opt=``, a checkpoint describes itself: the header also holds the
 :class:`fnn.MLP` configuration (``sizes``, ``activation``, ``output``, ``initializer``,
@@ -28,6 +30,7 @@ configuration and names the difference::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -48,10 +51,15 @@ from fnn.mlp import MLP
 
 FORMAT = "fnn-checkpoint-1"
 _NAME = re.compile(r"^epoch-(\d{6})\.npz$")
+LOCK = ".lock"  # the lock file of a checkpoint directory, see lock()
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted: truncated, corrupt, or not matching the template."""
+
+
+class Locked(RuntimeError):
+    """Another process holds the checkpoint directory (:func:`lock`)."""
 
 
 class Checkpoint(NamedTuple):
@@ -377,3 +385,42 @@ def _remove_temporaries(directory: Path, name: str) -> None:
     """Delete the ``.{name}.*.tmp`` files a :func:`save` killed between writing and renaming leaves behind."""
     for p in directory.glob(f".{name}.*.tmp"):
         p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def lock(directory):
+    """Hold the existing ``directory`` for the ``with`` block, exclusively; :class:`Locked` at once if another holds it.
+
+    The lock is an advisory ``fcntl.flock`` on ``directory/.lock`` (:data:`LOCK`), created on entry and
+    removed on exit: it keeps out other holders of this lock (two training runs writing one directory),
+    not other writers. The kernel drops it when its process ends, however it ends, so the file a killed
+    process leaves behind does not block the next :func:`lock`. POSIX only; flock may be local to one
+    machine on network file systems. Yields the lock file's path.
+    """
+    import fcntl  # POSIX only: imported here so that fnn still imports elsewhere
+
+    path = Path(directory) / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if isinstance(e, BlockingIOError):
+                raise Locked(f"{directory} is locked by another process (it holds {path}).") from None
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed the file between our open and our flock: lock the new one
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # while held: whoever opened it meanwhile finds it gone and tries again
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False

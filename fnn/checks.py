@@ -53,7 +53,14 @@ def real_in(
 
     The interval is closed unless ``low_open``/``high_open``; an infinite ``high`` means no upper
     bound. Raises ``TypeError`` for non-numbers (bools included) and ``ValueError`` naming the value.
+    A 0-d array counts as its number; a traced value (under ``jit``) cannot be checked and comes back
+    as it is.
     """
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0 \
+            and np.issubdtype(np.asarray(value).dtype, np.number):
+        value = np.asarray(value).item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}.")
     v = float(value)
@@ -73,3 +80,22 @@ def positive_int(name: str, value, allow_zero: bool = False) -> int:
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'≥ 0' if allow_zero else '> 0'}; got {value!r}.")
     return int(value)
+
+
+def prng_key(name: str, key) -> jax.Array:
+    """``key`` as a PRNG key: a key array (``jax.random.PRNGKey(seed)`` or ``jax.random.key(seed)``), or a
+    plain int seed, which becomes ``jax.random.PRNGKey(seed)``; ``TypeError`` otherwise."""
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        return jax.random.PRNGKey(int(key))
+    if isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
+                                       or key.dtype == jnp.uint32 and key.shape == (2,)):
+        return key
+    raise TypeError(f"{name} must be a PRNG key (jax.random.PRNGKey(seed) or jax.random.key(seed)) or an int seed; "
+                    f"got {type(key).__name__} {getattr(key, 'dtype', '')}{tuple(getattr(key, 'shape', ()))}.")
+
+
+def nonempty(name: str, count: int) -> None:
+    """Raise ``ValueError`` for a batch of no samples, whose mean cost is 0/0."""
+    if count == 0:
+        raise ValueError(f"{name} has 0 samples; the cost is a mean over the batch and needs at least one "
+                         f"sample. Pass a batch of shape (N, features) with N >= 1.")

@@ -5,8 +5,9 @@ finite differences (a table, one line per layer and leaf, see :func:`fnn.gradche
 every epoch prints a progress line; at the end the held-out accuracy and throughput are printed.
 
 Failing early: flags, data, model, loss/output pair, optimizer, privacy settings, the checkpoint
-directory and the ``--plot``/``--history`` paths are all checked before the first step; a mistake ends
-as ``fnn-train: error: ...`` with exit status 2. The gradient check then stops the run (exit status 1)
+directory and the ``--plot``/``--history`` paths (by creating the file, then removing it again) are all
+checked before the first step; a mistake ends as ``fnn-train: error: ...`` with exit status 2, and
+leaves behind no file or directory the run created. The gradient check then stops the run (exit status 1)
 when manual and autodiff gradients differ in some leaf by more than :data:`GRAD_TOLERANCE` (relative,
 see :func:`fnn.gradcheck.relative_difference`): ``1e-3`` for float32, ``1e-8`` for float64. Correct
 gradients differ by about ``1e-7`` (at most ``1e-6`` seen: digits, every activation, loss and batch
@@ -15,6 +16,7 @@ checked in full precision, against the ``--dtype`` tolerance. With ``--grad-sour
 manual gradients are not used, and a failed check is only a warning.
 
 Checkpoints: one file per epoch in ``--checkpoint-dir``, describing the network and the optimizer,
+written by one run at a time (the run locks the directory, :func:`fnn.checkpoint.lock`; a second is refused),
 so that ``--resume`` continues the run (it refuses a checkpoint written with other model or optimizer
 flags and names the difference). Every run has an identity, a random id in the checkpoints' metadata
 that ``--resume`` carries on. A fresh run refuses a directory that holds checkpoints (``--resume`` them,
@@ -22,7 +24,9 @@ or pick another directory, or ``--overwrite``: the old files are deleted once th
 its first checkpoint). Rotation deletes only this run's files: it keeps the newest three and the one
 with the best held-out loss, so a run whose loss blows up keeps its best checkpoint. ``--resume``
 passes over a damaged newest checkpoint to the newest intact one, and says which file it skipped and
-why; temporaries of an interrupted write are removed and never read.
+why; temporaries of an interrupted write are removed and never read. A checkpoint that cannot be written
+(a full disk) stops the run (exit status 1), the older checkpoints intact. A private run's checkpoints
+hold the privacy it has spent (``meta["privacy_spent"]``), which ``--resume`` carries on.
 
 When training stops on a non-finite value (exit status 1), the params of the last epoch whose
 training cost was finite are written as that epoch's checkpoint (if this run has none for it yet)
@@ -32,6 +36,7 @@ and the message says which epoch was kept and where.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -69,17 +74,18 @@ GRAD_TOLERANCE = {"float32": 1e-3, "float64": 1e-8}  # largest relative differen
 KEEP = 3  # newest checkpoints of a run kept by rotation (besides its best)
 
 
-def _number(kind, low, *, strict: bool = False):
-    """An argparse ``type``: a finite ``kind`` (int or float) ``≥ low`` (``> low`` if ``strict``)."""
+def _number(kind, low, *, strict: bool = False, below=None):
+    """An argparse ``type``: a finite ``kind`` (int or float) ``≥ low`` (``> low`` if ``strict``), and ``< below``."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not (math.isfinite(value) and (value > low if strict else value >= low)):
-            raise argparse.ArgumentTypeError(f"must be a finite {kind.__name__} {'>' if strict else '≥'} {low}; "
-                                             f"got {text}")
+        if not (math.isfinite(value) and (value > low if strict else value >= low)
+                and (below is None or value < below)):
+            bounds = f"{'>' if strict else '≥'} {low}" + ("" if below is None else f" and < {below}")
+            raise argparse.ArgumentTypeError(f"must be a finite {kind.__name__} {bounds}; got {text}")
         return value
 
     return parse
@@ -156,9 +162,13 @@ def parser() -> argparse.ArgumentParser:
                     help="train privately: clip every example's gradient to this norm (needs --dp-lot-size and one "
                          "of --dp-noise, --dp-epsilon)")
     dp.add_argument("--dp-lot-size", type=_number(int, 1), default=None, help="expected Poisson lot size L (q = L/N)")
-    dp.add_argument("--dp-noise", type=float, default=None, help="noise multiplier σ")
-    dp.add_argument("--dp-epsilon", type=float, default=None, help="target ε for the whole run (σ is solved for)")
-    dp.add_argument("--dp-delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
+    dp.add_argument("--dp-noise", type=_number(float, 0, strict=True), default=None, help="noise multiplier σ")
+    dp.add_argument("--dp-epsilon", type=_number(float, 0, strict=True), default=None,
+                    help="target ε for the whole run (σ is solved for)")
+    dp.add_argument("--dp-delta", type=_number(float, 0, strict=True, below=1), default=1e-5,
+                    help="δ of the (ε, δ) guarantee, below 1/N for N training samples")
+    dp.add_argument("--dp-allow-large-delta", action="store_true",
+                    help="accept a --dp-delta ≥ 1/N (a guarantee that allows releasing some example outright)")
     t.add_argument("--data-parallel", action="store_true",
                    help="shard every batch over all devices (the batch size must be divisible by their number)")
     return p
@@ -197,7 +207,8 @@ def _check_flags(p: argparse.ArgumentParser, args) -> None:
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --checkpoint-dir, --overwrite replaces it: give one of them")
     given = [f for f, v in (("--dp-lot-size", args.dp_lot_size), ("--dp-noise", args.dp_noise),
-                            ("--dp-epsilon", args.dp_epsilon)) if v is not None]
+                            ("--dp-epsilon", args.dp_epsilon),
+                            ("--dp-allow-large-delta", args.dp_allow_large_delta or None)) if v is not None]
     if args.dp_clip is None and given:
         p.error(f"{', '.join(given)} only apply to private training: add --dp-clip")
     if args.dp_clip is not None and args.dp_lot_size is None:
@@ -206,20 +217,51 @@ def _check_flags(p: argparse.ArgumentParser, args) -> None:
         p.error("--dp-clip needs --grad-source manual, and neither --batch-norm nor --data-parallel")
 
 
-def _check_outputs(args) -> None:
-    """Fail now, not after training, on an output path that cannot be written; create missing directories."""
-    for flag, name in (("--plot", args.plot), ("--history", args.history)):
-        if name is None:
-            continue
-        path = Path(name)
-        if path.is_dir():
-            _fail(f"{flag} {name} is a directory; give a file name.")
+def _missing(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, innermost first: what creating it would create."""
+    return [p for p in (path, *path.parents) if not os.path.lexists(p)]
+
+
+def _remove_new(paths: list[Path]) -> None:
+    """Remove what this run created (``paths`` innermost first) where it is still empty: no junk on failure."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            p.rmdir() if p.is_dir() else p.unlink()
+
+
+def _check_writable(flag: str, name: str) -> None:
+    """Fail unless the file ``name`` can be created or appended to, found by doing so (``os.access`` says yes
+    to root, and to a dangling link); what this creates, directories included, is removed again."""
+    path = Path(name)
+    new = _missing(path)
+    try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             _fail(f"{flag} {name}: cannot create its directory: {e}")
-        if not os.access(path.parent, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
-            _fail(f"{flag} {name} is not writable.")
+        try:
+            with open(path, "a"):
+                pass
+        except IsADirectoryError:
+            _fail(f"{flag} {name} is a directory; give a file name.")
+        except OSError as e:
+            _fail(f"{flag} {name} cannot be written: {e.strerror or e}. Give a file in a directory you can write to.")
+    finally:
+        _remove_new(new)
+
+
+def _check_inputs(args) -> None:
+    """Fail now on a ``--data-dir`` that is not a directory (a relative one starts from the working directory)."""
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        _fail(f"--data-dir {args.data_dir} is not a directory (looked for {Path(args.data_dir).resolve()}). Give "
+              f"the directory holding the data files, or leave --data-dir out to search $FNN_DATA_DIR and the cache.")
+
+
+def _check_outputs(args) -> None:
+    """Fail now, not after training, on a ``--plot`` or ``--history`` that cannot be written."""
+    for flag, name in (("--plot", args.plot), ("--history", args.history)):
+        if name is not None:
+            _check_writable(flag, name)
     if args.plot:
         from fnn.plots import pyplot
         try:
@@ -231,18 +273,47 @@ def _check_outputs(args) -> None:
         suffix = Path(args.plot).suffix.lstrip(".").lower()
         if suffix and suffix not in kinds:
             _fail(f"--plot {args.plot}: matplotlib writes no .{suffix} files; use one of {', '.join(sorted(kinds))}.")
-    if args.checkpoint_dir:
-        existing = checkpoint.checkpoints(args.checkpoint_dir)
+
+
+@contextlib.contextmanager
+def _held_checkpoint_dir(args):
+    """Hold ``--checkpoint-dir`` for the run: create it, lock it against other runs (:func:`fnn.checkpoint.lock`)
+    and refuse another run's checkpoints in it (unless ``--resume`` or ``--overwrite``). On the way out, however
+    the run ends, what it created is removed again if it holds no checkpoint."""
+    if not args.checkpoint_dir:
+        yield
+        return
+    directory = Path(args.checkpoint_dir)
+    new = _missing(directory)
+    with contextlib.ExitStack() as stack:
+        stack.callback(_remove_new, new)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _fail(f"--checkpoint-dir {directory} cannot be created: {e}")
+        try:
+            stack.enter_context(checkpoint.lock(directory))
+        except checkpoint.Locked:
+            _fail(f"--checkpoint-dir {directory} is in use: another run holds its lock ({directory / checkpoint.LOCK})."
+                  f" Wait for that run to end, or give this one another --checkpoint-dir.")
+        except OSError as e:
+            _fail(f"--checkpoint-dir {directory} is not writable: cannot create its lock file: {e}")
+        existing = checkpoint.checkpoints(directory)
         if existing and not (args.resume or args.overwrite):
-            _fail(f"--checkpoint-dir {args.checkpoint_dir} holds {len(existing)} checkpoint(s) (newest "
+            _fail(f"--checkpoint-dir {directory} holds {len(existing)} checkpoint(s) (newest "
                   f"{existing[-1].name}) of another run. Use --resume to continue that run, another "
                   f"--checkpoint-dir, or --overwrite to replace them.")
-        try:
-            Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            _fail(f"--checkpoint-dir {args.checkpoint_dir} cannot be created: {e}")
-        if not os.access(args.checkpoint_dir, os.W_OK):
-            _fail(f"--checkpoint-dir {args.checkpoint_dir} is not writable.")
+        yield
+
+
+def _cannot_save(path: Path, error: OSError, resumable: bool) -> NoReturn:
+    """Stop (exit status 1) on a checkpoint that could not be written (a full disk), saying what is left."""
+    older = checkpoint.checkpoints(path.parent)
+    kept = (f"The {len(older)} older checkpoint(s) there are intact (newest {older[-1].name})" if older
+            else "No checkpoint is there")
+    _fail(f"cannot write the checkpoint {path} in --checkpoint-dir {path.parent}: {error}. {kept}; this run's "
+          f"training since its last checkpoint is lost. Free space there (or give another --checkpoint-dir) and run "
+          "again" + (" with --resume (without --overwrite) to continue." if resumable else "."), status=1)
 
 
 def _check_gradients(args, report) -> None:
@@ -260,11 +331,37 @@ def _check_gradients(args, report) -> None:
           f"trains with jax.grad instead.", status=1)
 
 
+def _accounted(settings) -> dict | None:
+    """The privacy settings that ``ε`` depends on, from a :class:`fnn.privacy.Privacy` or a checkpoint's
+    ``meta["privacy"]``: without ``chunk`` (memory), ``spent`` (the run's progress) and ``allow_large_delta``."""
+    if settings is None:
+        return None
+    settings = settings if isinstance(settings, dict) else settings._asdict()
+    return {k: settings.get(k) for k in ("clip", "lot_size", "noise_multiplier", "target_epsilon", "delta")}
+
+
+def _spent(meta: dict, private: privacy.Privacy, sigma: float, n: int, epoch: int) -> privacy.Spent:
+    """The privacy spent by the run a checkpoint belongs to: ``meta["privacy_spent"]``, or for a checkpoint written
+    before that was stored, ``epoch`` epochs of ``round(N/L)`` steps at ``q = L/N`` and the run's ``σ``."""
+    spent = meta.get("privacy_spent")
+    if spent is not None:
+        return privacy.Spent(spent["steps"], tuple(spent["rdp"]))
+    q = private.lot_size / n
+    return privacy.account(q, sigma, epoch * max(1, round(n / private.lot_size)))
+
+
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     _check_flags(p, args)
+    _check_inputs(args)
     _check_outputs(args)
+    with _held_checkpoint_dir(args):
+        return _train(p, args, argv)
+
+
+def _train(p: argparse.ArgumentParser, args, argv) -> int:
+    """The run, from the data on, once the flags and paths are checked and the checkpoint directory is held."""
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.dtype(args.dtype)
@@ -295,8 +392,13 @@ def main(argv=None) -> int:
             check_output(loss, net.output)
         except (TypeError, ValueError) as e:
             p.error(f"--loss {loss.name} with --output {net.output}: {e}")
-    if args.batch_size > n:
-        p.error(f"--batch-size {args.batch_size} is larger than the {n} training samples of {ds.name}")
+    for flag, size in (("--batch-size", args.batch_size), ("--dp-lot-size", args.dp_lot_size)):
+        if size is not None and size > n:
+            p.error(f"{flag} {size} is larger than the {n} training samples of {ds.name}")
+    if args.dp_clip is not None and args.dp_delta >= 1 / n and not args.dp_allow_large_delta:
+        p.error(f"--dp-delta {args.dp_delta:g} is not below 1/N = 1/{n} = {1 / n:.3g} for the {n} training samples of "
+                f"{ds.name}: a δ that large allows releasing some example outright. Give a --dp-delta below "
+                f"{1 / n:.3g} (1/N² or less is usual), or add --dp-allow-large-delta to accept it.")
     rest = n % args.batch_size if args.last_batch == "smaller" else 0
     if net.has_state and rest == 1:
         p.error(f"with --batch-norm, the last batch of {n} samples in batches of {args.batch_size} would hold 1 "
@@ -324,7 +426,8 @@ def main(argv=None) -> int:
     if args.dp_clip is not None:
         try:
             private = privacy.Privacy(clip=args.dp_clip, lot_size=args.dp_lot_size, noise_multiplier=args.dp_noise,
-                                      target_epsilon=args.dp_epsilon, delta=args.dp_delta)
+                                      target_epsilon=args.dp_epsilon, delta=args.dp_delta,
+                                      allow_large_delta=args.dp_allow_large_delta)
             sigma = privacy.plan(private, n, args.epochs).noise_multiplier
         except (TypeError, ValueError) as e:
             p.error(str(e))
@@ -351,18 +454,19 @@ def main(argv=None) -> int:
             except checkpoint.CheckpointError as e:
                 _fail(f"cannot --resume: {e} Resume with the flags of that run, or start afresh in another "
                       f"--checkpoint-dir.")
-            stored = dict(ck.meta.get("privacy") or {})
-            resolved = stored.pop("resolved_noise_multiplier", None)
-            chunk = stored.pop("chunk", None)  # memory only: the run's own is kept, whatever the default now
-            if private is not None and chunk is not None:
-                private = private._replace(chunk=chunk)
-            if stored != ({} if private is None else {k: v for k, v in private._asdict().items() if k != "chunk"}):
-                _fail(f"cannot --resume: the checkpoint was written with privacy settings {ck.meta.get('privacy')}, "
+            stored = ck.meta.get("privacy")
+            if _accounted(stored) != _accounted(private):
+                _fail(f"cannot --resume: the checkpoint was written with privacy settings {stored}, "
                       f"this run has {private}; ε would be accounted wrongly.")
-            if private is not None and resolved != sigma:  # keep the σ of the steps already taken
-                print(f"resuming with the run's σ = {resolved:.4g} (solved for its first --epochs); ε grows past a "
-                      f"target when training goes on longer")
-                private, sigma = private._replace(noise_multiplier=resolved, target_epsilon=None), resolved
+            if private is not None:
+                resolved = stored.get("resolved_noise_multiplier", sigma)
+                # chunk is memory only: the run's own is kept, whatever the default now
+                private = private._replace(chunk=stored.get("chunk", private.chunk),
+                                           spent=_spent(ck.meta, private, resolved, n, ck.epoch))
+                if resolved != sigma:  # keep the σ of the steps already taken
+                    print(f"resuming with the run's σ = {resolved:.4g} (solved for its first --epochs); ε grows past "
+                          f"a target when training goes on longer")
+                    sigma = resolved
             params, opt_state, key, start_epoch, bn_state = ck.params, ck.opt_state, ck.key, ck.epoch, ck.state
             run = ck.meta.get("run")  # None for a checkpoint written before runs had an identity
             print(f"resumed from {resumed} (epoch {start_epoch})"
@@ -382,16 +486,23 @@ def main(argv=None) -> int:
     _check_gradients(args, report)
 
     meta = {"argv": sys.argv[1:] if argv is None else list(argv), "sizes": list(net.sizes), "run": run,
-            "privacy": None if private is None else {**private._asdict(), "resolved_noise_multiplier": sigma}}
+            "privacy": None if private is None else {**{k: v for k, v in private._asdict().items() if k != "spent"},
+                                                     "resolved_noise_multiplier": sigma}}
+    if private is not None:  # train with the σ resolved above (and stored), not solve for it again
+        private = private._replace(noise_multiplier=sigma, target_epsilon=None)
     written = set() if resumed is None else {resumed}  # this run's checkpoints
     replaced = checkpoint.checkpoints(args.checkpoint_dir) if args.overwrite else []  # once this run has one
 
     def save(state) -> None:
         path = checkpoint.path_for(args.checkpoint_dir, state.epoch)
         held_out_loss = next((r.get("held_out_loss") for r in state.history if r["epoch"] == state.epoch), None)
-        checkpoint.save(path, params=state.params, opt_state=state.opt_state, key=state.key, epoch=state.epoch,
-                        normalizer=normalizer, meta={**meta, "held_out_loss": held_out_loss}, state=state.state,
-                        net=net, opt=opt)
+        spent = None if state.privacy_spent is None else state.privacy_spent._asdict()
+        about = {"held_out_loss": held_out_loss, "privacy_spent": spent}
+        try:
+            checkpoint.save(path, params=state.params, opt_state=state.opt_state, key=state.key, epoch=state.epoch,
+                            normalizer=normalizer, meta={**meta, **about}, state=state.state, net=net, opt=opt)
+        except OSError as e:
+            _cannot_save(path, e, resumable=bool(written))
         written.add(path)
         for old in replaced:
             if old not in written:
@@ -413,19 +524,25 @@ def main(argv=None) -> int:
         print(f"done: {result.epoch} epochs, held-out loss {last['held_out_loss']:.4f}"
               + (f", held-out accuracy {100 * acc:.2f}%" if acc is not None else "")
               + f", median {rate:,.0f} samples/s, {wall:.1f}s in total")
-    if args.history:
-        Path(args.history).write_text(json.dumps(result.history, indent=1))
-    if args.plot and result.history:
-        from fnn.plots import plot_history
-        print(f"learning curves: {plot_history(result.history, args.plot, title=f'{ds.name} {net.sizes}')}")
+    try:
+        if args.history:
+            Path(args.history).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.history).write_text(json.dumps(result.history, indent=1))
+        if args.plot and result.history:
+            from fnn.plots import plot_history
+            print(f"learning curves: {plot_history(result.history, args.plot, title=f'{ds.name} {net.sizes}')}")
+    except OSError as e:
+        _fail(f"cannot write {e.filename} after training: {e.strerror or e}."
+              + (f" The trained params are in --checkpoint-dir {args.checkpoint_dir}." if args.checkpoint_dir else ""),
+              status=1)
     if result.stopped:
         print(f"stopped: {result.stopped}", file=sys.stderr)
         epoch = ((result.nan_report or {}).get("kept") or {}).get("epoch", result.epoch)
         where = "not saved (no --checkpoint-dir)"
         if args.checkpoint_dir:
             path = checkpoint.path_for(args.checkpoint_dir, result.epoch)
-            if not (path in written and path.exists()):
-                save(result)
+            if private is not None or not (path in written and path.exists()):
+                save(result)  # a private run's anyway: its privacy_spent counts the failed epoch's steps too
             where = f"in {path}"
         print(f"kept the params of epoch {epoch}, {where}", file=sys.stderr)
         if args.debug_nans and result.nan_report:

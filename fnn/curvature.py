@@ -56,6 +56,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -66,6 +67,7 @@ from jax.flatten_util import ravel_pytree
 
 from fnn.activations import PIECEWISE_LINEAR
 from fnn.backprop import Trace, backprop_trace
+from fnn.checks import is_concrete, positive_int, prng_key, real_in
 from fnn.losses import Curvature, Loss, check_output, l2_active, mark_invalid, output_curvature
 from fnn.mlp import MLP, Params, State
 
@@ -183,7 +185,7 @@ def _r_backward(net: MLP, params: Params, trace: Trace, v: Params, rdelta, rhs, 
 
 
 def _product(net, params, v, loss, curv, trace, target, valid, l2, hessian: bool) -> Params:
-    net.check_params(v)
+    net.check_params(v, "v")
     rhs, rzs, ras = _r_forward(net, params, trace, v)
     rdelta = mark_invalid(_top_r_delta(net, loss, curv, trace, target, rzs[-1], ras[-1], hessian), valid)
     return _r_backward(net, params, trace, v, rdelta, rhs, rzs, ras, l2, hessian)
@@ -309,6 +311,7 @@ def ggn_diag_mc(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.
     seed) and ``samples``. Cost about ``samples + 1`` gradients.
     """
     m = _check_samples(samples)
+    key = prng_key("key", key)
     _, curv, trace, target, valid = _prepare(net, params, x, y, loss, l2, state, train, "the GGN diagonal")
     top = _sampled_top(curv, trace, target, valid, key, m)
     return _diag_from_columns(net, params, trace, _columns(net, params, trace, curv, top), l2, 1.0 / m)
@@ -319,9 +322,9 @@ def kronecker_factors(net: MLP, params: Params, x, y, loss: Loss | str, key: jax
     """Per layer the Kronecker factors ``(A^l, G^l)`` of the Gauss-Newton block (module docstring).
 
     ``key=None``: ``G^l`` from the exact columns of ``S_x`` (KFLR, ``K + 1`` gradients' cost); with a
-    ``key``, from ``samples`` sampled columns per example (KFAC, ``samples + 1``). ``A^l`` appends the
-    constant 1 to ``a^{l−1}`` for the bias. The L2 term is not in the factors (an optimizer adds it to
-    its damping). Batch-normalized layers have no such factors: refused.
+    ``key`` (a PRNG key or an int seed), from ``samples`` sampled columns per example (KFAC,
+    ``samples + 1``). ``A^l`` appends the constant 1 to ``a^{l−1}`` for the bias. The L2 term is not in
+    the factors (an optimizer adds it to its damping). Batch-normalized layers have no such factors: refused.
     """
     if any(net.normalized):
         raise ValueError(
@@ -333,7 +336,7 @@ def kronecker_factors(net: MLP, params: Params, x, y, loss: Loss | str, key: jax
         top, scale = _exact_top(curv, trace, target, valid), 1.0
     else:
         m = _check_samples(samples)
-        top, scale = _sampled_top(curv, trace, target, valid, key, m), 1.0 / m
+        top, scale = _sampled_top(curv, trace, target, valid, prng_key("key", key), m), 1.0 / m
     f = trace.forward
     n = f.acts[0].shape[0]
     out = []
@@ -352,7 +355,12 @@ def sharpness(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0,
     (``"ggn"``) by power iteration on :func:`hvp` / :func:`ggn_vp`, under ``jit`` if you like.
 
     Power iteration ``v ← M v / ‖M v‖`` from ``start`` (say the previous result's ``vector``, when
-    tracking the sharpness along training) or a random unit ``v`` (``key``; default ``PRNGKey(0)``), with
+    tracking the sharpness along training) or a random unit ``v`` (``key``, a PRNG key or an int seed;
+    default 0). A given ``start`` is mixed with a random unit direction of length 0.1 (from ``key``):
+    started exactly on an eigenvector of a smaller eigenvalue, power iteration would otherwise stay on
+    it and report it as converged. ``converged`` certifies that ``value`` is *an* eigenvalue to ``tol``;
+    it is the largest unless the start's component along the top eigenvector is so small (about
+    ``tol``; a random direction of ``P`` entries has about ``1/√P``) that the test passes first. With
     ``λ = vᵀ M v``; it stops when the residual ``‖M v − λ v‖ ≤ tol · |λ|`` (then some eigenvalue of the
     symmetric ``M`` lies within ``tol · |λ|`` of ``λ``, and the Rayleigh quotient's own error is of
     order ``tol² |λ|`` relative to the spectral gap) or after ``max_iter`` products. Power iteration finds
@@ -363,8 +371,8 @@ def sharpness(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0,
     """
     if matrix not in ("hessian", "ggn"):
         raise ValueError(f"matrix must be 'hessian' or 'ggn'; got {matrix!r}.")
-    if not (isinstance(max_iter, int) and max_iter >= 1) or not tol > 0:
-        raise ValueError(f"max_iter must be an int >= 1 and tol > 0; got {max_iter!r} and {tol!r}.")
+    max_iter = positive_int("max_iter", max_iter)
+    tol = real_in("tol", tol, 0.0, low_open=True)
     what = "the Hessian's sharpness" if matrix == "hessian" else "the GGN's sharpness"
     loss, curv, trace, target, valid = _prepare(net, params, x, y, loss, l2, state, train, what)
     flat, unravel = ravel_pytree(params)
@@ -373,13 +381,21 @@ def sharpness(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0,
         out = _product(net, params, unravel(u), loss, curv, trace, target, valid, l2, hessian=matrix == "hessian")
         return ravel_pytree(out)[0]
 
+    noise = jax.random.normal(prng_key("key", 0 if key is None else key), flat.shape, flat.dtype)
+    noise = noise / jnp.linalg.norm(noise)
     if start is None:
-        key = jax.random.PRNGKey(0) if key is None else key
-        start = jax.random.normal(key, flat.shape, flat.dtype)
+        start = noise
     else:
-        net.check_params(start)
+        net.check_params(start, "start")
         start = ravel_pytree(start)[0].astype(flat.dtype)
-    start = start / jnp.linalg.norm(start)
+        norm = jnp.linalg.norm(start)
+        if is_concrete(norm) and not (math.isfinite(float(norm)) and float(norm) > 0):
+            raise ValueError(f"start must be a finite direction of nonzero length; its norm is {float(norm)}. Pass "
+                             "start=None for a random one (from key), or a previous result's vector.")
+        # An eigenvector of a smaller eigenvalue would hold the iteration for good (it has no component
+        # along the top one to grow): a tenth of a random direction is mixed in.
+        start = jnp.where(norm > 0, start / jnp.where(norm > 0, norm, 1), 0) + _MIX * noise
+        start = start / jnp.linalg.norm(start)
     first = _power(product, start, 0.0, tol, max_iter)
     if matrix == "hessian":
         def shifted(_):
@@ -392,6 +408,9 @@ def sharpness(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0,
         result = first
     value, vec, its, ok, res = result
     return Sharpness(value, unravel(vec), its, ok, res)
+
+
+_MIX = 0.1  # the length of the random direction mixed into a given start
 
 
 def _power(product, start, shift, tol, max_iter):

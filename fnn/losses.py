@@ -306,6 +306,13 @@ def check_output(loss: Loss | str, output: str) -> Loss:
     return loss
 
 
+def check_l2(beta):
+    """``β`` as given (so a Python ``0`` stays one) after checking it is a finite real ``≥ 0``; a traced
+    value under ``jit`` cannot be checked."""
+    checks.real_in("l2", beta, 0.0)
+    return beta
+
+
 def l2_active(beta) -> bool:
     """False only for a Python ``0`` (the L2 terms are then left out of the graph); a traced β counts."""
     return not (isinstance(beta, (int, float)) and beta == 0)

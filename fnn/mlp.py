@@ -256,12 +256,15 @@ class MLP:
             new_state.append(running)
         return ForwardTrace(zs, acts, caches, new_state if state is not None else None, hs)
 
-    def check_params(self, params: Params) -> None:
-        """Raise ``ValueError``/``TypeError`` unless ``params`` matches this configuration."""
+    def check_params(self, params: Params, name: str = "params") -> None:
+        """Raise ``ValueError``/``TypeError`` unless ``params`` matches this configuration.
+
+        ``name`` is what the messages call the tree (``"v"`` for a direction of the same structure).
+        """
         if not isinstance(params, (list, tuple)) or len(params) != self.num_layers:
-            got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
+            got = f"{len(params)} layers" if isinstance(params, (list, tuple)) else type(params).__name__
             raise ValueError(
-                f"params must be a list of {self.num_layers} layers for sizes {self.sizes}; got {got}."
+                f"{name} must be a list of {self.num_layers} layers for sizes {self.sizes}; got {got}."
             )
         dtype = None
         for l, (layer, fan_in, fan_out, bn) in enumerate(
@@ -271,18 +274,19 @@ class MLP:
                 {"W": (fan_out, fan_in), "b": (fan_out,)}
             if not isinstance(layer, dict) or set(layer) != set(want):
                 got = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
-                raise ValueError(f"layer {l} of params must be a dict with keys {sorted(want)}; got {got}.")
-            for name, shape in want.items():
-                got = tuple(jnp.shape(layer[name]))
+                raise ValueError(f"layer {l} of {name} must be a dict with keys {sorted(want)}; got {got}.")
+            for key, shape in want.items():
+                got = tuple(jnp.shape(layer[key]))
                 if got != shape:
-                    raise ValueError(f"params[{l - 1}]['{name}'] must have shape {shape}; got {got}.")
-                leaf_dtype = jnp.result_type(layer[name])
+                    raise ValueError(f"{name}[{l - 1}]['{key}'] must have shape {shape}; got {got}.")
+                leaf_dtype = jnp.result_type(layer[key])
+                if not jnp.issubdtype(leaf_dtype, jnp.floating):
+                    raise TypeError(f"{name} must be floating arrays; {name}[{l - 1}]['{key}'] is {leaf_dtype}. "
+                                    f"Convert it, e.g. with .astype(jnp.float32).")
                 dtype = dtype or leaf_dtype
-                if not jnp.issubdtype(leaf_dtype, jnp.floating) or leaf_dtype != dtype:
-                    raise TypeError(
-                        f"params must all share one floating dtype; params[{l - 1}]['{name}'] "
-                        f"is {leaf_dtype}, expected {dtype}."
-                    )
+                if leaf_dtype != dtype:
+                    raise TypeError(f"{name} must all share one floating dtype; {name}[{l - 1}]['{key}'] "
+                                    f"is {leaf_dtype}, expected {dtype} (that of {name}[0]['W']).")
 
     def check_state(self, state: State | None) -> None:
         """Raise unless ``state`` holds running statistics for exactly the batch-normalized layers."""

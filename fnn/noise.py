@@ -23,11 +23,14 @@ with any other dtype, key implementation or counter layout :func:`normal` calls
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from fnn.checks import prng_key
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Threefry-2x32's rotation constants, alternating
 _PARITY = np.uint32(0x1BD11BDA)  # Threefish's key-schedule constant
@@ -64,8 +67,15 @@ def _fusable(key: jax.Array, shape: tuple[int, ...], dtype) -> bool:
 def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """Standard normal draws of ``shape`` and ``dtype``: ``jax.random.normal(key, shape, dtype)``, bit for bit.
 
-    ``key``: a raw ``uint32[2]`` key (``jax.random.PRNGKey``) or a typed one (``jax.random.key``).
+    ``key``: a raw ``uint32[2]`` key (``jax.random.PRNGKey``), a typed one (``jax.random.key``) or an
+    int seed; ``shape``: a sequence of non-negative ints; ``dtype``: a floating dtype.
     """
+    key = prng_key("key", key)
+    if isinstance(shape, numbers.Integral) or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+                                                          and d >= 0 for d in shape):
+        raise TypeError(f"shape must be a sequence of non-negative ints, e.g. (3, 4); got {shape!r}.")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype (float32, float64, ...); got {jnp.dtype(dtype)}.")
     shape = tuple(int(d) for d in shape)
     if not _fusable(key, shape, dtype):
         return jax.random.normal(key, shape, dtype)

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fnn.checks import real_in
+from fnn.checks import is_concrete, real_in
 from fnn.losses import LOSSES, Loss, resolve
 from fnn.mlp import MLP
 from fnn.schedules import Schedule, constant
@@ -72,6 +72,8 @@ __all__ = [
     "scheduled_learning_rate",
     "skipped_updates",
     "has_skip_nonfinite",
+    "reads_objective",
+    "check_built_for",
     "chain",
     "current_learning_rate",
     "weights_only",
@@ -99,6 +101,7 @@ __all__ = [
     "newton",
     # states
     "EmptyState",
+    "NewtonState",
     "ScaleByLearningRateState",
     "TraceState",
     "AdagradState",
@@ -152,6 +155,11 @@ class BatchOptimizer(Optimizer):
 
 class EmptyState(NamedTuple):
     """The state of a transform that keeps none."""
+
+
+class NewtonState(NamedTuple):
+    """The (empty) state of :func:`scale_by_newton`; it marks an optimizer that reads its objective,
+    a function of the data, beside the gradient (:func:`reads_objective`)."""
 
 
 class ScaleByLearningRateState(NamedTuple):
@@ -651,7 +659,7 @@ def scale_by_newton(objective: Callable[[Params], jax.Array], damping: float = 0
     lam = real_in("damping", damping, 0.0)
 
     def init(params):
-        return EmptyState()
+        return NewtonState()
 
     def update(grads, state, params=None):
         if params is None:
@@ -699,6 +707,30 @@ def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
         return _map(zero_unless_finite, updates), new_state
 
     return GradientTransformation(init, update)
+
+
+def reads_objective(state: State) -> bool:
+    """Whether an optimizer state holds a :func:`scale_by_newton` (known at trace time): its update reads
+    the Hessian of an objective over the data, not only the gradient."""
+    return any(isinstance(s, NewtonState) for s in jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, NewtonState)))
+
+
+def check_built_for(opt, net, loss, l2) -> None:
+    """Raise ``ValueError`` unless a :class:`BatchOptimizer` (K-FAC, Hessian-free) was built for this
+    network, loss and ``β``: its curvature is theirs, and another network's or loss's would give
+    plausible, wrong steps. Other optimizers pass."""
+    if not isinstance(opt, BatchOptimizer):
+        return
+    built = {k: opt.hyperparams.get(k) for k in ("net", "loss", "l2")}
+    for what, mine, used in (("network", built["net"], net), ("loss", built["loss"], resolve(loss))):
+        if mine is not None and mine != used:
+            mine, name = getattr(mine, "name", mine), getattr(used, "name", used)
+            raise ValueError(f"the {opt.name} optimizer was built for the {what} {mine!r} but is "
+                             f"used with {name!r}: its curvature would be the other {what}'s. Build it for this "
+                             f"one, e.g. fnn.second_order.{opt.name}(net, loss, ...).")
+    if built["l2"] is not None and is_concrete(l2) and float(built["l2"]) != float(l2):
+        raise ValueError(f"the {opt.name} optimizer was built with l2={built['l2']!r} but training uses l2={l2!r}: "
+                         f"its curvature and cost would leave out (or add) the L2 term. Build it with l2={l2!r}.")
 
 
 def _is_skip(node) -> bool:

@@ -36,11 +36,14 @@ does, so that weights ``1/N`` give the gradient of :func:`fnn.backprop` up to ro
 take the mean in full precision. Samples with an out-of-range label (NaN rows of the trace) give
 NaN, never a silent zero.
 
+Every function checks ``params`` and the trace against ``net`` and reads ``β`` from the trace
+(``trace.l2``, the one its cost was taken with); an ``l2=`` given as well must equal it.
+
 Usage, inside or outside ``jit``::
 
     cost, grads, _, trace = fnn.backprop_trace(net, params, x, y, loss, l2)
-    norms = fnn.per_example.grad_norms(net, params, trace, l2)          # (N,)
-    total, norms = fnn.per_example.clipped_sum(net, params, trace, 1.0, l2)
+    norms = fnn.per_example.grad_norms(net, params, trace)          # (N,), with the trace's β
+    total, norms = fnn.per_example.clipped_sum(net, params, trace, 1.0)
 """
 
 from __future__ import annotations
@@ -52,8 +55,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn.backprop import Trace
-from fnn.losses import l2_active
+from fnn.checks import is_concrete, real_in
+from fnn.losses import check_l2, l2_active
 from fnn.mlp import MLP, Params
+
+
+def _checked(net: MLP, params: Params, trace: Trace, l2=None):
+    """``β`` after checking ``params`` and ``trace`` against ``net``: the trace's own ``β`` when ``l2`` is
+    ``None``, else ``l2``, which must equal it (the quantities are those of the trace's cost)."""
+    if not isinstance(trace, Trace):
+        hint = ""
+        if isinstance(trace, tuple) and trace and isinstance(trace[-1], Trace):
+            hint = (" This looks like backprop_trace's whole result (cost, grads, state, trace): pass its "
+                    "last element, e.g. `_, _, _, trace = fnn.backprop_trace(...)`.")
+        raise TypeError(f"trace must be an fnn.Trace (from fnn.backprop_trace); got {type(trace).__name__}.{hint}")
+    if not isinstance(net, MLP):
+        raise TypeError(f"net must be an fnn.MLP; got {type(net).__name__}.")
+    net.check_params(params)
+    widths = tuple(jnp.shape(a)[-1] for a in trace.acts)
+    if len(trace.deltas) != net.num_layers or widths != net.sizes:
+        raise ValueError(f"the trace is of a network with sizes {widths}, but net has sizes {net.sizes}; take the "
+                         "trace with the same network and params (fnn.backprop_trace(net, params, ...)).")
+    if l2 is None:
+        return trace.l2
+    l2 = check_l2(l2)
+    if is_concrete(l2) and is_concrete(trace.l2) and float(l2) != float(trace.l2):
+        raise ValueError(f"l2={l2!r} but the trace was taken with l2={float(trace.l2)!r}: the per-example gradients "
+                         "are those of the trace's cost. Leave l2 out (the trace's is used), or take the trace "
+                         "with this l2.")
+    return l2
 
 
 def _layers(trace: Trace):
@@ -74,13 +104,14 @@ def _sq_rows(t: jax.Array) -> jax.Array:
     return jnp.sum(t * t, axis=1)
 
 
-def batch_grad(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Params:
+def batch_grad(net: MLP, params: Params, trace: Trace, l2: float | None = None) -> Params:
     """Every sample's gradient ``g_x``, materialized: ``params``' structure with a leading ``N`` axis.
 
     ``W^l``: ``(N, n_l, n_{l−1})`` = ``δ_x a_xᵀ + βW``; ``b^l``: ``(N, n_l)`` = ``δ_x``; batch-norm
     ``γ``: ``δ^l_x ⊙ x̂_x``, ``β``: ``δ^l_x``. Memory ``N × P``: for small networks and for checking;
     the other functions here never build it.
     """
+    l2 = _checked(net, params, trace, l2)
     out = []
     for layer, (d, dz, a, _, bn) in zip(params, _layers(trace)):
         g = {"W": jnp.einsum("ni,nj->nij", d, a)}
@@ -94,11 +125,15 @@ def batch_grad(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Param
     return out
 
 
-def batch_l2(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Params:
+def batch_l2(net: MLP, params: Params, trace: Trace, l2: float | None = None) -> Params:
     """``‖g_x‖²`` of every leaf and sample without building ``g_x``: ``params``' structure, leaves ``(N,)``.
 
     ``‖δ_x a_xᵀ + βW‖² = ‖δ_x‖² ‖a_x‖² + 2β δ_x·(W a_x) + β²‖W‖²`` (``W a_x = h_x`` from the trace).
     """
+    return _batch_l2(params, trace, _checked(net, params, trace, l2))
+
+
+def _batch_l2(params: Params, trace: Trace, l2) -> Params:
     out = []
     for layer, (d, dz, a, h, bn) in zip(params, _layers(trace)):
         dd = _sq_rows(d)
@@ -113,13 +148,26 @@ def batch_l2(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Params:
     return out
 
 
-def grad_norms(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> jax.Array:
+def grad_norms(net: MLP, params: Params, trace: Trace, l2: float | None = None) -> jax.Array:
     """``‖g_x‖₂`` over the whole network, per sample: ``(N,)``, from :func:`batch_l2`."""
-    return jnp.sqrt(sum(jax.tree.leaves(batch_l2(net, params, trace, l2))))
+    return _grad_norms(params, trace, _checked(net, params, trace, l2))
 
 
-def sum_grad_squared(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Params:
-    """``Σ_x g_x ⊙ g_x`` element-wise, ``params``' structure: ``(δ⊙δ)ᵀ(a⊙a) + 2βW⊙(δᵀa) + Nβ²W⊙W`` for ``W``."""
+def _grad_norms(params: Params, trace: Trace, l2) -> jax.Array:
+    return jnp.sqrt(sum(jax.tree.leaves(_batch_l2(params, trace, l2))))
+
+
+def sum_grad_squared(net: MLP, params: Params, trace: Trace, l2: float | None = None) -> Params:
+    """``Σ_x g_x ⊙ g_x`` element-wise, ``params``' structure: ``(δ⊙δ)ᵀ(a⊙a) + 2βW⊙(δᵀa) + Nβ²W⊙W`` for ``W``.
+
+    BackPACK's ``SumGradSquared`` sums the squares of *its* individual gradients, which under the
+    default mean reduction are ``g_x/N``: this is ``N²`` times BackPACK's there (and equal to it under
+    a sum reduction, where BackPACK's are ``g_x``).
+    """
+    return _sum_grad_squared(params, trace, _checked(net, params, trace, l2))
+
+
+def _sum_grad_squared(params: Params, trace: Trace, l2) -> Params:
     n = trace.acts[0].shape[0]
     out = []
     for layer, (d, dz, a, _, bn) in zip(params, _layers(trace)):
@@ -135,27 +183,32 @@ def sum_grad_squared(net: MLP, params: Params, trace: Trace, l2: float = 0.0) ->
     return out
 
 
-def variance(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Params:
-    """The element-wise variance of the per-example gradients, ``(1/N) Σ_x g_x⊙g_x − ḡ⊙ḡ`` (``1/N``, as
-    BackPACK's ``variance``; multiply by ``N/(N−1)`` for the unbiased estimate), ``params``' structure.
+def variance(net: MLP, params: Params, trace: Trace, l2: float | None = None) -> Params:
+    """The element-wise variance of the per-example gradients, ``(1/N) Σ_x g_x⊙g_x − ḡ⊙ḡ`` (the biased,
+    ``1/N`` form; multiply by ``N/(N−1)`` for the unbiased estimate), ``params``' structure.
 
-    The L2 term shifts every ``g_x`` by the same ``βW`` and cancels, so ``l2`` does not matter.
+    Against BackPACK's ``Variance``: BackPACK computes the same ``(1/N) Σ_x ĝ_x⊙ĝ_x − (mean ĝ)⊙(mean ĝ)``
+    of *its* individual gradients ``ĝ_x``, which under the default mean reduction are ``g_x/N``, so
+    this is ``N²`` times BackPACK's there (and equal to it under a sum reduction).
+    The L2 term shifts every ``g_x`` by the same ``βW`` and cancels, so ``β`` does not matter.
     Accuracy: the difference is exact up to the rounding of the second moment ``(1/N) Σ_x g_x⊙g_x``
     (about ``ε`` times it, absolutely); an entry whose variance is far below its squared mean holds
     only that rounding, and one that comes out below 0 is clamped at 0.
     """
+    _checked(net, params, trace, l2)
     n = trace.acts[0].shape[0]
-    squares = sum_grad_squared(net, params, trace)
+    squares = _sum_grad_squared(params, trace, 0.0)
     means = _weighted(params, trace, jnp.full((n,), 1 / n, trace.acts[0].dtype), 0.0, jnp.matmul)
     return jax.tree.map(lambda s, m: jnp.maximum(s / n - m * m, 0), squares, means)
 
 
-def weighted_sum(net: MLP, params: Params, trace: Trace, weights: jax.Array, l2: float = 0.0) -> Params:
+def weighted_sum(net: MLP, params: Params, trace: Trace, weights: jax.Array, l2: float | None = None) -> Params:
     """``Σ_x w_x g_x`` for per-sample weights ``w (N,)``: ``(w⊙δ)ᵀ a + (Σ_x w_x) βW`` for ``W``.
 
     With ``w_x = 1/N`` it is the mean gradient (that of :func:`fnn.backprop`, up to rounding); with
     ``w_x = min(1, c/‖g_x‖)`` the clipped sum of DP-SGD (:func:`clipped_sum`).
     """
+    l2 = _checked(net, params, trace, l2)
     n = trace.acts[0].shape[0]
     if jnp.shape(weights) != (n,):
         raise ValueError(f"weights must have shape (N,) = ({n},), one per sample; got {jnp.shape(weights)}.")
@@ -179,16 +232,19 @@ def _weighted(params: Params, trace: Trace, weights: jax.Array, l2, matmul) -> P
 
 
 def clipped_sum(net: MLP, params: Params, trace: Trace, max_norm: float,
-                l2: float = 0.0) -> tuple[Params, jax.Array]:
+                l2: float | None = None) -> tuple[Params, jax.Array]:
     """``(Σ_x min(1, c/‖g_x‖) g_x, ‖g_x‖ (N,))``: every sample's gradient clipped to norm ``c = max_norm``.
 
     The norm is the whole network's (all layers and leaves). A sample whose gradient is exactly 0
     keeps weight 1. For DP-SGD (Abadi et al., 2016) pass ``l2=0`` and add the data-independent
     ``βW`` after clipping, so that ``c`` bounds what one sample contributes.
     """
-    norms = grad_norms(net, params, trace, l2)
+    l2 = _checked(net, params, trace, l2)
+    real_in("max_norm", max_norm, 0.0, low_open=True)
+    norms = _grad_norms(params, trace, l2)
     scale = jnp.minimum(1, max_norm / jnp.where(norms > 0, norms, 1))
-    return weighted_sum(net, params, trace, jnp.where(norms > 0, scale, 1), l2), norms
+    weights = jnp.where(norms > 0, scale, 1).astype(trace.acts[0].dtype)
+    return _weighted(params, trace, weights, l2, net.matmul), norms
 
 
 class NoiseScale(NamedTuple):
@@ -204,7 +260,7 @@ class NoiseScale(NamedTuple):
     b_simple: jax.Array
 
 
-def noise_scale(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> NoiseScale:
+def noise_scale(net: MLP, params: Params, trace: Trace, l2: float | None = None) -> NoiseScale:
     """``B_simple = tr(Σ)/‖G‖²``: the batch size above which larger batches stop paying off.
 
     ``Σ`` is the covariance of the per-example gradients and ``G`` the true gradient (McCandlish,
@@ -215,10 +271,11 @@ def noise_scale(net: MLP, params: Params, trace: Trace, l2: float = 0.0) -> Nois
     average ``trace_cov`` and ``grad_sq`` separately and take the ratio of the averages, as the paper
     recommends; the ratio of one batch is noisy.
     """
+    l2 = _checked(net, params, trace, l2)
     n = trace.acts[0].shape[0]
     if n < 2:
         raise ValueError(f"the gradient noise scale needs a batch of at least 2 samples; got {n}.")
-    sum_sq = jnp.sum(grad_norms(net, params, trace) ** 2)
+    sum_sq = jnp.sum(_grad_norms(params, trace, 0.0) ** 2)
     mean = _weighted(params, trace, jnp.full((n,), 1 / n, trace.acts[0].dtype), 0.0, jnp.matmul)
     mean_sq = sum(jnp.sum(m * m) for m in jax.tree.leaves(mean))
     trace_cov = (sum_sq - n * mean_sq) / (n - 1)

@@ -17,6 +17,13 @@ runs in pieces, so the lot is exactly Poisson (no cap, no padding that changes t
 analysis; padding rows have weight 0). The noise is ``jax.random.normal``'s, drawn in one fused
 pass (:mod:`fnn.noise`).
 
+Bookkeeping across calls: :func:`fnn.fit` returns what a run has spent (:class:`Spent`: its steps and
+their composed RDP) and a resumed ``fit`` takes it back (``Privacy(..., spent=...)``; refused without
+it), so ``ε`` counts every step at the ``σ`` it was taken with; each epoch's lots and noise come from
+``fold_in(key, epoch)``, so a resumed run never reuses an earlier epoch's noise. ``δ ≥ 1/N`` is
+refused unless asked for, and so is any optimizer that reads the data beyond the clipped gradient
+(K-FAC, Hessian-free, Newton's step on a training objective).
+
 The step's running time depends on the lot's size (through the padded size), as with any
 Poisson-sampled DP-SGD; the guarantee covers the released parameters, not that timing (nor the
 :class:`PrivateStats`).
@@ -54,9 +61,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn import noise, per_example
-from fnn.checks import positive_int, real_in
 from fnn.backprop import backprop_trace
-from fnn.losses import Loss, check_output, l2_active
+from fnn.checks import nonempty, positive_int, prng_key, real_in
+from fnn.losses import Loss, check_l2, check_output, l2_active
 from fnn.mlp import MLP, Params
 
 ORDERS: tuple[float, ...] = (1.25, 1.5, 1.75, *(2 + i / 4 for i in range(33)), *range(11, 65),
@@ -64,11 +71,11 @@ ORDERS: tuple[float, ...] = (1.25, 1.5, 1.75, *(2 + i / 4 for i in range(33)), *
 """The Rényi orders α over which ε is minimized: quarters from 1.25 to 10, then integers."""
 
 
-def _check_rate_and_noise(q: float, noise_multiplier: float) -> None:
-    if not 0 <= q <= 1:
-        raise ValueError(f"the sampling rate q must lie in [0, 1]; got {q!r}.")
-    if not noise_multiplier > 0:
-        raise ValueError(f"the noise multiplier σ must be > 0 (σ = 0 gives no privacy); got {noise_multiplier!r}.")
+def _check_rate_and_noise(q: float, noise_multiplier: float) -> tuple[float, float]:
+    """``(q, σ)`` as floats after checking ``q ∈ [0, 1]`` and ``σ`` finite and ``> 0`` (``σ = 0`` gives no
+    privacy; an infinite ``σ`` no information, and no finite accounting)."""
+    return (real_in("the sampling rate q", q, 0.0, 1.0),
+            real_in("the noise multiplier σ", noise_multiplier, 0.0, low_open=True))
 
 
 def _log_erfc(x: float) -> float:
@@ -127,7 +134,8 @@ def rdp(q: float, noise_multiplier: float, steps: int = 1, orders: Sequence[floa
       steps: ``T``, the number of steps composed.
       orders: Rényi orders ``α > 1``.
     """
-    _check_rate_and_noise(q, noise_multiplier)
+    q, noise_multiplier = _check_rate_and_noise(q, noise_multiplier)
+    steps = positive_int("steps", steps, allow_zero=True)
     if any(not a > 1 for a in orders):
         raise ValueError(f"Rényi orders must be > 1; got {orders!r}.")
     if q == 0:
@@ -143,8 +151,7 @@ def epsilon(rdp_values: np.ndarray, delta: float, orders: Sequence[float] = ORDE
     ``ε = min_α [ε_α + log((α−1)/α) − (log δ + log α)/(α−1)]``, clamped at 0 (Canonne, Kamath &
     Steinke 2020, Prop. 12).
     """
-    if not 0 < delta < 1:
-        raise ValueError(f"δ must lie in (0, 1); got {delta!r}.")
+    delta = real_in("δ", delta, 0.0, 1.0, low_open=True, high_open=True)
     rdp_values = np.asarray(rdp_values, np.float64)
     a = np.asarray(orders, np.float64)
     if rdp_values.shape != a.shape:
@@ -161,20 +168,34 @@ def privacy_spent(q: float, noise_multiplier: float, steps: int, delta: float,
 
 
 def noise_multiplier_for(target_epsilon: float, q: float, steps: int, delta: float,
-                         orders: Sequence[float] = ORDERS, tolerance: float = 1e-3) -> float:
+                         orders: Sequence[float] = ORDERS, tolerance: float = 1e-3,
+                         before: Spent | None = None) -> float:
     """The smallest ``σ`` (to a relative ``tolerance``) whose ``steps`` steps at rate ``q`` spend at most
-    ``target_epsilon`` at ``δ``: the inverse of :func:`privacy_spent`, by bisection (ε falls as σ grows)."""
-    if not target_epsilon > 0:
-        raise ValueError(f"the target ε must be > 0; got {target_epsilon!r}.")
+    ``target_epsilon`` at ``δ``: the inverse of :func:`privacy_spent`, by bisection (ε falls as σ grows).
+
+    ``before``: steps already taken (a :class:`Spent` over :data:`ORDERS`), composed with the new ones,
+    so that ``target_epsilon`` is the budget of the whole run.
+    """
+    target_epsilon = real_in("the target ε", target_epsilon, 0.0, low_open=True)
+    steps = positive_int("steps", steps)
+    tolerance = real_in("tolerance", tolerance, 0.0, 1.0, low_open=True, high_open=True)
+    offset = np.zeros(len(orders)) if before is None else np.asarray(before.rdp, np.float64)
+    if offset.shape != (len(orders),):
+        raise ValueError(f"before must hold one RDP value per order ({len(orders)}); got {offset.shape}.")
+    already = epsilon(offset, delta, orders)[0]
+    if before is not None and already >= target_epsilon:
+        raise ValueError(f"the {before.steps} steps already taken spent ε = {already:.4g} ≥ the target ε = "
+                         f"{target_epsilon:g}: no σ keeps the whole run within it. Raise the target, or stop here.")
 
     def spent(sigma):
-        return privacy_spent(q, sigma, steps, delta, orders)
+        return epsilon(offset + rdp(q, sigma, steps, orders), delta, orders)[0]
 
     low, high = 1e-2, 1.0
     while spent(high) > target_epsilon:
         low, high = high, 2 * high
         if high > 1e6:
-            raise ValueError(f"no σ ≤ 1e6 reaches ε = {target_epsilon} with q = {q}, {steps} steps, δ = {delta}.")
+            raise ValueError(f"no σ ≤ 1e6 reaches ε = {target_epsilon} with q = {q}, {steps} steps, δ = {delta}"
+                             + ("" if before is None else f" after the {before.steps} steps already taken") + ".")
     if spent(low) <= target_epsilon:
         return low
     while (high - low) > tolerance * high:
@@ -209,9 +230,11 @@ def poisson_lot(key: jax.Array, num_samples: int, q: float, block: int | None = 
     below 10⁻²⁰ for ``qN ≥ 1``), so the loop's body runs once. Any block size gives the same
     distribution. (Exact up to the float32 resolution of the uniform draws, as any sampler.)
     """
-    if block is not None and not (isinstance(block, int) and block >= 1):
-        raise ValueError(f"block must be None (the default K) or a positive int; got {block!r}.")
-    n = num_samples
+    if block is not None:
+        block = positive_int("block", block)
+    key = prng_key("key", key)
+    n = positive_int("num_samples", num_samples)
+    q = real_in("the sampling rate q", q, 0.0, 1.0, low_open=True)
     cap = int(min(n, math.ceil(q * n + 10 * math.sqrt(q * n) + 16))) if block is None else block
     first_key, rest_key = jax.random.split(key)
     log_miss = jnp.log1p(-jnp.float32(min(q, 1 - 1e-7)))
@@ -241,7 +264,8 @@ def lot_sizes(num_samples: int, q: float) -> tuple[int, ...]:
     (probability about 3·10⁻⁵ per step) is processed in pieces (:func:`lot_sum`). The sizes depend
     on ``N`` and ``q`` only, never on the data.
     """
-    n = num_samples
+    n = positive_int("num_samples", num_samples)
+    q = real_in("the sampling rate q", q, 0.0, 1.0, low_open=True)
     mean, sd = q * n, math.sqrt(q * n * (1 - q))
     grain = max(1, math.ceil(sd))
     first, last = max(1, math.floor((mean - 4 * sd) / grain)), math.ceil((mean + 4 * sd) / grain)
@@ -259,7 +283,8 @@ def lot_sum(key: jax.Array, num_samples: int, q: float, rows_sum, start, *, chun
     padding rows (``rows == N``) no weight. Nothing is capped or truncated: every member of the
     lot is in some piece, so the sampling is exactly Poisson whatever the padding.
     """
-    n = num_samples
+    n = positive_int("num_samples", num_samples)
+    chunk = positive_int("chunk", chunk)
     order, count = poisson_lot(key, n, q)
     sizes = lot_sizes(n, q)
     pieces = [-(-m // chunk) for m in sizes]
@@ -282,8 +307,9 @@ def lot_sum(key: jax.Array, num_samples: int, q: float, rows_sum, start, *, chun
 def gaussian(key: jax.Array, like: Params, std: float) -> Params:
     """``𝒩(0, std² I)`` shaped like ``like``: one normal per entry, drawn by :func:`fnn.noise.normal`
     from a split of ``key`` per leaf, in each leaf's dtype."""
+    std = real_in("std", std, 0.0)
     leaves, treedef = jax.tree.flatten(like)
-    keys = jax.random.split(key, len(leaves))
+    keys = jax.random.split(prng_key("key", key), len(leaves))
     return treedef.unflatten([std * noise.normal(k, t.shape, t.dtype) for t, k in zip(leaves, keys)])
 
 
@@ -299,29 +325,43 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
     clipping weights), so no ``N × P`` (or ``chunk × P``) array is ever built. The result has
     ``params``' structure and dtype. Batch norm in train mode is refused (one example's clip bound
     would not bound its influence).
+
+    The bound in floating point: the norms ``‖g_x‖`` and the clipped sum are both computed in the
+    params' dtype from the same rows of the trace (with a ``compute_dtype`` network too: the sum does
+    not go through its bfloat16 matmul, whose rounded operands would be another gradient than the
+    one whose norm was taken), and each weight clips to ``c (1 − m)``, with the margin
+    :func:`clip_margin` covering the rounding of the norm and of the products, so that every
+    example adds at most ``c`` (tested in float64).
     """
     loss = check_output(loss, net.output)
     if net.has_state:
         raise ValueError("DP-SGD is not defined for batch normalization in train mode: an example's influence "
                          "reaches every other example through the batch statistics, so clipping its gradient "
                          "does not bound it. Use a network without batch norm.")
-    if not (clip > 0 and noise_multiplier >= 0 and 0 < q <= 1):
-        raise ValueError(f"need clip > 0, noise_multiplier ≥ 0 and 0 < q ≤ 1; got clip={clip!r}, "
-                         f"noise_multiplier={noise_multiplier!r}, q={q!r}.")
-    if not (isinstance(chunk, int) and chunk >= 1):
-        raise ValueError(f"chunk must be a positive int; got {chunk!r}.")
+    clip = real_in("clip", clip, 0.0, low_open=True)
+    noise_multiplier = real_in("noise_multiplier", noise_multiplier, 0.0)
+    q = real_in("the sampling rate q", q, 0.0, 1.0, low_open=True)
+    chunk = positive_int("chunk", chunk)
+    l2 = check_l2(l2)
+    key = prng_key("key", key)
+    x = net.check_input(params, x)
     n = x.shape[0]
+    nonempty("the training set x", n)
+    if jnp.ndim(y) == 0 or jnp.shape(y)[0] != n:
+        raise ValueError(f"y must hold one target per example of x ({n}); got shape {jnp.shape(y)}.")
     lot_key, noise_key = jax.random.split(key)
     dtype = jnp.result_type(params[0]["W"])
+    bound = clip * (1 - clip_margin(net, dtype))
+    exact = net.replace(compute_dtype=None)  # the sum in the params' dtype, as the norms
 
     def clipped_sum(rows):
         real = rows < n
         rows = jnp.where(real, rows, 0)
         _, _, _, trace = backprop_trace(net, params, x[rows], y[rows], loss)
         norms = per_example.grad_norms(net, params, trace)
-        weights = jnp.where(real, jnp.minimum(1, clip / jnp.where(norms > 0, norms, 1)), 0).astype(dtype)
-        return (per_example.weighted_sum(net, params, trace, weights), jnp.sum(jnp.where(real, trace.costs, 0)),
-                jnp.sum(real & (norms > clip), dtype=jnp.int32))
+        weights = jnp.where(real, jnp.minimum(1, bound / jnp.where(norms > 0, norms, 1)), 0).astype(dtype)
+        return (per_example.weighted_sum(exact, params, trace, weights), jnp.sum(jnp.where(real, trace.costs, 0)),
+                jnp.sum(real & (norms > bound), dtype=jnp.int32))
 
     # The sum starts from the noise: drawn once, before the lot (an operand of the lot's switch, so
     # that XLA materializes it instead of recomputing it inside every consumer of g̃).
@@ -332,6 +372,19 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
         grads = [{**g, "W": g["W"] + l2 * layer["W"]} for g, layer in zip(grads, params)]
     lot = jnp.maximum(count, 1)
     return grads, PrivateStats(count, cost / lot, clipped / lot)
+
+
+def clip_margin(net: MLP, dtype) -> float:
+    """The relative margin ``m`` by which :func:`private_gradient` clips below ``c``: ``2 k u`` with
+    ``u`` the unit roundoff of ``dtype`` and ``k = max_l n_l + 2L + 8``.
+
+    The norm ``‖g_x‖² = Σ_l (‖δ^l_x‖² ‖a^{l−1}_x‖² + ‖δ^l_x‖²)`` is a sum of non-negative terms, each a
+    product of sums of at most ``max_l n_l`` squares; such a sum has a relative error below
+    ``γ_k = k u / (1 − k u)`` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2002, §4.2),
+    and the weight and the products of the clipped sum add a few roundings more. With ``m = 2 k u``
+    each clipped gradient's norm stays below ``c`` (``1.2·10⁻⁴`` for float32 and 1,024 units).
+    """
+    return 2 * (max(net.sizes) + 2 * net.num_layers + 8) * float(jnp.finfo(dtype).eps) / 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +406,7 @@ class Spent(NamedTuple):
 
     def epsilon(self, delta: float) -> float:
         """``ε`` of the ``(ε, δ)`` guarantee at ``delta`` (0 for no steps)."""
-        return epsilon(np.asarray(self.rdp), delta)[0]
+        return 0.0 if self.steps == 0 else epsilon(np.asarray(self.rdp), delta)[0]
 
 
 def account(q: float, noise_multiplier: float, steps: int) -> Spent:
@@ -393,7 +446,8 @@ class Privacy(NamedTuple):
 
 
 class PrivatePlan(NamedTuple):
-    """:class:`Privacy` resolved for one training set: what the compiled epoch needs (hashable)."""
+    """:class:`Privacy` resolved for one training set: what the compiled epoch needs (hashable), and
+    ``spent``, what the run had spent before this call (``Spent(0, zeros)`` for a fresh run)."""
 
     q: float
     noise_multiplier: float
@@ -402,31 +456,58 @@ class PrivatePlan(NamedTuple):
     steps: int  # per epoch
     delta: float
     rdp_per_step: tuple[float, ...]
+    spent: Spent | None = None
+
+    def spent_after(self, steps_done: int) -> Spent:
+        """What the run has spent after ``steps_done`` steps of this plan."""
+        new = Spent(steps_done, tuple(steps_done * r for r in self.rdp_per_step))
+        return new if self.spent is None else self.spent.plus(new)
 
     def epsilon(self, steps_done: int) -> float:
-        """``ε`` spent after ``steps_done`` steps."""
-        return epsilon(steps_done * np.asarray(self.rdp_per_step), self.delta)[0]
+        """``ε`` spent after ``steps_done`` steps of this plan, the steps before it included."""
+        return self.spent_after(steps_done).epsilon(self.delta)
 
 
-def plan(settings: Privacy, num_samples: int, epochs: int) -> PrivatePlan:
-    """Check ``settings`` against a training set of ``num_samples`` and resolve ``σ`` for ``epochs`` epochs."""
+def plan(settings: Privacy, num_samples: int, epochs: int, start_epoch: int = 0) -> PrivatePlan:
+    """Check ``settings`` against a training set of ``num_samples`` and resolve ``σ`` for a run of
+    ``epochs`` epochs in all, of which ``start_epoch`` are done (their spend is ``settings.spent``)."""
     if not isinstance(settings, Privacy):
         raise TypeError(f"privacy must be an fnn.privacy.Privacy(...); got {type(settings).__name__}.")
-    if not settings.clip > 0:
-        raise ValueError(f"Privacy.clip must be > 0; got {settings.clip!r}.")
-    if not (isinstance(settings.lot_size, int) and 1 <= settings.lot_size <= num_samples):
-        raise ValueError(f"Privacy.lot_size must be an int in [1, {num_samples}]; got {settings.lot_size!r}.")
+    n = positive_int("the number of training examples", num_samples)
+    start_epoch = positive_int("start_epoch", start_epoch, allow_zero=True)
+    clip = real_in("Privacy.clip", settings.clip, 0.0, low_open=True)
+    lot_size = positive_int("Privacy.lot_size", settings.lot_size)
+    if lot_size > n:
+        raise ValueError(f"Privacy.lot_size must be at most the {n} training examples; got {lot_size}.")
     if (settings.noise_multiplier is None) == (settings.target_epsilon is None):
         raise ValueError("give exactly one of Privacy.noise_multiplier and Privacy.target_epsilon; got "
                          f"{settings.noise_multiplier!r} and {settings.target_epsilon!r}.")
-    if not (isinstance(settings.chunk, int) and settings.chunk >= 1):
-        raise ValueError(f"Privacy.chunk must be a positive int; got {settings.chunk!r}.")
-    q = settings.lot_size / num_samples
-    steps = max(1, round(num_samples / settings.lot_size))
+    chunk = positive_int("Privacy.chunk", settings.chunk)
+    delta = real_in("Privacy.delta", settings.delta, 0.0, 1.0, low_open=True, high_open=True)
+    if delta >= 1 / n and not settings.allow_large_delta:
+        raise ValueError(f"Privacy.delta = {delta:g} is not below 1/N = {1 / n:.3g} for these {n} examples: a "
+                         "mechanism that publishes one whole example at random meets such a δ, so the guarantee says "
+                         "little. Choose δ < 1/N (say 1/(10 N)), or pass allow_large_delta=True if you mean it.")
+    spent = settings.spent
+    if spent is not None and not (isinstance(spent, Spent) and len(spent.rdp) == len(ORDERS)):
+        raise TypeError(f"Privacy.spent must be an fnn.privacy.Spent over the {len(ORDERS)} orders of ORDERS (a "
+                        f"FitResult.privacy_spent); got {spent!r:.80}.")
+    q = lot_size / n
+    steps = max(1, round(n / lot_size))
+    if start_epoch > 0 and spent is None:
+        raise ValueError(f"resuming private training at start_epoch={start_epoch} needs what the earlier epochs "
+                         "spent: pass Privacy(..., spent=result.privacy_spent) with the FitResult (or checkpoint) "
+                         "of the run being resumed. Without it ε would leave those steps out, or count them at the "
+                         "wrong σ.")
+    if start_epoch == 0 and spent is not None and spent.steps > 0:
+        raise ValueError(f"Privacy.spent holds {spent.steps} earlier steps but start_epoch is 0: pass the "
+                         "start_epoch of the run being resumed, or leave spent out for a fresh run.")
+    if spent is not None and spent.steps < start_epoch * steps:
+        raise ValueError(f"Privacy.spent covers {spent.steps} steps, but {start_epoch} epochs of {steps} steps were "
+                         f"taken before start_epoch={start_epoch}: pass the privacy_spent of the run being resumed.")
+    remaining = epochs - start_epoch
     sigma = settings.noise_multiplier
     if sigma is None:
-        sigma = noise_multiplier_for(settings.target_epsilon, q, steps * max(epochs, 1), settings.delta)
-    _check_rate_and_noise(q, sigma)
-    epsilon(rdp(q, sigma), settings.delta)  # checks δ
-    return PrivatePlan(q, float(sigma), float(settings.clip), settings.chunk, steps, settings.delta,
-                       tuple(rdp(q, sigma).tolist()))
+        sigma = noise_multiplier_for(settings.target_epsilon, q, steps * max(remaining, 1), delta, before=spent)
+    q, sigma = _check_rate_and_noise(q, sigma)
+    return PrivatePlan(q, sigma, clip, chunk, steps, delta, tuple(rdp(q, sigma).tolist()), spent)

@@ -38,13 +38,16 @@ saved with ``opt=`` rebuilds them and a resumed run continues bit for bit.
 
 Both refuse what their curvature does not cover: batch-normalized networks (K-FAC: no Kronecker
 factors for γ, β; Hessian-free: the Gauss-Newton split needs eval mode, which training is not) and
-losses without a known second derivative. The L2 term: pass the ``l2`` that training uses, so that
+losses without a known second derivative or with none (mae, whose Gauss-Newton matrix is 0). A
+:func:`fnn.fit` or :func:`fnn.train_step` with another network, loss or ``l2`` than the optimizer was
+built for is refused (:func:`fnn.optim.check_built_for`). The L2 term: pass the ``l2`` that training uses, so that
 the curvature (Hessian-free) and the quadratic model (K-FAC's rescaling) include ``βI``; K-FAC's
 factors do not, and its damping plays that part.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -53,7 +56,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from fnn import curvature
-from fnn.checks import real_in
+from fnn.checks import positive_int, real_in
 from fnn.losses import Loss, check_output, l2_penalty, output_curvature, resolve
 from fnn.mlp import MLP
 from fnn.optim import BatchOptimizer
@@ -105,6 +108,10 @@ def _check_network(net: MLP, loss, what: str) -> Loss:
             "factors). Use a network without batch norm.")
     loss = check_output(resolve(loss), net.output)
     output_curvature(loss, net.output)  # refuses a loss without a known second derivative
+    if loss.name == "mae":
+        raise ValueError(f"{what} needs curvature, and mae has none: its second derivative is 0 wherever it "
+                         "exists, so its Gauss-Newton matrix is 0 and the step would be the gradient over the "
+                         "damping alone. Use mse or half_mse, or a first-order optimizer for mae.")
     return loss
 
 
@@ -134,8 +141,10 @@ def kfac(net: MLP, loss: Loss | str, learning_rate=1e-3, damping: float = 1e-3, 
     schedule = _schedule(learning_rate)
     gamma = real_in("damping", damping, 0.0)
     rho = real_in("decay", decay, 0.0, 1.0, high_open=True)
-    if not isinstance(refresh, int) or isinstance(refresh, bool) or refresh < 1:
-        raise ValueError(f"refresh must be an int >= 1 (steps between inverses); got {refresh!r}.")
+    refresh = positive_int("refresh", refresh)
+    l2 = real_in("l2", l2, 0.0)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int (of the sampled columns' key); got {seed!r}.")
 
     def init(params):
         net.check_params(params)
@@ -161,6 +170,10 @@ def kfac(net: MLP, loss: Loss | str, learning_rate=1e-3, damping: float = 1e-3, 
         first = state.count == 0
         A = [jnp.where(first, f.A, rho * a + (1 - rho) * f.A) for a, f in zip(state.A, factors)]
         G = [jnp.where(first, f.G, rho * g + (1 - rho) * f.G) for g, f in zip(state.G, factors)]
+        # A batch with a non-finite value must not poison the running factors of every later step.
+        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(t)) for t in A + G]))
+        A, G = ([jnp.where(finite, new, old) for new, old in zip(A, state.A)],
+                [jnp.where(finite, new, old) for new, old in zip(G, state.G)])
         A_inv, G_inv = lax.cond(state.count % refresh == 0, lambda _: inverses(A, G),
                                 lambda _: (state.A_inv, state.G_inv), None)
         delta = [_unbar(layer, gi @ _bar(g) @ ai) for layer, g, ai, gi in zip(params, grads, A_inv, G_inv)]
@@ -198,8 +211,8 @@ def hessian_free(net: MLP, loss: Loss | str, learning_rate: float = 1.0, damping
     lam0 = real_in("damping", damping, 0.0, low_open=True)
     alpha = real_in("learning_rate", learning_rate, 0.0, low_open=True)
     warm = real_in("decay", decay, 0.0, 1.0)
-    if not isinstance(cg_iters, int) or isinstance(cg_iters, bool) or cg_iters < 1:
-        raise ValueError(f"cg_iters must be an int >= 1; got {cg_iters!r}.")
+    cg_iters = positive_int("cg_iters", cg_iters)
+    l2 = real_in("l2", l2, 0.0)
 
     def init(params):
         net.check_params(params)
@@ -225,6 +238,8 @@ def hessian_free(net: MLP, loss: Loss | str, learning_rate: float = 1.0, damping
         accept = after < before  # False for a NaN cost too
         lam = jnp.where(~accept | (rho < 0.25), lam * 1.5, jnp.where(rho > 0.75, lam * (2 / 3), lam))
         updates = jax.tree.map(lambda s, p: jnp.where(accept, alpha * s, 0).astype(p.dtype), unravel(d), params)
+        # A non-finite solution (a batch with a NaN, say) must not become every later step's warm start.
+        d = jnp.where(jnp.all(jnp.isfinite(d)), d, 0)
         return updates, HessianFreeState(_next(state.count), lam.astype(state.damping.dtype),
                                          unravel(d), rho.astype(state.rho.dtype))
 

@@ -52,6 +52,7 @@ def train_step(net: MLP, opt, params: Params, opt_state, x: jax.Array, y: jax.Ar
     with batch norm (``state``), the batch is normalized by its own statistics (train mode).
     """
     grads_of = checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
+    optim.check_built_for(opt, net, loss, l2)
     cost, grads, new_state, trace = grads_of(net, params, x, y, loss, l2, state)
     new_params, new_opt_state = optim.step(opt, grads, opt_state, params, (x, y))
     return StepResult(new_params, new_opt_state, new_state, cost, grads, trace)

@@ -262,9 +262,12 @@ def fit(
         :data:`fnn.per_example.STATISTICS` (``"noise_scale"``, ``"norms"``); see
         :func:`fnn.per_example.epoch_statistics` for the history keys. Needs the manual gradients.
       privacy: DP-SGD settings (:class:`fnn.privacy.Privacy`); each epoch is then ``round(N/L)``
-        steps on Poisson lots of expected size ``L`` (``batch_size`` is not used), and the history
-        records ``epsilon``, the ``ε`` spent so far (steps before ``start_epoch`` included), and
-        ``noise_multiplier``.
+        steps on Poisson lots of expected size ``L`` (``batch_size`` is not used), drawn with their
+        noise from ``fold_in(key, epoch)`` (so the key is not advanced: pass the same one, or the
+        returned one, to resume), and the history records ``epsilon``, the ``ε`` spent so far (steps
+        before ``start_epoch`` included), and ``noise_multiplier``. To resume (``start_epoch > 0``)
+        pass ``privacy._replace(spent=result.privacy_spent)`` of the run being resumed: its steps
+        count at the ``σ`` they were taken with, and a ``target_epsilon`` is the whole run's budget.
       quiet: no progress lines.
 
     Returns:
@@ -274,7 +277,9 @@ def fit(
       updates, from the schedule and the state's step count; optimizers from :mod:`fnn.optim`),
       ``skipped_updates`` (with :func:`fnn.optim.skip_nonfinite`), ``held_out_loss``,
       ``held_out_accuracy``, ``samples_per_s``, ``seconds`` (epoch wall time) and ``elapsed``.
-      ``history`` entries are plain Python numbers.
+      ``history`` entries are plain Python numbers. With privacy, ``privacy_spent`` is a
+      :class:`fnn.privacy.Spent` of every private step taken (the earlier runs' included, and the
+      steps of a failed epoch too).
 
       When a step turns non-finite, training stops: ``stopped`` says where and ``nan_report`` holds
       the epoch, step, first non-finite site, batch, and ``kept``: ``{"epoch", "train_loss"}`` of the
@@ -287,7 +292,7 @@ def fit(
     if data_parallel and mesh is None:
         mesh = distributed.data_mesh()
     loss = check_output(loss, net.output)
-    key = _check_key(key)
+    key = checks.prng_key("key", key)
     l2 = checks.real_in("l2", l2, 0.0)
     epochs = checks.positive_int("epochs", epochs, allow_zero=True)
     if not isinstance(train, (tuple, list)) or len(train) != 2:
@@ -307,16 +312,22 @@ def fit(
             f"1 sample, which has no batch variance; use last_batch='drop' or another batch size."
         )
 
+    start_epoch = checks.positive_int("start_epoch", start_epoch, allow_zero=True)
+    optim.check_built_for(opt, net, loss, l2)
+    opt_state = _checked_opt_state(opt, params, opt_state)
     private = None
     if privacy is not None:
         if grad_source != "manual" or mesh is not None or net.has_state or per_example:
             raise ValueError("privacy needs grad_source='manual', one device, no batch norm and no per_example "
                              "statistics (the private step reads the δ's itself).")
-        private = plan(privacy, n, start_epoch + epochs)
+        if optim.reads_objective(opt_state):
+            raise ValueError("Newton's step reads the Hessian of its objective, a function of the training data that "
+                             "the privacy analysis does not cover (it bounds one example's influence through the "
+                             "clipped, noised gradient only). Use a first-order optimizer with privacy.")
+        private = plan(privacy, n, start_epoch + epochs, start_epoch)
     epoch_kw = dict(num_samples=n, batch_size=batch_size, l2=l2, grad_source=grad_source, last_batch=last_batch,
                     mesh=mesh, grad_norm=grad_norm, per_example=check_statistics(net, per_example, grad_source),
-                    privacy=private)
-    opt_state = opt.init(params) if opt_state is None else opt_state
+                    privacy=None if private is None else private._replace(spent=None))  # the mechanism alone
     if state is None and net.has_state:
         state = net.init_state(x.dtype)
     net.check_state(state)
@@ -335,21 +346,27 @@ def fit(
     guarded = functools.partial(_compiled_epoch, net, loss, opt, {**epoch_kw, "grad_norm": True}, args, guard=True)
 
     history, stopped, nan_report, before_failure, start = [], None, None, None, time.perf_counter()
+    spent = None if private is None else private.spent_after(0)
     boundaries = [(start_epoch, (params, opt_state, state, key))]  # candidates to keep if training fails
     epoch = start_epoch
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         lr_first = scheduled_learning_rate(opt, opt_state)
         t0 = time.perf_counter()
         before = (params, opt_state, state, key)
-        params, opt_state, state, key, stats = fast(*before, x, y)
+        # A private epoch draws its lots and noise from (key, epoch), never from a key an earlier epoch
+        # could have used, so a resumed run (given the same key or the returned one) never replays them.
+        epoch_key = key if private is None else jax.random.fold_in(key, epoch)
+        params, opt_state, state, new_key, stats = fast(params, opt_state, state, epoch_key, x, y)
         stats = distributed.to_host(stats)
         if int(stats.first_bad_step) >= 0:  # find where (the params from before that step come back)
-            params, opt_state, state, key, stats = guarded()(*before, x, y)
+            params, opt_state, state, new_key, stats = guarded()(*before[:3], epoch_key, x, y)
             stats = distributed.to_host(stats)
+        key = new_key if private is None else key
         record = epoch_record(epoch, stats, seconds=time.perf_counter() - t0, samples=n, grad_norm=grad_norm)
         record["elapsed"] = time.perf_counter() - start
-        if private is not None:
-            record["epsilon"] = private.epsilon(epoch * private.steps)
+        if private is not None:  # every step run counts, a failed epoch's too
+            spent = private.spent_after((epoch - start_epoch) * private.steps)
+            record["epsilon"] = spent.epsilon(private.delta)
             record["noise_multiplier"] = private.noise_multiplier
         if lr_first is not None:  # the rates of the epoch's first and last updates, from the state's step count
             record["learning_rate"] = float(distributed.to_host(lr_first))
@@ -374,19 +391,24 @@ def fit(
         if not quiet:
             print_fn(format_epoch(record, start_epoch + epochs))
         if on_epoch_end is not None:
-            on_epoch_end(FitResult(params, opt_state, key, epoch, history, None, state))
-    return FitResult(params, opt_state, key, epoch, history, stopped, state, nan_report, before_failure)
+            on_epoch_end(FitResult(params, opt_state, key, epoch, history, None, state, privacy_spent=spent))
+    return FitResult(params, opt_state, key, epoch, history, stopped, state, nan_report, before_failure, spent)
 
 
-def _check_key(key) -> jax.Array:
-    """``key`` as a PRNG key: a key array, or a plain int seed (then ``jax.random.PRNGKey(seed)``)."""
-    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
-        return jax.random.PRNGKey(int(key))
-    if isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
-                                       or key.dtype == jnp.uint32 and key.shape == (2,)):
-        return key
-    raise TypeError(f"key must be a PRNG key (jax.random.PRNGKey(seed) or jax.random.key(seed)) or an int seed; "
-                    f"got {type(key).__name__} {getattr(key, 'dtype', '')}{tuple(getattr(key, 'shape', ()))}.")
+def _checked_opt_state(opt, params: Params, opt_state):
+    """``opt_state``, or ``opt.init(params)`` for ``None``, after checking that it has the structure and
+    shapes of ``opt.init(params)`` (a state of another optimizer, or of other params, is refused)."""
+    want = jax.eval_shape(opt.init, params)
+    if opt_state is None:
+        return opt.init(params)
+    if jax.tree.structure(opt_state) != jax.tree.structure(want) or \
+            [jnp.shape(a) for a in jax.tree.leaves(opt_state)] != [a.shape for a in jax.tree.leaves(want)]:
+        name = getattr(opt, "name", "") or type(opt).__name__
+        raise ValueError(f"opt_state does not match the state of this optimizer ({name}) for these params: expected "
+                         f"the structure of opt.init(params), {jax.tree.structure(want)}; got "
+                         f"{jax.tree.structure(opt_state)}. Pass the state this optimizer made (or None for a fresh "
+                         "one); a state of another optimizer cannot be resumed with this one.")
+    return opt_state
 
 
 def _checked_data(name: str, net: MLP, params: Params, loss: Loss, x, y, finite: bool = False):

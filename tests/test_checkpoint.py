@@ -1,5 +1,6 @@
 """Checkpoint files: round trip, atomic writes, and refusal of truncated or corrupt files."""
 
+import fcntl
 import functools
 import json
 import os
@@ -350,3 +351,37 @@ def test_latest_passes_over_damaged_files_and_temporaries_are_never_checkpoints(
     assert not stale[1].exists() and stale[0].exists()  # save removes the temporaries of its own file name
     checkpoint.prune(tmp_path, run="a")
     assert sorted(os.listdir(tmp_path)) == ["epoch-000001.npz", "epoch-000002.npz"]
+
+
+def test_lock_is_exclusive_removed_on_exit_and_never_taken_for_a_checkpoint(tmp_path):
+    _save_run(tmp_path, 1, "a")
+    _save_run(tmp_path, 2, "a")
+    with checkpoint.lock(tmp_path) as path:
+        assert path == tmp_path / checkpoint.LOCK and path.exists()
+        with pytest.raises(checkpoint.Locked, match=f"{re.escape(str(tmp_path))} is locked by another process"):
+            with checkpoint.lock(tmp_path):
+                pass
+        assert checkpoint.checkpoints(tmp_path) == [checkpoint.path_for(tmp_path, e) for e in (1, 2)]
+        assert checkpoint.latest(tmp_path) == checkpoint.path_for(tmp_path, 2)
+        checkpoint.prune(tmp_path, keep=1, run="a")
+        assert sorted(os.listdir(tmp_path)) == [".lock", "epoch-000002.npz"]
+    assert os.listdir(tmp_path) == ["epoch-000002.npz"]
+    (tmp_path / checkpoint.LOCK).write_text("")  # left by a holder that was killed: its lock went with it
+    with checkpoint.lock(tmp_path):
+        pass
+    assert os.listdir(tmp_path) == ["epoch-000002.npz"]
+
+
+def test_lock_takes_the_new_file_when_the_holder_removed_the_old_one_meanwhile(tmp_path, monkeypatch):
+    real, locked = fcntl.flock, []
+
+    def flock(fd, operation):
+        if not locked:  # between our open and our flock, the holder removes the file and another run makes one
+            (tmp_path / checkpoint.LOCK).unlink()
+            (tmp_path / checkpoint.LOCK).write_text("")
+        locked.append(fd)
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with checkpoint.lock(tmp_path) as path:
+        assert len(locked) == 2 and os.path.samestat(os.fstat(locked[-1]), os.stat(path))

@@ -135,7 +135,8 @@ def _file(tmp_path):
     (["--dp-clip", "1", "--dp-lot-size", "64", "--dp-noise", "1", "--grad-source", "autodiff"],
      "--dp-clip needs --grad-source manual"),
     # before: exit status 1 (a SystemExit with a message)
-    (["--dp-clip", "1", "--dp-lot-size", "5000", "--dp-noise", "1"], r"Privacy.lot_size must be an int in \[1, 1437\]"),
+    (["--dp-clip", "1", "--dp-lot-size", "5000", "--dp-noise", "1"],
+     "--dp-lot-size 5000 is larger than the 1437 training samples of digits"),
     # before: DataError traceback
     (["--dataset", "mnist-10k", "--data-dir", "{garbage}"], "cannot load --dataset mnist-10k: .*t10k"),
     # before: FileExistsError traceback from the plot, after training (the trained params lost)

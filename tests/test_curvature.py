@@ -346,9 +346,12 @@ def test_sharpness_against_eigvalsh(seed):
         vec = ravel_pytree(top.vector)[0]
         assert abs(float(jnp.linalg.norm(vec)) - 1) <= 1e-9
         assert np.linalg.norm(M @ np.asarray(vec) - ev[-1] * np.asarray(vec)) <= 1e-5 * np.abs(ev).max()
-    # warm-started from its own eigenvector, the ggn iteration stops at once with the same value
-    again = cv.sharpness(net, params, x, y, loss, 0.01, matrix="ggn", start=top.vector, tol=1e-6)
-    assert int(again.iterations) <= 2 and abs(float(again.value) - ev[-1]) <= 1e-7 * np.abs(ev).max()
+    # warm-started from its own eigenvector (mixed with a tenth of a random direction), the ggn iteration
+    # needs fewer products than from a random start, for the same value
+    cold = cv.sharpness(net, params, x, y, loss, 0.01, matrix="ggn", tol=1e-6, max_iter=20000)
+    again = cv.sharpness(net, params, x, y, loss, 0.01, matrix="ggn", start=top.vector, tol=1e-6, max_iter=20000)
+    assert bool(again.converged) and int(again.iterations) < int(cold.iterations)
+    assert abs(float(again.value) - ev[-1]) <= 1e-7 * np.abs(ev).max()
 
 
 def test_sharpness_when_the_most_negative_eigenvalue_dominates():
@@ -392,7 +395,7 @@ def test_bad_input():
     own = fnn.Loss("my_mse", "regression", lambda a, t: jnp.sum((a - t) ** 2, -1), lambda a, t: 2 * (a - t))
     with pytest.raises(ValueError, match="second derivative.*my_mse"):
         cv.ggn_diag(net, params, x, jnp.zeros((6, 3)), own)
-    with pytest.raises(ValueError, match="params must be a list of 2 layers"):
+    with pytest.raises(ValueError, match="v must be a list of 2 layers"):
         cv.hvp(net, params, x, y, loss, params[:1])
     with pytest.raises(ValueError, match="samples must be a positive int"):
         cv.ggn_diag_mc(net, params, x, y, loss, key=jax.random.PRNGKey(0), samples=0)
