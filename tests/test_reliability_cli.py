@@ -154,6 +154,9 @@ def test_finding_24_a_full_disk_stops_with_a_message_and_keeps_the_older_checkpo
 def test_finding_28_a_failed_start_leaves_no_new_checkpoint_dir_and_names_the_missing_data_dir(tmp_path, capsys,
                                                                                               monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # the data search would go on to $FNN_DATA_DIR and the cache (mnist-10k is never downloaded)
+    monkeypatch.delenv("FNN_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
     readme = ["--dataset", "mnist-10k", "--data-dir", "../shared/data/mnist-t10k", "--hidden", "8", "--epochs", "1",
               "--checkpoint-dir", "ckpt"]
     # before: "cannot load --dataset mnist-10k: MNIST files not found: ..." and an empty ckpt/ left behind
