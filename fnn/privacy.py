@@ -86,11 +86,18 @@ def _log_erfc(x: float) -> float:
     return -x * x - math.log(x) - 0.5 * math.log(math.pi) + math.log1p(-u + 3 * u * u - 15 * u**3)
 
 
+def _log_add(a: float, b: float) -> float:
+    """``log(e^a + e^b)`` for scalars, ``-inf`` allowed."""
+    top = max(a, b)
+    return top if top == -math.inf else top + math.log1p(math.exp(min(a, b) - top))
+
+
 def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
     """``log A_α`` for a fractional ``α > 1``: the series above, positive and negative terms summed apart
-    in log space, until both new terms fall below ``e⁻³⁰`` of the sum; ``inf`` if it does not converge."""
+    in log space (running sums, so a long series costs linear time), until both new terms fall below
+    ``e⁻³⁰`` of the sum; ``inf`` if it does not converge."""
     z0 = sigma * sigma * math.log(1 / q - 1) + 0.5
-    positive, negative = [], []
+    positive = negative = -math.inf
     for i in range(10_000):
         j = alpha - i
         # C(α, i) = Γ(α+1) / (Γ(i+1) Γ(α−i+1)); its sign is that of Π_{m<i} (α − m)
@@ -100,15 +107,17 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
               + math.log(0.5) + _log_erfc((i - z0) / (math.sqrt(2) * sigma)))
         s1 = (log_coef + j * math.log(q) + i * math.log1p(-q) + (j * j - j) / (2 * sigma * sigma)
               + math.log(0.5) + _log_erfc((z0 - j) / (math.sqrt(2) * sigma)))
-        (positive if sign > 0 else negative).extend((s0, s1))
-        if i > alpha + 1 and max(s0, s1) < np.logaddexp.reduce(positive) - 30:
+        if sign > 0:
+            positive = _log_add(positive, _log_add(s0, s1))
+        else:
+            negative = _log_add(negative, _log_add(s0, s1))
+        if i > alpha + 1 and max(s0, s1) < positive - 30:
             break
     else:
         return math.inf
-    total = np.logaddexp.reduce(positive)
-    if negative:
-        total = total + math.log1p(-math.exp(np.logaddexp.reduce(negative) - total))
-    return float(total)
+    if negative > -math.inf:
+        return positive + math.log1p(-math.exp(negative - positive))
+    return positive
 
 
 def _log_a(q: float, sigma: float, alpha: float) -> float:
