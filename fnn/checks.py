@@ -87,6 +87,8 @@ def prng_key(name: str, key) -> jax.Array:
     plain int seed, which becomes ``jax.random.PRNGKey(seed)``; ``TypeError`` otherwise."""
     if isinstance(key, numbers.Integral) and not isinstance(key, bool):
         return jax.random.PRNGKey(int(key))
+    if isinstance(key, np.ndarray) and key.dtype == np.uint32 and key.shape == (2,):
+        key = jnp.asarray(key)
     if isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
                                        or key.dtype == jnp.uint32 and key.shape == (2,)):
         return key

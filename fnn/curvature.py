@@ -282,9 +282,7 @@ def _sampled_top(curv: Curvature, trace: Trace, target, valid, key, samples: int
 
 
 def _check_samples(samples) -> int:
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise ValueError(f"samples must be a positive int (columns drawn per example); got {samples!r}.")
-    return samples
+    return positive_int("samples (columns drawn per example)", samples)
 
 
 def ggn_diag(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0,
@@ -332,10 +330,10 @@ def kronecker_factors(net: MLP, params: Params, x, y, loss: Loss | str, key: jax
             "γ and β have no Kronecker structure. Use a network without batch norm, or ggn_diag."
         )
     _, curv, trace, target, valid = _prepare(net, params, x, y, loss, 0.0, None, False, "the Kronecker factors")
+    m = _check_samples(samples)
     if key is None:
         top, scale = _exact_top(curv, trace, target, valid), 1.0
     else:
-        m = _check_samples(samples)
         top, scale = _sampled_top(curv, trace, target, valid, prng_key("key", key), m), 1.0 / m
     f = trace.forward
     n = f.acts[0].shape[0]

@@ -57,6 +57,8 @@ def _fusable(key: jax.Array, shape: tuple[int, ...], dtype) -> bool:
     """Whether :func:`normal` can reproduce ``jax.random.normal(key, shape, dtype)`` itself."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         return False
+    if jax.dtypes.canonicalize_dtype(dtype) != jnp.dtype(dtype):  # float64 without x64: jax draws float32
+        return False
     if not jax.config.jax_threefry_partitionable or math.prod(shape) >= 2 ** 32:
         return False
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -71,7 +73,7 @@ def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Arr
     int seed; ``shape``: a sequence of non-negative ints; ``dtype``: a floating dtype.
     """
     key = prng_key("key", key)
-    if isinstance(shape, numbers.Integral) or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool)
                                                           and d >= 0 for d in shape):
         raise TypeError(f"shape must be a sequence of non-negative ints, e.g. (3, 4); got {shape!r}.")
     if not jnp.issubdtype(dtype, jnp.floating):

@@ -76,6 +76,8 @@ def _checked(net: MLP, params: Params, trace: Trace, l2=None):
     if len(trace.deltas) != net.num_layers or widths != net.sizes:
         raise ValueError(f"the trace is of a network with sizes {widths}, but net has sizes {net.sizes}; take the "
                          "trace with the same network and params (fnn.backprop_trace(net, params, ...)).")
+    if all(map(is_concrete, jax.tree.leaves((params, trace.forward.acts, trace.forward.hs, trace.forward.zs)))):
+        _check_values(net, params, trace)
     if l2 is None:
         return trace.l2
     l2 = check_l2(l2)
@@ -84,6 +86,21 @@ def _checked(net: MLP, params: Params, trace: Trace, l2=None):
                          "are those of the trace's cost. Leave l2 out (the trace's is used), or take the trace "
                          "with this l2.")
     return l2
+
+
+def _check_values(net: MLP, params: Params, trace: Trace) -> None:
+    """Outside ``jit``: refuse a trace taken at other params of the same shapes, by recomputing every
+    ``h^l = a^{l−1} (W^l)ᵀ`` (and ``z^l = h^l + b^l``) from the trace's activations (one forward pass)."""
+    f = trace.forward
+    for l, (layer, bn) in enumerate(zip(params, f.bn)):
+        h = net.matmul(f.acts[l], layer["W"].T)
+        pairs = [(h, f.hs[l])] + ([] if bn is not None else [(f.hs[l] + layer["b"], f.zs[l])])
+        for mine, theirs in pairs:
+            scale = float(jnp.max(jnp.abs(theirs))) if theirs.size else 0.0
+            if float(jnp.max(jnp.abs(mine - theirs), initial=0.0)) > 1e-4 * scale + 1e-30:
+                raise ValueError(f"the trace was taken at other params than these: layer {l + 1}'s pre-activations "
+                                 "do not match. Take the trace with these params (fnn.backprop_trace(net, params, "
+                                 "...)), or pass the params it was taken with.")
 
 
 def _layers(trace: Trace):
@@ -202,17 +219,21 @@ def variance(net: MLP, params: Params, trace: Trace, l2: float | None = None) ->
     return jax.tree.map(lambda s, m: jnp.maximum(s / n - m * m, 0), squares, means)
 
 
-def weighted_sum(net: MLP, params: Params, trace: Trace, weights: jax.Array, l2: float | None = None) -> Params:
+def weighted_sum(net: MLP, params: Params, trace: Trace, weights: jax.Array, l2: float | None = None, *,
+                 full_precision: bool = False) -> Params:
     """``Σ_x w_x g_x`` for per-sample weights ``w (N,)``: ``(w⊙δ)ᵀ a + (Σ_x w_x) βW`` for ``W``.
 
     With ``w_x = 1/N`` it is the mean gradient (that of :func:`fnn.backprop`, up to rounding); with
-    ``w_x = min(1, c/‖g_x‖)`` the clipped sum of DP-SGD (:func:`clipped_sum`).
+    ``w_x = min(1, c/‖g_x‖)`` the clipped sum of DP-SGD (:func:`clipped_sum`). The contraction runs
+    as BP4 does (:meth:`fnn.MLP.matmul`, in bfloat16 for a mixed-precision network), or with
+    ``full_precision`` in the params' dtype, on the same rows whose norms :func:`grad_norms` takes.
     """
     l2 = _checked(net, params, trace, l2)
     n = trace.acts[0].shape[0]
     if jnp.shape(weights) != (n,):
         raise ValueError(f"weights must have shape (N,) = ({n},), one per sample; got {jnp.shape(weights)}.")
-    return _weighted(params, trace, jnp.asarray(weights, trace.acts[0].dtype), l2, net.matmul)
+    matmul = jnp.matmul if full_precision else net.matmul
+    return _weighted(params, trace, jnp.asarray(weights, trace.acts[0].dtype), l2, matmul)
 
 
 def _weighted(params: Params, trace: Trace, weights: jax.Array, l2, matmul) -> Params:

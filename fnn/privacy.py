@@ -20,7 +20,8 @@ pass (:mod:`fnn.noise`).
 Bookkeeping across calls: :func:`fnn.fit` returns what a run has spent (:class:`Spent`: its steps and
 their composed RDP) and a resumed ``fit`` takes it back (``Privacy(..., spent=...)``; refused without
 it), so ``ε`` counts every step at the ``σ`` it was taken with; each epoch's lots and noise come from
-``fold_in(key, epoch)``, so a resumed run never reuses an earlier epoch's noise. ``δ ≥ 1/N`` is
+``fold_in(key, s)``, ``s`` the steps spent before the epoch (a count that only grows, over a run
+and its resumes, a failed epoch's steps included), so no draw is ever used twice. ``δ ≥ 1/N`` is
 refused unless asked for, and so is any optimizer that reads the data beyond the clipped gradient
 (K-FAC, Hessian-free, Newton's step on a training objective).
 
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -134,6 +136,16 @@ def _log_a(q: float, sigma: float, alpha: float) -> float:
     return float(top + np.log(np.sum(np.exp(terms - top))))
 
 
+def _checked_orders(orders) -> np.ndarray:
+    """``orders`` as a float array after checking they are finite reals ``> 1``."""
+    if isinstance(orders, (str, bytes)) or not isinstance(orders, Sequence | np.ndarray):
+        raise TypeError(f"orders must be a sequence of Rényi orders > 1, e.g. fnn.privacy.ORDERS; got {orders!r:.60}.")
+    if not all(isinstance(a, numbers.Real) and not isinstance(a, bool) and math.isfinite(a) and a > 1
+               for a in orders):
+        raise ValueError(f"Rényi orders must be finite numbers > 1; got {list(orders)!r:.120}.")
+    return np.asarray(orders, np.float64)
+
+
 def rdp(q: float, noise_multiplier: float, steps: int = 1, orders: Sequence[float] = ORDERS) -> np.ndarray:
     """``T ε_α`` for every order: the RDP of ``steps`` Poisson-subsampled Gaussian steps, shape ``(len(orders),)``.
 
@@ -145,8 +157,7 @@ def rdp(q: float, noise_multiplier: float, steps: int = 1, orders: Sequence[floa
     """
     q, noise_multiplier = _check_rate_and_noise(q, noise_multiplier)
     steps = positive_int("steps", steps, allow_zero=True)
-    if any(not a > 1 for a in orders):
-        raise ValueError(f"Rényi orders must be > 1; got {orders!r}.")
+    _checked_orders(orders)
     if q == 0:
         return np.zeros(len(orders))
     if q == 1:  # the plain Gaussian mechanism
@@ -162,9 +173,12 @@ def epsilon(rdp_values: np.ndarray, delta: float, orders: Sequence[float] = ORDE
     """
     delta = real_in("δ", delta, 0.0, 1.0, low_open=True, high_open=True)
     rdp_values = np.asarray(rdp_values, np.float64)
-    a = np.asarray(orders, np.float64)
+    a = _checked_orders(orders)
     if rdp_values.shape != a.shape:
         raise ValueError(f"one RDP value per order: got {rdp_values.shape} values for {a.shape} orders.")
+    if np.isnan(rdp_values).any() or (rdp_values < 0).any():
+        raise ValueError(f"RDP values are ≥ 0 (or inf where an order diverges); got {rdp_values[rdp_values < 0]} "
+                         f"and {int(np.isnan(rdp_values).sum())} NaN. Recompute them with fnn.privacy.rdp.")
     eps = rdp_values + np.log1p(-1 / a) - (math.log(delta) + np.log(a)) / (a - 1)
     best = int(np.argmin(eps))
     return max(0.0, float(eps[best])), orders[best]
@@ -253,6 +267,7 @@ def poisson_lot(key: jax.Array, num_samples: int, q: float, block: int | None = 
         u = jax.random.uniform(jnp.where(i == 0, first_key, jax.random.fold_in(rest_key, i)), (cap,),
                                minval=jnp.finfo(jnp.float32).tiny)
         gaps = jnp.floor(jnp.log(u) / log_miss) + 1 if q < 1 else jnp.ones(cap)
+        gaps = jnp.minimum(gaps, n + 1)  # a gap past the end ends the lot; in int32 it could wrap around
         positions = last + jnp.cumsum(gaps.astype(jnp.int32))
         inside = positions < n  # a prefix, the positions increasing
         order = jax.lax.dynamic_update_slice(order, jnp.where(inside, positions, n), (count,))
@@ -361,7 +376,6 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
     lot_key, noise_key = jax.random.split(key)
     dtype = jnp.result_type(params[0]["W"])
     bound = clip * (1 - clip_margin(net, dtype))
-    exact = net.replace(compute_dtype=None)  # the sum in the params' dtype, as the norms
 
     def clipped_sum(rows):
         real = rows < n
@@ -369,7 +383,8 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
         _, _, _, trace = backprop_trace(net, params, x[rows], y[rows], loss)
         norms = per_example.grad_norms(net, params, trace)
         weights = jnp.where(real, jnp.minimum(1, bound / jnp.where(norms > 0, norms, 1)), 0).astype(dtype)
-        return (per_example.weighted_sum(exact, params, trace, weights), jnp.sum(jnp.where(real, trace.costs, 0)),
+        return (per_example.weighted_sum(net, params, trace, weights, full_precision=True),
+                jnp.sum(jnp.where(real, trace.costs, 0)),
                 jnp.sum(real & (norms > bound), dtype=jnp.int32))
 
     # The sum starts from the noise: drawn once, before the lot (an operand of the lot's switch, so
@@ -498,9 +513,12 @@ def plan(settings: Privacy, num_samples: int, epochs: int, start_epoch: int = 0)
                          "mechanism that publishes one whole example at random meets such a δ, so the guarantee says "
                          "little. Choose δ < 1/N (say 1/(10 N)), or pass allow_large_delta=True if you mean it.")
     spent = settings.spent
-    if spent is not None and not (isinstance(spent, Spent) and len(spent.rdp) == len(ORDERS)):
-        raise TypeError(f"Privacy.spent must be an fnn.privacy.Spent over the {len(ORDERS)} orders of ORDERS (a "
-                        f"FitResult.privacy_spent); got {spent!r:.80}.")
+    if spent is not None:
+        if not (isinstance(spent, Spent) and len(spent.rdp) == len(ORDERS)):
+            raise TypeError(f"Privacy.spent must be an fnn.privacy.Spent over the {len(ORDERS)} orders of ORDERS (a "
+                            f"FitResult.privacy_spent); got {spent!r:.80}.")
+        spent = Spent(positive_int("Privacy.spent.steps", spent.steps, allow_zero=True), tuple(spent.rdp))
+        epsilon(spent.rdp, delta)  # refuses NaN or negative RDP
     q = lot_size / n
     steps = max(1, round(n / lot_size))
     if start_epoch > 0 and spent is None:

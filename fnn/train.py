@@ -263,9 +263,10 @@ def fit(
         :func:`fnn.per_example.epoch_statistics` for the history keys. Needs the manual gradients.
       privacy: DP-SGD settings (:class:`fnn.privacy.Privacy`); each epoch is then ``round(N/L)``
         steps on Poisson lots of expected size ``L`` (``batch_size`` is not used), drawn with their
-        noise from ``fold_in(key, epoch)`` (so the key is not advanced: pass the same one, or the
-        returned one, to resume), and the history records ``epsilon``, the ``ε`` spent so far (steps
-        before ``start_epoch`` included), and ``noise_multiplier``. To resume (``start_epoch > 0``)
+        noise from ``fold_in(key, s)``, ``s`` the private steps spent before the epoch, earlier runs'
+        included (so the key is not advanced: pass the same one, or the returned one, to resume),
+        and the history records ``epsilon``, the ``ε`` spent so far (steps before ``start_epoch``
+        included), and ``noise_multiplier``. To resume (``start_epoch > 0``)
         pass ``privacy._replace(spent=result.privacy_spent)`` of the run being resumed: its steps
         count at the ``σ`` they were taken with, and a ``target_epsilon`` is the whole run's budget.
       quiet: no progress lines.
@@ -353,9 +354,10 @@ def fit(
         lr_first = scheduled_learning_rate(opt, opt_state)
         t0 = time.perf_counter()
         before = (params, opt_state, state, key)
-        # A private epoch draws its lots and noise from (key, epoch), never from a key an earlier epoch
-        # could have used, so a resumed run (given the same key or the returned one) never replays them.
-        epoch_key = key if private is None else jax.random.fold_in(key, epoch)
+        # A private epoch draws its lots and noise from (key, steps spent before it), a count that only
+        # grows over a run and its resumes (a failed epoch's steps included), so no draw is ever replayed.
+        epoch_key = key if private is None else \
+            jax.random.fold_in(key, private.spent_after((epoch - 1 - start_epoch) * private.steps).steps)
         params, opt_state, state, new_key, stats = fast(params, opt_state, state, epoch_key, x, y)
         stats = distributed.to_host(stats)
         if int(stats.first_bad_step) >= 0:  # find where (the params from before that step come back)

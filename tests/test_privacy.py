@@ -100,7 +100,7 @@ def test_bad_arguments():
         privacy.rdp(1.5, 1.0)
     with pytest.raises(ValueError, match="noise multiplier"):
         privacy.rdp(0.1, 0.0)
-    with pytest.raises(ValueError, match="orders must be > 1"):
+    with pytest.raises(ValueError, match="orders must be finite numbers > 1"):
         privacy.rdp(0.1, 1.0, orders=(1.0, 2))
     with pytest.raises(ValueError, match=r"δ must be a finite number in \(0, 1\)"):
         privacy.epsilon(privacy.rdp(0.1, 1.0), 0.0)

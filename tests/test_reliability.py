@@ -32,8 +32,8 @@ def _problem(n=12, sizes=(4, 5, 3), act="tanh", dtype=jnp.float64, seed=0):
     return net, params, x, jnp.arange(n) % sizes[-1]
 
 
-def _private_fit(net, params, data, settings, key, epochs, **kw):
-    return fnn.fit(net, params, fnn.optim.sgd(0.1), data, loss=LOSS, epochs=epochs, batch_size=1, key=key,
+def _private_fit(net, params, data, settings, key, epochs, opt=None, **kw):
+    return fnn.fit(net, params, opt or fnn.optim.sgd(0.1), data, loss=LOSS, epochs=epochs, batch_size=1, key=key,
                    privacy=settings, quiet=True, **kw)
 
 
@@ -356,3 +356,77 @@ def test_finding_27_the_ggn_diagonals_take_their_arguments_in_one_order():
     net, params, x, y = _problem()
     with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'key'"):  # the former order
         cv.ggn_diag_mc(net, params, x, y, LOSS, jax.random.PRNGKey(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# A second look from outside, after the fixes above: the cases it found.
+
+
+def test_a_resume_after_a_failed_epoch_draws_fresh_noise():
+    """After a NaN stop the run keeps the last good epoch, but the failed epoch's noisy steps were
+    computed (and counted); the resumed epoch must not draw the same noise again, or the two releases'
+    difference would be noise-free. With σ = 1000 the updates are almost all noise: the resumed epoch's
+    first steps and the failed epoch's are uncorrelated (they were identical up to the learning rate)."""
+    net, params, x, y = _problem(n=40, sizes=(4, 3), dtype=jnp.float32)
+    settings = privacy.Privacy(clip=1.0, lot_size=10, noise_multiplier=1000.0, delta=1e-3)
+    blow_up = fnn.optim.sgd(lambda t: jnp.where(t >= 6, 1e38, 1e-3))  # epoch 2's third step overflows
+    r = _private_fit(net, params, (x, y), settings, 7, 3, opt=blow_up)
+    assert r.epoch == 1 and r.privacy_spent.steps == 8 and r.before_failure is not None
+    two_steps = fnn.optim.sgd(lambda t: jnp.where(t >= 2, 0.0, 1e-3))
+    resumed = _private_fit(net, r.params, (x, y), settings._replace(spent=r.privacy_spent), r.key, 1,
+                           start_epoch=r.epoch, opt=two_steps)
+    failed = ravel_pytree(r.before_failure[0])[0] - ravel_pytree(r.params)[0]
+    again = ravel_pytree(resumed.params)[0] - ravel_pytree(r.params)[0]
+    assert abs(float(np.corrcoef(failed, again)[0, 1])) < 0.9
+
+
+def test_poisson_lots_at_a_tiny_rate_stay_inside_the_data():
+    """Gaps of about 1/q overflowed int32 and wrapped to negative indices, which counted as members."""
+    for seed in range(10):
+        order, count = privacy.poisson_lot(jax.random.PRNGKey(seed), 10, 1e-9)
+        assert int(count) == 0 and np.all(np.asarray(order) == 10)
+
+
+def test_epsilon_refuses_nan_rdp_and_orders_at_or_below_one():
+    with pytest.raises(ValueError, match="1 NaN"):
+        privacy.epsilon([0.009, 0.03, math.nan], 1e-5, [1.5, 2, 8])
+    for orders in ([1.5, 2, 8, 1], [1.5, 2, 8, 0.5], [2, math.inf]):
+        with pytest.raises(ValueError, match="orders must be finite numbers > 1"):
+            privacy.epsilon([0.1] * len(orders), 1e-5, orders)
+    with pytest.raises(TypeError, match="orders must be a sequence"):
+        privacy.rdp(0.1, 1.0, 1, 5)
+    nan = privacy.Spent(5, (math.nan,) * len(privacy.ORDERS))
+    with pytest.raises(ValueError, match="NaN"):
+        privacy.plan(privacy.Privacy(1.0, 10, 1.0, delta=1e-3, spent=nan), 40, 2, start_epoch=1)
+    fractional = privacy.account(0.25, 1.0, 4)._replace(steps=5.5)
+    with pytest.raises(TypeError, match="Privacy.spent.steps must be an int"):
+        privacy.plan(privacy.Privacy(1.0, 10, 1.0, delta=1e-3, spent=fractional), 40, 2, start_epoch=1)
+
+
+def test_float64_noise_without_x64_is_jax_random_normals_float32():
+    with jax.enable_x64(False), pytest.warns(UserWarning, match="float64 is not available"):
+        ours, theirs = (f(jax.random.PRNGKey(0), (5,), jnp.float64) for f in (fnn.noise.normal, jax.random.normal))
+    assert np.all(np.isfinite(ours))
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_trace_taken_at_other_params_of_the_same_shapes_is_refused():
+    net, params, x, y = _problem()
+    _, _, _, trace = fnn.backprop_trace(net, params, x, y, LOSS, 0.1)
+    other = net.init(jax.random.PRNGKey(9), jnp.float64)
+    for f in (pe.batch_grad, pe.grad_norms, pe.sum_grad_squared):
+        with pytest.raises(ValueError, match="trace was taken at other params"):
+            f(net, other, trace)
+    shifted = [{**layer, "b": layer["b"] + 1.0} for layer in params]  # the bias alone differs
+    with pytest.raises(ValueError, match="layer 1's pre-activations"):
+        pe.batch_grad(net, shifted, trace)
+
+
+def test_numpy_ints_and_keys_and_sample_counts():
+    net, params, x, y = _problem()
+    by_numpy = cv.ggn_diag_mc(net, params, x, y, LOSS, key=np.asarray(jax.random.PRNGKey(3)), samples=np.int64(2))
+    by_jax = cv.ggn_diag_mc(net, params, x, y, LOSS, key=jax.random.PRNGKey(3), samples=2)
+    for a, b in zip(jax.tree.leaves(by_numpy), jax.tree.leaves(by_jax)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"samples \(columns drawn per example\) must be > 0; got 0"):
+        cv.kronecker_factors(net, params, x, y, LOSS, samples=0)  # checked with key=None too
