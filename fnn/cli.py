@@ -386,12 +386,10 @@ def _train(p: argparse.ArgumentParser, args, argv) -> int:
                   batch_norm=args.batch_norm, compute_dtype=args.compute_dtype)
     except (TypeError, ValueError) as e:
         p.error(f"invalid model: {e}")
-    check_output = getattr(losses, "check_output", None)
-    if check_output is not None:
-        try:
-            check_output(loss, net.output)
-        except (TypeError, ValueError) as e:
-            p.error(f"--loss {loss.name} with --output {net.output}: {e}")
+    try:
+        losses.check_output(loss, net.output)
+    except (TypeError, ValueError) as e:
+        p.error(f"--loss {loss.name} with --output {net.output}: {e}")
     for flag, size in (("--batch-size", args.batch_size), ("--dp-lot-size", args.dp_lot_size)):
         if size is not None and size > n:
             p.error(f"{flag} {size} is larger than the {n} training samples of {ds.name}")

@@ -530,8 +530,9 @@ def plan(settings: Privacy, num_samples: int, epochs: int, start_epoch: int = 0)
         raise ValueError(f"Privacy.spent holds {spent.steps} earlier steps but start_epoch is 0: pass the "
                          "start_epoch of the run being resumed, or leave spent out for a fresh run.")
     if spent is not None and spent.steps < start_epoch * steps:
-        raise ValueError(f"Privacy.spent covers {spent.steps} steps, but {start_epoch} epochs of {steps} steps were "
-                         f"taken before start_epoch={start_epoch}: pass the privacy_spent of the run being resumed.")
+        raise ValueError(f"Privacy.spent covers {spent.steps} steps, but {start_epoch} epochs of {steps} steps (lot "
+                         f"size {lot_size} of {n}) come before start_epoch={start_epoch}: pass the privacy_spent of "
+                         "the run being resumed, with its lot size (a resume cannot change the lot size).")
     remaining = epochs - start_epoch
     sigma = settings.noise_multiplier
     if sigma is None:
