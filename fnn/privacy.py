@@ -425,7 +425,10 @@ class Spent(NamedTuple):
     rdp: tuple[float, ...]
 
     def plus(self, other: Spent) -> Spent:
-        """The composition of the two: steps and RDP added."""
+        """The composition of the two: steps and RDP added (both over the same orders)."""
+        if len(self.rdp) != len(other.rdp):
+            raise ValueError(f"Spent.plus needs both over the same orders; got {len(self.rdp)} and {len(other.rdp)} "
+                             "RDP values.")
         return Spent(self.steps + other.steps, tuple(a + b for a, b in zip(self.rdp, other.rdp)))
 
     def epsilon(self, delta: float) -> float:

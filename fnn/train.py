@@ -400,9 +400,9 @@ def fit(
 def _checked_opt_state(opt, params: Params, opt_state):
     """``opt_state``, or ``opt.init(params)`` for ``None``, after checking that it has the structure and
     shapes of ``opt.init(params)`` (a state of another optimizer, or of other params, is refused)."""
-    want = jax.eval_shape(opt.init, params)
     if opt_state is None:
         return opt.init(params)
+    want = jax.eval_shape(opt.init, params)
     if jax.tree.structure(opt_state) != jax.tree.structure(want) or \
             [jnp.shape(a) for a in jax.tree.leaves(opt_state)] != [a.shape for a in jax.tree.leaves(want)]:
         name = getattr(opt, "name", "") or type(opt).__name__
