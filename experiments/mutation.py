@@ -10,9 +10,11 @@ checkout is never touched), and runs the tests that should catch it with
 A survivor is either a missing test (add one, and say in its comment which mutant it catches) or a
 mutant that does not change behaviour (then it does not belong in the list). The list covers the
 δ-recursion (BP1–BP4 and the φ' they call), every loss's derivative, every optimizer's update, the
-shuffle and the epoch, the checkpoint round trip, batch norm's backward and the per-example
-quantities and DP-SGD (its accountant and its step); a new quantity (curvature) adds its mutants here
-as it lands.
+shuffle and the epoch, the checkpoint round trip, batch norm's backward, the per-example quantities,
+DP-SGD (its accountant, its step and its Gaussian noise), the curvature (the losses' output Hessians,
+φ'' in the R-backward, the Hessian and Gauss-Newton products, the exact and Monte-Carlo GGN diagonals,
+the Kronecker factors, the sharpness) and the second-order optimizers (K-FAC and Hessian-free); a new
+quantity adds its mutants here as it lands.
 
 How it runs:
 
@@ -37,10 +39,15 @@ Usage, from the repository root (run by hand, like ``experiments/bench.py``, nev
     python experiments/mutation.py --list           # the mutants, checked against the sources
     python experiments/mutation.py --only sce-fused-without-target-sum --only epoch-key-not-advanced
     python experiments/mutation.py --jobs 4         # mutants in parallel, on a larger machine
+    python experiments/mutation.py --marker "not slow"   # what the fast tier alone catches
 
 Options: ``--timeout S`` per pytest run (default 900; a run that times out counts as caught),
-``--no-baseline``, ``--fail-under PCT`` (exit status 1 when the score is lower). Prints one line
-per mutant as it finishes, then a table, the survivors with what they mean, and the score.
+``--no-baseline``, ``--fail-under PCT`` (exit status 1 when the score is lower), ``--marker EXPR``
+(passes ``-m EXPR`` to every pytest run, the baseline's and each mutant's, so that only the selected
+tests of each mutant run). With ``--marker "not slow"`` the score is the share of mutants that the
+fast tier (``pytest -m "not slow"``) catches: a mutant whose tests are all deselected (pytest's exit
+status 5, no tests ran) counts as survived and is reported as "no fast test". Prints one line per
+mutant as it finishes, then a table, the survivors with what they mean, and the score.
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ def _ids(*node_ids: str) -> tuple[str, ...]:
 # Test selections used by several mutants.
 # The property test under jit: 40 examples of any width, where the eager one (470 examples) takes minutes.
 BACKPROP_PROPERTY = "test_backprop.py::test_backprop_equals_autodiff_any_width_under_jit"
+NOT_CANONICAL = "test_backprop.py::test_an_output_that_is_not_the_canonical_one_of_its_loss"
 BY_HAND = _ids("test_backprop.py::test_closed_form_2_2_1", "test_backprop.py::test_batch_gradient_is_the_mean_of_"
                "per_sample_gradients", "test_backprop.py::test_l2_adds_beta_w_to_weights_only")
 TRAJECTORY = "test_optim.py::test_trajectory_matches_numpy_reference"
@@ -91,18 +99,25 @@ BATCH_NORM = _ids("test_batchnorm.py::test_batch_of_two",
                   "test_batchnorm.py::test_dropping_the_mean_and_variance_paths_is_caught",
                   "test_batchnorm.py::test_eval_mode_backward_equals_autodiff")
 
+# Curvature and the second-order optimizers: fast, deterministic tests on fixed networks first.
+CURVATURE_PRODUCTS = "test_curvature.py::test_products_and_diagonal_equal_autodiff"
+DEEP = "test_curvature.py::test_products_of_a_deep_network_through_every_curved_activation"
+FACTORS = "test_curvature.py::test_the_exact_columns_factor_the_output_hessian"
+
 DELTA, LOSS, OPTIM, EPOCH, CHECKPOINT, BN, PER_EX, PRIVACY = (
     "δ-recursion", "losses", "optimizers", "shuffle and epoch", "checkpoint", "batch norm", "per-example", "privacy")
+CURV, SECOND = "curvature", "second-order"
 
 MUTANTS: tuple[Mutant, ...] = (
     # -- the δ-recursion: fnn/backprop.py and the φ' it calls -----------------------------------
     Mutant("bp1-without-output-derivative", DELTA, "fnn/backprop.py",
            "delta = phi[-1].backward(zs[-1], acts[-1], loss.grad(acts[-1], target))  # BP1",
            "delta = loss.grad(acts[-1], target)  # BP1",
-           _ids(BACKPROP_PROPERTY), "BP1 forgets φ'(z^L) for a non-canonical output"),
+           _ids(NOT_CANONICAL, BACKPROP_PROPERTY), "BP1 forgets φ'(z^L) for a non-canonical output"),
     Mutant("bp1-fused-for-any-output", DELTA, "fnn/backprop.py",
            "if loss.canonical_output == net.output:", "if loss.canonical_output is not None:",
-           _ids(BACKPROP_PROPERTY), "the fused δ^L = φ(z) − y also for an output that is not the canonical one"),
+           _ids(NOT_CANONICAL, BACKPROP_PROPERTY),
+           "the fused δ^L = φ(z) − y also for an output that is not the canonical one"),
     Mutant("bp1-invalid-labels-kept", DELTA, "fnn/backprop.py",
            "delta = mark_invalid(delta, valid)", "delta = delta",
            _ids("test_backprop.py::test_labels_out_of_range_under_jit_poison_loss_and_gradients"),
@@ -258,12 +273,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "return (p + u).astype(jnp.result_type(p))", "return (p - u).astype(jnp.result_type(p))",
            _ids(f"{TRAJECTORY}[sgd]"), "θ ← θ − u: every update applied backwards"),
     # -- the shuffle and the epoch: fnn/train.py, fnn/metrics.py ----------------------------------
-    Mutant("epoch-key-not-advanced", EPOCH, "fnn/train.py",
-           "key, shuffle_key = jax.random.split(key)  # shuffle", "_, shuffle_key = jax.random.split(key)  # shuffle",
+    Mutant("epoch-key-not-advanced", EPOCH, "fnn/epoch.py",
+           "key, draw_key = jax.random.split(key)", "_, draw_key = jax.random.split(key)",
            _ids("test_train.py::test_fit_draws_a_new_order_every_epoch_and_returns_the_advanced_key"),
            "the epoch returns the key it got: the same order every epoch (issue 21, 2)"),
     Mutant("fit-drops-the-epoch-key", EPOCH, "fnn/train.py",
-           "key = new_key if private is None else key",
+           "key = new_key if plan.epoch_key is None else key",
            "key = key",
            _ids("test_train.py::test_fit_draws_a_new_order_every_epoch_and_returns_the_advanced_key"),
            "fit passes the same key to every epoch"),
@@ -274,14 +289,28 @@ MUTANTS: tuple[Mutant, ...] = (
            'rest = order[full * batch_size:] if last_batch == "smaller" else order[:0]', "rest = order[:0]",
            _ids("test_train.py::test_last_smaller_batch_is_a_real_step"),
            "the N mod B leftover samples are never used"),
+    Mutant("guard-updates-after-the-failure", EPOCH, "fnn/epoch.py",
+           "ok, failure = bad < 0, (bad, site, bad_batch)", "ok, failure = jnp.all(flags), (bad, site, bad_batch)",
+           _ids("test_epoch.py::test_the_guard_stops_every_update_from_the_first_failing_step_on"),
+           "the guarded epoch goes on updating after the first failing step"),
+    Mutant("skipped-step-keeps-new-statistics", EPOCH, "fnn/epoch.py",
+           "new_state = _select(all_finite((g.grads, new_state)), new_state, state)",
+           "new_state = new_state",
+           _ids("test_train.py::test_a_skipped_step_leaves_the_batch_norm_statistics_alone"),
+           "a step skip_nonfinite skips still writes its batch-norm statistics"),
+    Mutant("observer-sees-the-updated-params", EPOCH, "fnn/epoch.py",
+           "view = Step(params, opt_state, state, batch, g, (new_params, new_opt_state, new_state))",
+           "view = Step(new_params, opt_state, state, batch, g, (new_params, new_opt_state, new_state))",
+           _ids("test_epoch.py::test_an_epoch_built_from_a_custom_gradient_and_an_observer_equals_the_loop_it_stands_for"),
+           "observers see the params after the step instead of before it"),
     Mutant("epoch-loss-unweighted", EPOCH, "fnn/metrics.py",
            '"train_loss": _weighted_mean(stats.cost[good][kept], sizes)',
            '"train_loss": _weighted_mean(stats.cost[good][kept], np.ones_like(sizes))',
            _ids("test_train.py::test_epoch_loss_is_the_batch_size_weighted_mean_of_the_batch_costs"),
            "train_loss weights the smaller last batch like a full one (issue 21, 3)"),
-    Mutant("last-batch-size-recorded-as-full", EPOCH, "fnn/train.py",
-           "sizes = jnp.append(sizes, jnp.asarray(rest.shape[0], jnp.int32))",
-           "sizes = jnp.append(sizes, jnp.asarray(batch_size, jnp.int32))",
+    Mutant("last-batch-size-recorded-as-full", EPOCH, "fnn/epoch.py",
+           "EpochStats(costs, sizes.astype(jnp.int32),",
+           "EpochStats(costs, jnp.full_like(sizes, batches.width).astype(jnp.int32),",
            _ids("test_train.py::test_epoch_loss_is_the_batch_size_weighted_mean_of_the_batch_costs"),
            "the smaller last batch is recorded (and weighted) as a full one"),
     # -- the checkpoint round trip: fnn/checkpoint.py -----------------------------------------------
@@ -391,8 +420,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "weights, full_precision=True)", "weights, full_precision=False)",
            _ids("test_reliability.py::test_finding_03_a_clipped_gradient_never_exceeds_the_clip_norm[bfloat16]"),
            "the clipped sum through the network's bfloat16 matmul, whose rounded operands can exceed c"),
-    Mutant("dp-epoch-noise-from-the-run-key", PRIVACY, "fnn/train.py",
-           "epoch_key = key if private is None else \\", "epoch_key = key if True else \\",
+    Mutant("dp-epoch-noise-from-the-run-key", PRIVACY, "fnn/privacy.py",
+           "return jax.random.fold_in(key, private.spent_after(epochs_done * private.steps).steps)",
+           "return key",
            _ids("test_reliability.py::test_finding_02_a_resume_with_the_first_key_draws_fresh_lots_and_noise"),
            "every private epoch's lots and noise from the key fit was given (a resume replays them)"),
     Mutant("dp-resume-forgets-the-spent", PRIVACY, "fnn/privacy.py",
@@ -409,8 +439,180 @@ MUTANTS: tuple[Mutant, ...] = (
            "power iteration started on a smaller eigenvalue's eigenvector stays there"),
     Mutant("noise-threefry-rotation", PRIVACY, "fnn/noise.py",
            "(17, 29, 16, 24))", "(17, 29, 16, 25))",
-           _ids("test_noise.py::test_normal_is_jax_random_normal_bit_for_bit"),
+           _ids("test_noise.py::test_normal_is_bit_exact_on_a_large_draw_too",
+                "test_noise.py::test_normal_is_jax_random_normal_bit_for_bit"),
            "one rotation constant of Threefry-2x32 off by one (the draws still look Gaussian)"),
+    Mutant("noise-float64-words-swapped", PRIVACY, "fnn/noise.py",
+           "bits = (h0.astype(uint) << uint(32)) | h1.astype(uint)",
+           "bits = (h1.astype(uint) << uint(32)) | h0.astype(uint)",
+           _ids("test_noise.py::test_normal_is_bit_exact_in_float64_too",
+                "test_noise.py::test_normal_is_jax_random_normal_bit_for_bit"),
+           "a float64 draw takes its 64 bits low word first"),
+    Mutant("noise-counter-words-swapped", PRIVACY, "fnn/noise.py",
+           "h0, h1 = _threefry2x32(words[0], words[1], jnp.zeros_like(index), index)",
+           "h0, h1 = _threefry2x32(words[0], words[1], index, jnp.zeros_like(index))",
+           _ids("test_noise.py::test_normal_is_bit_exact_on_a_large_draw_too"),
+           "the flat position in the counter's first word instead of its second"),
+    # -- curvature: the output Hessians of fnn/losses.py, φ'' of fnn/activations.py, fnn/curvature.py ----
+    Mutant("bce-output-hessian-unsquared", CURV, "fnn/losses.py",
+           "(1 - y) / ((1 - q) * (1 - q))", "(1 - y) / (1 - q)",
+           _ids(f"{FACTORS}[binary_cross_entropy-softmax]", f"{CURVATURE_PRODUCTS}[binary_cross_entropy-softmax]"),
+           "∂²/∂p² of the binary cross-entropy with (1 − y)/(1 − p) for (1 − y)/(1 − p)²"),
+    Mutant("bernoulli-hessian-not-averaged", CURV, "fnn/losses.py",
+           "return s * (1 - s) / z.shape[-1]", "return s * (1 - s)",
+           _ids(f"{FACTORS}[binary_cross_entropy-sigmoid]", f"{CURVATURE_PRODUCTS}[binary_cross_entropy-sigmoid]"),
+           "the sigmoid cross-entropy's H = diag(σ(1 − σ)) without the 1/K of the mean over outputs"),
+    Mutant("cce-output-hessian-unsquared", CURV, "fnn/losses.py",
+           "return _unclipped(p) * y / (q * q)", "return _unclipped(p) * y / q",
+           _ids(f"{FACTORS}[categorical_cross_entropy-sigmoid]",
+                f"{CURVATURE_PRODUCTS}[categorical_cross_entropy-sigmoid]"),
+           "∂²/∂p² of −y log p as y/p instead of y/p²"),
+    Mutant("softmax-hessian-outer-product-sign", CURV, "fnn/losses.py",
+           "* p * (u - jnp.sum(p * u, axis=-1, keepdims=True))", "* p * (u + jnp.sum(p * u, axis=-1, keepdims=True))",
+           _ids(f"{FACTORS}[softmax_cross_entropy-identity]", f"{DEEP}[softmax_cross_entropy-identity]"),
+           "the softmax cross-entropy's H = diag p + p pᵀ instead of diag p − p pᵀ"),
+    Mutant("softmax-hessian-factor-diagonal", CURV, "fnn/losses.py",
+           "* jnp.eye(z.shape[-1], dtype=z.dtype) - p[:, :, None] * r[:, None, :])",
+           "* jnp.eye(z.shape[-1], dtype=z.dtype))",
+           _ids(f"{FACTORS}[softmax_cross_entropy-identity]", f"{DEEP}[softmax_cross_entropy-identity]"),
+           "the factor S of diag p − p pᵀ taken as diag √p: the exact diagonal and KFLR lose the outer product"),
+    Mutant("softmax-sample-without-target-sum", CURV, "fnn/losses.py",
+           "return jnp.sqrt(jnp.sum(y, axis=-1, keepdims=True)) * (p - drawn)", "return p - drawn",
+           _ids(f"{FACTORS}[softmax_cross_entropy-identity]"),
+           "the sampled column p − e_ŷ without √(Σy): biased for soft targets whose rows do not sum to 1"),
+    Mutant("softmax-second-derivative-sign", CURV, "fnn/activations.py",
+           "keepdims=True)) - a * jnp.sum(g * da, axis=-1, keepdims=True)",
+           "keepdims=True)) + a * jnp.sum(g * da, axis=-1, keepdims=True)",
+           _ids("test_curvature.py::test_backward_r_is_the_derivative_of_backward[softmax]", f"{DEEP}[mse-softmax]"),
+           "the softmax's second-order term in the R-backward: + a Σ g ȧ for − a Σ g ȧ"),
+    Mutant("elementwise-second-derivative-without-direction", CURV, "fnn/activations.py",
+           "lambda z, a, g, r: g * d2phi(z) * r)", "lambda z, a, g, r: g * d2phi(z))",
+           _ids("test_curvature.py::test_backward_r_is_the_derivative_of_backward[tanh]",
+                f"{DEEP}[softmax_cross_entropy-identity]"),
+           "the element-wise R-term g ⊙ φ''(z) without ⊙ R{z}"),
+    Mutant("hvp-without-the-output-second-derivative", CURV, "fnn/curvature.py",
+           "if hessian and out.name not in PIECEWISE_LINEAR:", "if False:",
+           _ids(f"{DEEP}[mse-softmax]", f"{CURVATURE_PRODUCTS}[mse-tanh]"),
+           "H v of a non-canonical output without the term ∂_z[gᵀφ_L'] R{z^L}"),
+    Mutant("hvp-without-the-hidden-second-derivatives", CURV, "fnn/curvature.py",
+           "if hessian and act.name not in PIECEWISE_LINEAR:  # φ''", "if False:  # φ''",
+           _ids(f"{DEEP}[softmax_cross_entropy-identity]"),
+           "H v without (δ^{l+1} W^{l+1}) ⊙ φ''(z^l) ⊙ R{z^l}: the Gauss-Newton product of the hidden layers"),
+    Mutant("hvp-without-the-direction-in-the-backward-pass", CURV, "fnn/curvature.py",
+           'back = back + net.matmul(d_h, dv["W"])', "back = back",
+           _ids(f"{DEEP}[softmax_cross_entropy-identity]"),
+           "R{δ^l} without the term δ^{l+1} V^{l+1}"),
+    Mutant("hvp-without-r-activations-in-bp4", CURV, "fnn/curvature.py",
+           "rW = rW + net.matmul(d_h.T, ras[l - 1])", "rW = rW",
+           _ids(f"{DEEP}[softmax_cross_entropy-identity]"),
+           "R{∂C/∂W^l} without (δ^l)ᵀ R{a^{l−1}}"),
+    Mutant("r-forward-not-propagated", CURV, "fnn/curvature.py",
+           'rh = rh + net.matmul(ra, layer["W"].T)', "rh = rh",
+           _ids(f"{DEEP}[softmax_cross_entropy-identity]"),
+           "R{z^l} = V^l a^{l−1} + v_b without W^l R{a^{l−1}}: J v of the last layer's parameters only"),
+    Mutant("r-backward-bias-summed", CURV, "fnn/curvature.py",
+           'g["b"] = jnp.sum(rdelta, axis=0) / n', 'g["b"] = jnp.sum(rdelta, axis=0)',
+           _ids(f"{DEEP}[softmax_cross_entropy-identity]"),
+           "R{∂C/∂b} without the batch mean 1/N"),
+    Mutant("r-backward-batch-norm-gamma-path", CURV, "fnn/curvature.py",
+           "rgam = rgam + delta * bn.inv_std * rhs[l]", "rgam = rgam",
+           _ids(f"{DEEP}[categorical_cross_entropy-sigmoid-batch_norm]"),
+           "R{∂C/∂γ} without δ ⊙ R{x̂}, the direction's path through the normalized input"),
+    Mutant("ggn-diag-columns-summed-before-squaring", CURV, "fnn/curvature.py",
+           "sq = jnp.sum(d_h * d_h, axis=0)", "sq = jnp.sum(d_h, axis=0) ** 2",
+           _ids(f"{DEEP}[softmax_cross_entropy-identity]"),
+           "diag G from (Σ_c Δ_c)² instead of Σ_c Δ_c²: the columns' cross terms counted"),
+    Mutant("ggn-diag-mc-not-averaged", CURV, "fnn/curvature.py",
+           "_columns(net, params, trace, curv, top), l2, 1.0 / m)", "_columns(net, params, trace, curv, top), l2)",
+           _ids("test_curvature.py::test_sampled_columns_of_a_single_output_are_exact"),
+           "the Monte-Carlo diagonal sums its M columns' squares without dividing by M"),
+    Mutant("kfac-factor-not-averaged", CURV, "fnn/curvature.py",
+           'prng_key("key", key), m), 1.0 / m', 'prng_key("key", key), m), 1.0',
+           _ids("test_curvature.py::test_sampled_columns_of_a_single_output_are_exact"),
+           "KFAC's G^l sums its M sampled columns without dividing by M"),
+    Mutant("kronecker-a-without-the-bias-input", CURV, "fnn/curvature.py",
+           "abar = jnp.concatenate([a, jnp.ones((n, 1), a.dtype)], axis=1)",
+           "abar = jnp.concatenate([a, jnp.zeros((n, 1), a.dtype)], axis=1)",
+           _ids("test_curvature.py::test_kronecker_factors_of_wide_layers[mse-tanh]"),
+           "A^l built from [a; 0]: the bias's rows of A are lost"),
+    Mutant("sharpness-eigenvalue-unsigned", CURV, "fnn/curvature.py",
+           "lam = jnp.vdot(v, w)", "lam = jnp.linalg.norm(w)",
+           _ids("test_curvature.py::test_sharpness_when_the_most_negative_eigenvalue_dominates"),
+           "power iteration's λ as ‖M v‖: a dominant negative eigenvalue looks positive, λ_max is never sought"),
+    Mutant("sharpness-matrix-swapped", CURV, "fnn/curvature.py",
+           'out = _product(net, params, unravel(u), loss, curv, trace, target, valid, l2, hessian=matrix == "hessian")',
+           'out = _product(net, params, unravel(u), loss, curv, trace, target, valid, l2, hessian=matrix == "ggn")',
+           _ids("test_curvature.py::test_sharpness_against_eigvalsh[0]"),
+           "sharpness(matrix='hessian') iterates on G, and matrix='ggn' on H"),
+    # -- the second-order optimizers: fnn/second_order.py ------------------------------------------
+    Mutant("kfac-model-without-damping", SECOND, "fnn/second_order.py",
+           "curv = jnp.vdot(flat_d, flat_gd) + gamma * jnp.vdot(flat_d, flat_d)", "curv = jnp.vdot(flat_d, flat_gd)",
+           _ids("test_second_order.py::test_kfac_rescaled_step_minimizes_the_damped_quadratic_model"),
+           "K-FAC's quadratic model for the step length leaves out γ‖Δ‖²"),
+    Mutant("kfac-step-length-not-capped", SECOND, "fnn/second_order.py",
+           "rate = jnp.minimum(rate, jnp.vdot(", "rate = jnp.maximum(rate, jnp.vdot(",
+           _ids("test_second_order.py::test_kfac_rescaled_step_minimizes_the_damped_quadratic_model"),
+           "the model's step length α* is a floor for the learning rate instead of being capped by it"),
+    Mutant("kfac-sampling-key-not-advanced", SECOND, "fnn/second_order.py",
+           "return updates, KfacState(_next(state.count), A, G, A_inv, G_inv, key)",
+           "return updates, KfacState(_next(state.count), A, G, A_inv, G_inv, state.key)",
+           _ids("test_second_order.py::test_kfac_draws_new_columns_at_every_step"),
+           "K-FAC keeps its key: every step samples the same columns' noise"),
+    Mutant("kfac-g-running-average-swapped", SECOND, "fnn/second_order.py",
+           "rho * g + (1 - rho) * f.G", "(1 - rho) * g + rho * f.G",
+           _ids("test_second_order.py::test_kfac_running_averages_and_refresh_period"),
+           "G ← (1 − ρ)G + ρG_batch: the running factor forgets at the rate it should keep"),
+    Mutant("kfac-first-step-averaged-with-the-identity", SECOND, "fnn/second_order.py",
+           "first = state.count == 0", "first = state.count < 0",
+           _ids("test_second_order.py::test_kfac_running_averages_and_refresh_period"),
+           "the first step's factors averaged with init's identity matrices"),
+    Mutant("kflr-sampled", SECOND, "fnn/second_order.py",
+           "key=None if exact else sub)", "key=sub)",
+           _ids("test_second_order.py::test_kfac_update_is_the_kronecker_solve[0.3-softmax_cross_entropy-identity]"),
+           "exact=True (KFLR) samples the columns as KFAC does"),
+    Mutant("kfac-pi-inverted", SECOND, "fnn/second_order.py",
+           "a + pi * root * jnp.eye(a.shape[0], dtype=a.dtype)", "a + root / pi * jnp.eye(a.shape[0], dtype=a.dtype)",
+           _ids("test_second_order.py::test_kfac_update_is_the_kronecker_solve[0.3-mse-identity]"),
+           "the π-correction given to A the wrong way round: A + (√γ/π) I"),
+    Mutant("hf-model-sign", SECOND, "fnn/second_order.py",
+           "model = 0.5 * jnp.vdot(flat_g, d) - 0.5 * jnp.vdot(r, d)",
+           "model = 0.5 * jnp.vdot(flat_g, d) + 0.5 * jnp.vdot(r, d)",
+           _ids("test_second_order.py::test_hessian_free_after_a_few_cg_iterations_and_its_warm_start"),
+           "q(d) read off CG's residual with + ½rᵀd: wrong unless CG converged"),
+    Mutant("hf-warm-start-not-decayed", SECOND, "fnn/second_order.py",
+           "warm * ravel_pytree(state.previous)[0]", "ravel_pytree(state.previous)[0]",
+           _ids("test_second_order.py::test_hessian_free_after_a_few_cg_iterations_and_its_warm_start"),
+           "CG warm-started from the previous solution itself, not decay times it"),
+    Mutant("hf-warm-start-not-kept", SECOND, "fnn/second_order.py",
+           "unravel(d), rho.astype(state.rho.dtype)", "state.previous, rho.astype(state.rho.dtype)",
+           _ids("test_second_order.py::test_hessian_free_after_a_few_cg_iterations_and_its_warm_start"),
+           "the state keeps the old CG solution: every step starts CG from the first one's start"),
+    Mutant("hf-cg-residual-sign", SECOND, "fnn/second_order.py",
+           "x, r = x + a * p, r - a * mp", "x, r = x + a * p, r + a * mp",
+           _ids("test_second_order.py::test_conjugate_gradient_against_numpy_solve"),
+           "CG's residual updated as r + αMp"),
+    Mutant("hf-learning-rate-ignored", SECOND, "fnn/second_order.py",
+           "jnp.where(accept, alpha * s, 0)", "jnp.where(accept, s, 0)",
+           _ids("test_second_order.py::test_hessian_free_after_a_few_cg_iterations_and_its_warm_start"),
+           "an accepted Hessian-free step is d, whatever the learning rate α"),
+    Mutant("hf-damping-not-in-cg", SECOND, "fnn/second_order.py",
+           "return ravel_pytree(ggn(unravel(v)))[0] + lam * v", "return ravel_pytree(ggn(unravel(v)))[0]",
+           _ids("test_second_order.py::test_hessian_free_solves_the_damped_gauss_newton_system"
+                "[softmax_cross_entropy-identity]"),
+           "CG solves G d = −∇C without the damping λ"),
+    # -- per-example quantities, beyond the ones above: fnn/per_example.py --------------------------
+    Mutant("pe-sum-grad-squared-cross-term", PER_EX, "fnn/per_example.py",
+           "2 * l2 * W * (d.T @ a)", "l2 * W * (d.T @ a)",
+           PER_EXAMPLE, "Σ_x g_x⊙g_x with βW⊙δᵀa instead of 2βW⊙δᵀa"),
+    Mutant("pe-noise-scale-grad-sq-without-l2", PER_EX, "fnn/per_example.py",
+           'mean = [{**m, "W": m["W"] + l2 * layer["W"]} for m, layer in zip(mean, params)]', "mean = mean",
+           _ids("test_per_example.py::test_training_records_the_statistics_of_each_step",
+                "test_per_example.py::test_every_quantity_equals_vmap_of_jax_grad"),
+           "‖G‖² of the noise scale from the data gradient alone, without βW"),
+    Mutant("pe-epoch-quantiles-count-the-padding", PER_EX, "fnn/per_example.py",
+           "norms = norms[np.isfinite(norms)]", "norms = norms",
+           _ids("test_per_example.py::test_training_records_the_statistics_of_each_step"),
+           "the epoch's norm quantiles taken over the NaN padding of the smaller batch too"),
 )
 
 # A plugin for the pytest run in the copy: refuse to run against any fnn but the copy's, and do
@@ -510,14 +712,21 @@ def _first_failure(output: str) -> str:
     return lines[-1] if lines else ""
 
 
-def run_tests(root: Path, tests: tuple[str, ...], timeout: float, mutant: Mutant | None = None) -> Outcome:
-    """``python -m pytest -x -q tests`` in a fresh copy of ``root`` (with ``mutant`` applied)."""
+NO_TEST = "no fast test"  # the detail of a mutant whose tests --marker deselected, every one
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float, mutant: Mutant | None = None,
+              marker: str | None = None) -> Outcome:
+    """``python -m pytest -x -q tests`` in a fresh copy of ``root`` (with ``mutant`` applied), with
+    ``-m marker`` when one is given."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fnn-mutant-") as tmp:
         copy = _copy(root, Path(tmp))
         if mutant is not None:
             _apply(copy, mutant)
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", PLUGIN_NAME, *tests]
+        select = [] if marker is None else ["-m", marker]
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", PLUGIN_NAME, *select,
+               *tests]
         proc = subprocess.Popen(cmd, cwd=copy, env=_environment(copy), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
@@ -533,15 +742,18 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: float, mutant: Mutant
         return Outcome(mutant, "survived" if mutant else "passed", seconds, "")
     if proc.returncode in (1, 2):
         return Outcome(mutant, "caught" if mutant else "failed", seconds, _first_failure(output))
+    if proc.returncode == 5 and marker is not None:  # -m deselected every test: none of them can catch it
+        return Outcome(mutant, "survived" if mutant else "passed", seconds, f"{NO_TEST} (-m {marker!r})")
     tail = "\n".join(output.strip().splitlines()[-15:])
     return Outcome(mutant, "error", seconds, f"pytest exit status {proc.returncode}:\n{tail}")
 
 
-def baseline(root: Path, mutants, timeout: float) -> None:
+def baseline(root: Path, mutants, timeout: float, marker: str | None = None) -> None:
     """Every selected test on the unmutated copy, in one run; ``SystemExit`` unless all pass."""
     tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
-    print(f"baseline: {len(tests)} tests on the unmutated copy ...", flush=True)
-    out = run_tests(root, tests, timeout * max(1, len(mutants)))
+    where = "" if marker is None else f" (-m {marker!r})"
+    print(f"baseline: {len(tests)} tests{where} on the unmutated copy ...", flush=True)
+    out = run_tests(root, tests, timeout * max(1, len(mutants)), marker=marker)
     if out.status != "passed":
         raise SystemExit(f"the baseline did not pass ({out.status}): {out.detail}\nA selected test fails without "
                          f"any mutant, so it cannot tell a mutant apart; fix that first.")
@@ -567,6 +779,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the run of the selected tests without mutants")
     p.add_argument("--fail-under", type=float, default=None, metavar="PCT",
                    help="exit with status 1 when the score is below PCT percent")
+    p.add_argument("--marker", default=None, metavar="EXPR",
+                   help='pass -m EXPR to every pytest run, e.g. "not slow" for the fast tier (a mutant whose '
+                        'tests are all deselected survives: "no fast test")')
     return p.parse_args(argv)
 
 
@@ -584,11 +799,11 @@ def main(argv=None) -> int:
         print(f"{len(mutants)} mutants, every original text found exactly once.")
         return 0
     if not args.no_baseline:
-        baseline(ROOT, mutants, args.timeout)
+        baseline(ROOT, mutants, args.timeout, args.marker)
     outcomes: list[Outcome] = []
 
     def one(m: Mutant) -> Outcome:
-        out = run_tests(ROOT, m.tests, args.timeout, m)
+        out = run_tests(ROOT, m.tests, args.timeout, m, args.marker)
         outcomes.append(out)
         print(f"[{len(outcomes):>2}/{len(mutants)}] {m.name}: {out.status} ({out.seconds:.0f} s) "
               f"{out.detail.splitlines()[0] if out.detail else ''}", flush=True)
@@ -606,11 +821,15 @@ def main(argv=None) -> int:
     survivors = [o.mutant for o in outcomes if o.status == "survived"]
     if survivors:
         print("\nSurvivors (a missing test, or a mutant that does not change behaviour):")
-        for m in survivors:
-            print(f"  {m.name} [{m.file}]: {m.bug}\n    tests run: {' '.join(m.tests)}")
+        for o in outcomes:
+            if o.status == "survived":
+                m = o.mutant
+                ran = o.detail if o.detail.startswith(NO_TEST) else f"tests run: {' '.join(m.tests)}"
+                print(f"  {m.name} [{m.file}]: {m.bug}\n    {ran}")
     caught = len(outcomes) - len(survivors)
     score = 100 * caught / len(outcomes)
-    print(f"\nscore: {caught}/{len(outcomes)} mutants caught = {score:.1f} % "
+    tier = "" if args.marker is None else f" by the tests of -m {args.marker!r}"
+    print(f"\nscore: {caught}/{len(outcomes)} mutants caught{tier} = {score:.1f} % "
           f"({time.strftime('%Y-%m-%d')}, {sum(o.seconds for o in outcomes) / 60:.1f} min of test runs)")
     return 1 if args.fail_under is not None and score < args.fail_under else 0
 

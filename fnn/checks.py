@@ -22,6 +22,11 @@ def lookup(registry: Mapping[str, T], kind: str, name: str) -> T:
         raise ValueError(f"unknown {kind} {name!r}; expected one of {sorted(registry)}") from None
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every entry of every leaf is finite (no NaN, no ±inf)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+
+
 def is_concrete(x) -> bool:
     """True when the values of ``x`` are known now (not a tracer under jit/vmap/grad)."""
     return not isinstance(x, jax.core.Tracer)
@@ -101,3 +106,38 @@ def nonempty(name: str, count: int) -> None:
     if count == 0:
         raise ValueError(f"{name} has 0 samples; the cost is a mean over the batch and needs at least one "
                          f"sample. Pass a batch of shape (N, features) with N >= 1.")
+
+
+def data_set(name: str, net, params, loss, x, y, finite: bool = False):
+    """``(x, y, local)`` of the ``name`` set (e.g. "training") for ``net`` (an :class:`fnn.MLP`) with
+    ``params`` and ``loss`` (an :class:`fnn.losses.Loss`), after checking features, sample counts,
+    targets (labels in range) and, with ``finite``, that every input and floating target is finite.
+    Global arrays of several processes (``local`` False) are checked for shape only."""
+    local = not isinstance(x, jax.Array) or x.is_fully_addressable
+    try:
+        x = net.check_input(params, x)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name} set: {e}") from None
+    if x.shape[0] == 0:
+        raise ValueError(f"the {name} set is empty: its x has 0 samples" +
+                         ("; pass held_out=None instead." if name == "held-out" else "."))
+    y = jnp.asarray(y) if local else y
+    if jnp.ndim(y) == 0 or y.shape[0] != x.shape[0]:
+        count = "no sample axis" if jnp.ndim(y) == 0 else f"{y.shape[0]} samples"
+        raise ValueError(f"{name} targets have {count} but x has {x.shape[0]}; the first dimension of both is the "
+                         f"sample (targets of shape {tuple(jnp.shape(y))}).")
+    if not local:
+        return x, y, local
+    try:
+        loss.target(jnp.zeros((x.shape[0], net.sizes[-1]), x.dtype), y)  # shapes, label range, soft targets
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name} targets: {e}") from None
+    if finite:
+        for what, a in (("x", x), ("targets", y)):
+            if jnp.issubdtype(a.dtype, jnp.floating):
+                bad = ~np.isfinite(np.asarray(a)).reshape(a.shape[0], -1).all(axis=1)
+                if bad.any():
+                    raise ValueError(f"{name} {what} has non-finite values in {int(bad.sum())} sample(s) (the first is "
+                                     f"sample {int(np.argmax(bad))}); remove or impute them, they would make every "
+                                     f"score NaN or, through a ReLU, silently finite.")
+    return x, y, local

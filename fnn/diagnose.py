@@ -36,19 +36,19 @@ finite and training goes on with its result.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fnn.backprop import Trace, backprop_trace
+from fnn.checks import all_finite
+from fnn.epoch import Observer, Step
 from fnn.losses import Loss
+from fnn.metrics import evaluate
 from fnn.mlp import MLP, Params, State
-from fnn.optim import global_norm
-
-
-def all_finite(tree) -> jax.Array:
-    """True when every entry of every leaf is finite (no NaN, no ±inf)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)]))
+from fnn.optim import global_norm, has_skip_nonfinite
 
 
 def nan_sites(net: MLP) -> tuple[str, ...]:
@@ -71,6 +71,20 @@ def site_flags(net: MLP, cost, trace: Trace | None, grads, updated) -> jax.Array
         inner = forward + [all_finite(d) for d in reversed(trace.deltas)]
     flags = inner[: 2 * net.num_layers] + [jnp.isfinite(cost)] + inner[2 * net.num_layers:]
     return jnp.stack(flags + [all_finite(grads), all_finite(updated)])
+
+
+def guard(net: MLP) -> Observer:
+    """The NaN guard: an observer that stops the epoch at the first step with a non-finite value, and
+    records its :func:`site_flags` (the first False one names the site). With
+    :func:`fnn.optim.skip_nonfinite` in the optimizer only the update counts (a non-finite cost or
+    gradient is then a skipped step, not a failure)."""
+
+    def watch(s: Step) -> jax.Array:
+        g = s.gradient
+        flags = site_flags(net, g.cost, g.trace, g.grads, s.new)
+        return jnp.where(flags[-1], True, flags) if has_skip_nonfinite(s.opt_state) else flags
+
+    return Observer("guard", watch, stops=True)
 
 
 def replay_step(net: MLP, params: Params, opt, opt_state, x, y, loss: Loss, batch, l2: float = 0.0,
@@ -115,3 +129,18 @@ def describe_failure(net: MLP, epoch: int, stats) -> tuple[dict, str]:
         f"(cost {stats.cost[bad]}, gradient norm {stats.grad_norm[bad]}, batch of {len(batch)} samples "
         f"starting {batch[:5]}); training stopped."
     )
+
+
+def keep_finite(net: MLP, loss: Loss, x, y, boundaries) -> tuple[dict, tuple, str]:
+    """After a failed epoch: of ``boundaries``, ``[(epoch, (params, opt_state, state, key)), ...]`` (oldest
+    first), the newest whose params, optimizer state and training cost on ``(x, y)`` are finite, as
+    ``(kept, values, sentence)``; the oldest candidate if none is."""
+    for epoch, values in reversed(boundaries):  # noqa: B007 (newest first; falls through to the oldest)
+        finite = all_finite(values[:3])
+        cost = evaluate(net, values[0], x, y, loss, state=values[2])["loss"] if finite else math.nan
+        if math.isfinite(cost):
+            break
+    kept = {"epoch": epoch, "train_loss": cost}
+    return kept, values, (f"Kept the params from the end of epoch {epoch} (training loss {cost:.6g})." if
+                          math.isfinite(cost) else f"Kept the params from the end of epoch {epoch}; their training "
+                          "loss is not finite either (the initial params or the data?).")

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnn import distributed
+from fnn.epoch import summarize
 from fnn.losses import BINARY, CLASSES, Loss, check_output
 from fnn.mlp import MLP, Params, State
-from fnn.per_example import epoch_statistics
 
 
 def predictions_accuracy(net: MLP, loss: Loss, output: jax.Array, y: jax.Array) -> jax.Array | None:
@@ -61,19 +61,18 @@ def _evaluate_fn(net, loss):
     return _EVAL_CACHE[(net, loss)]
 
 
-def epoch_record(epoch: int, stats, *, seconds: float, samples: int, grad_norm: bool = True) -> dict:
-    """The history entry of one epoch from its :class:`fnn.train.EpochStats` (on the host): ``train_loss``, the
+def epoch_record(epoch: int, stats, *, seconds: float, samples: int, observers=()) -> dict:
+    """The history entry of one epoch from its :class:`fnn.epoch.EpochStats` (on the host): ``train_loss``, the
     mean cost weighted by batch size over the steps before any failure (skipped steps have no cost),
-    ``grad_norm`` (the mean over those steps), ``samples_per_s`` and ``seconds``."""
+    ``samples_per_s``, ``seconds``, and the ``observers``' entries over those steps
+    (:func:`fnn.epoch.summarize`; ``grad_norm``, the mean gradient norm, for :data:`fnn.epoch.GRAD_NORM`)."""
     bad = int(stats.first_bad_step)
     good = slice(None) if bad < 0 else slice(0, bad)
     kept = np.isfinite(stats.cost[good])  # with skip_nonfinite, skipped steps have no cost to average
     sizes = stats.batch_size[good][kept]
     record = {"epoch": epoch, "train_loss": _weighted_mean(stats.cost[good][kept], sizes),
               "samples_per_s": samples / seconds, "seconds": seconds}
-    if grad_norm:
-        record["grad_norm"] = _weighted_mean(stats.grad_norm[good][kept], np.ones_like(sizes))
-    record.update(epoch_statistics(jax.tree.map(lambda a: a[good][kept], stats.per_example)))
+    record.update(summarize(observers, jax.tree.map(lambda a: a[good][kept], stats.observed)))
     return record
 
 

@@ -733,6 +733,22 @@ def check_built_for(opt, net, loss, l2) -> None:
                          f"its curvature and cost would leave out (or add) the L2 term. Build it with l2={l2!r}.")
 
 
+def checked_state(opt: GradientTransformation, params: Params, opt_state: State | None) -> State:
+    """``opt_state``, or ``opt.init(params)`` for ``None``, after checking that it has the structure and
+    shapes of ``opt.init(params)`` (a state of another optimizer, or of other params, is refused)."""
+    if opt_state is None:
+        return opt.init(params)
+    want = jax.eval_shape(opt.init, params)
+    if jax.tree.structure(opt_state) != jax.tree.structure(want) or \
+            [jnp.shape(a) for a in jax.tree.leaves(opt_state)] != [a.shape for a in jax.tree.leaves(want)]:
+        name = getattr(opt, "name", "") or type(opt).__name__
+        raise ValueError(f"opt_state does not match the state of this optimizer ({name}) for these params: expected "
+                         f"the structure of opt.init(params), {jax.tree.structure(want)}; got "
+                         f"{jax.tree.structure(opt_state)}. Pass the state this optimizer made (or None for a fresh "
+                         "one); a state of another optimizer cannot be resumed with this one.")
+    return opt_state
+
+
 def _is_skip(node) -> bool:
     return isinstance(node, SkipNonfiniteState)
 
@@ -894,18 +910,33 @@ def newton(
     return chain(scale_by_newton(objective, damping), scale_by_learning_rate(learning_rate))
 
 
-OPTIMIZERS: Mapping[str, Callable[..., Optimizer]] = MappingProxyType(
-    {f.__name__: f for f in (sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw)})
-"""The first-order optimizers :func:`from_description` can build, by name (it also builds the
-second-order ones, :func:`fnn.second_order.kfac` and :func:`fnn.second_order.hessian_free`)."""
+_REGISTRY: dict[str, Callable[..., Optimizer]] = {}
+
+OPTIMIZERS: Mapping[str, Callable[..., Optimizer]] = MappingProxyType(_REGISTRY)
+"""Every optimizer that records how it was built, by name: the factories :func:`describe` writes
+down and :func:`from_description` builds again. A read-only view of the registry that
+:func:`register` fills: this module's first-order optimizers, and :mod:`fnn.second_order`'s
+``kfac`` and ``hessian_free`` once that module is imported (``import fnn`` imports it)."""
 
 
-def _factories() -> dict[str, Callable[..., Optimizer]]:
-    """Every optimizer a description can name. :mod:`fnn.second_order` builds on this module, so its
-    factories are looked up when a description is made or read, not when this module loads."""
-    from fnn import second_order
+def register(*factories: Callable[..., Optimizer]) -> None:
+    """Add ``factories`` to :data:`OPTIMIZERS` under their ``__name__``, which must be the ``name`` of
+    the :class:`Optimizer` they return (:func:`describe` records it, :func:`from_description` looks
+    it up). A module of optimizers registers its own when it is imported, so this module need not
+    import it.
 
-    return {**OPTIMIZERS, "kfac": second_order.kfac, "hessian_free": second_order.hessian_free}
+    Raises ``ValueError`` for a name already registered to a factory defined elsewhere (the same
+    definition, from a module imported again, replaces its earlier self).
+    """
+    for factory in factories:
+        name, old = factory.__name__, _REGISTRY.get(factory.__name__)
+        if old is not None and (old.__module__, old.__qualname__) != (factory.__module__, factory.__qualname__):
+            raise ValueError(f"an optimizer named {name!r} is registered already ({old.__module__}."
+                             f"{old.__qualname__}); give the factory another name.")
+        _REGISTRY[name] = factory
+
+
+register(sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw)
 
 
 def describe(opt: Optimizer) -> dict:
@@ -924,10 +955,9 @@ def describe(opt: Optimizer) -> dict:
     Raises ``TypeError`` for a transformation that is not an :class:`Optimizer` (a ``chain``,
     :func:`newton`): those record nothing.
     """
-    factories = _factories()
-    if not isinstance(opt, Optimizer) or opt.name not in factories:
+    if not isinstance(opt, Optimizer) or opt.name not in OPTIMIZERS:
         raise TypeError(
-            f"only the optimizers {sorted(factories)} of fnn.optim and fnn.second_order record how they were "
+            f"only the optimizers {sorted(OPTIMIZERS)} of fnn.optim.OPTIMIZERS record how they were "
             f"built; got {type(opt).__name__}. Build the optimizer with one of them, or keep it out of the "
             "description."
         )
@@ -964,10 +994,9 @@ def from_description(description: Mapping) -> Optimizer:
         raise ValueError(
             f"an optimizer description is {{'name': ..., 'hyperparams': {{...}}}}; got {description!r}."
         ) from None
-    factories = _factories()
-    factory = factories.get(name)
+    factory = OPTIMIZERS.get(name)
     if factory is None:
-        raise ValueError(f"unknown optimizer {name!r} in the description; expected one of {sorted(factories)}.")
+        raise ValueError(f"unknown optimizer {name!r} in the description; expected one of {sorted(OPTIMIZERS)}.")
     unknown = sorted(set(hyper) - set(inspect.signature(factory).parameters))
     if unknown:
         raise ValueError(f"{name} takes no hyper-parameter {', '.join(unknown)} (found in the description).")

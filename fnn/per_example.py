@@ -56,6 +56,7 @@ import numpy as np
 
 from fnn.backprop import Trace
 from fnn.checks import is_concrete, real_in
+from fnn.epoch import Observer
 from fnn.losses import check_l2, l2_active
 from fnn.mlp import MLP, Params
 
@@ -367,3 +368,12 @@ def epoch_statistics(steps: dict) -> dict:
         for key, q in (("norm_p10", 10), ("norm_median", 50), ("norm_p90", 90), ("norm_max", 100)):
             out[key] = float(np.percentile(norms, q)) if norms.size else float("nan")
     return out
+
+
+def observer(net: MLP, names, l2, width: int) -> Observer:
+    """The training observer (:mod:`fnn.epoch`) of the statistics ``names`` (some of
+    :data:`STATISTICS`) of every step, from the step's trace: :func:`step_statistics` per step,
+    :func:`epoch_statistics` in the history. ``width``: the largest batch."""
+    names = tuple(names)
+    return Observer("per_example", lambda s: step_statistics(net, s.params, s.gradient.trace, l2, names, width),
+                    summary=epoch_statistics)

@@ -62,9 +62,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import noise, per_example
+from fnn import noise, optim, per_example
 from fnn.backprop import backprop_trace
 from fnn.checks import nonempty, positive_int, prng_key, real_in
+from fnn.epoch import Batches, BatchGradient
 from fnn.losses import Loss, check_l2, check_output, l2_active
 from fnn.mlp import MLP, Params
 
@@ -542,3 +543,71 @@ def plan(settings: Privacy, num_samples: int, epochs: int, start_epoch: int = 0)
         sigma = noise_multiplier_for(settings.target_epsilon, q, steps * max(remaining, 1), delta, before=spent)
     q, sigma = _check_rate_and_noise(q, sigma)
     return PrivatePlan(q, sigma, clip, chunk, steps, delta, tuple(rdp(q, sigma).tolist()), spent)
+
+
+# ---------------------------------------------------------------------------------------------
+# DP-SGD in an epoch (fnn.epoch): a batch plan of Poisson lots and the private gradient.
+
+
+def lots(private: PrivatePlan, width: int = 1) -> Batches:
+    """The batch plan of DP-SGD: ``private.steps`` steps per epoch, each step's batch a key from which
+    :func:`private_gradient` draws its Poisson lot and its noise. The epoch after ``e`` epochs of
+    this run draws from ``fold_in(key, s)``, ``s`` the private steps spent before it (earlier runs'
+    included, :attr:`PrivatePlan.spent`), a count that only grows, so no lot or noise is drawn twice;
+    the run's key is not advanced. ``account(e)`` is the :class:`Spent` after ``e`` epochs of this
+    run, with the history entries ``epsilon`` and ``noise_multiplier``."""
+
+    def epoch_key(key, epochs_done):
+        return jax.random.fold_in(key, private.spent_after(epochs_done * private.steps).steps)
+
+    def account(epochs_done):
+        spent = private.spent_after(epochs_done * private.steps)
+        return spent, {"epsilon": spent.epsilon(private.delta), "noise_multiplier": private.noise_multiplier}
+
+    return Batches(lambda key: (jax.random.split(key, private.steps), None), width, indices=False,
+                   epoch_key=epoch_key, account=account)
+
+
+def gradient(net: MLP, loss: Loss, l2: float, private: PrivatePlan):
+    """The gradient part of a DP-SGD epoch: ``(params, state, x, y, key) -> BatchGradient`` of
+    :func:`private_gradient` on the whole training set, the batch being the step's key; its size is
+    the lot's drawn size, and it holds no trace (the lot is not recorded) and no batch for the
+    optimizer (one that reads the batch is refused by :func:`parts`)."""
+
+    def private_step(params, state, x, y, key):
+        grads, s = private_gradient(net, params, x, y, loss, key, clip=private.clip, q=private.q,
+                                    noise_multiplier=private.noise_multiplier, chunk=private.chunk, l2=l2)
+        return BatchGradient(s.cost, grads, state, None, s.lot_size, None)
+
+    return private_step
+
+
+def parts(private: PrivatePlan | None, net: MLP, loss: Loss, l2: float, opt, width: int = 1):
+    """``(lots(private), gradient(...))``, the two parts of a DP-SGD epoch; ``None`` without a plan.
+    Refuses an optimizer that reads the curvature of the batch (K-FAC, Hessian-free)."""
+    if private is None:
+        return None
+    if isinstance(opt, optim.BatchOptimizer):
+        raise ValueError(
+            f"the {opt.name} optimizer reads the curvature of the batch, which the privacy analysis does not "
+            "cover (it bounds one example's influence through the clipped gradient only). Use a first-order "
+            "optimizer with privacy.")
+    return lots(private, width), gradient(net, loss, l2, private)
+
+
+def training(settings: Privacy | None, net: MLP, opt_state, *, num_samples: int, epochs: int, start_epoch: int,
+             custom: bool) -> PrivatePlan | None:
+    """For :func:`fnn.fit`: the :class:`PrivatePlan` of ``settings`` for ``epochs`` epochs after
+    ``start_epoch``, after checking that the run can be private; ``None`` without settings.
+    ``custom``: the run asks for something the private step does not do (autodiff, a mesh,
+    per-example statistics or a gradient of its own)."""
+    if settings is None:
+        return None
+    if custom or net.has_state:
+        raise ValueError("privacy needs grad_source='manual', one device, no batch norm, no per_example statistics "
+                         "and no gradient of its own (the private step reads the δ's itself).")
+    if optim.reads_objective(opt_state):
+        raise ValueError("Newton's step reads the Hessian of its objective, a function of the training data that "
+                         "the privacy analysis does not cover (it bounds one example's influence through the "
+                         "clipped, noised gradient only). Use a first-order optimizer with privacy.")
+    return plan(settings, num_samples, start_epoch + epochs, start_epoch)

@@ -59,7 +59,7 @@ from fnn import curvature
 from fnn.checks import positive_int, real_in
 from fnn.losses import Loss, check_output, l2_penalty, output_curvature, resolve
 from fnn.mlp import MLP
-from fnn.optim import BatchOptimizer
+from fnn.optim import BatchOptimizer, register
 from fnn.schedules import Schedule, constant
 
 
@@ -270,3 +270,6 @@ def _cg(matvec, b: jax.Array, x0: jax.Array, iters: int) -> tuple[jax.Array, jax
 
     x, r, *_ = lax.fori_loop(0, iters, body, (x0, r, r, jnp.vdot(r, r)))
     return x, r
+
+
+register(kfac, hessian_free)

@@ -1,7 +1,8 @@
 """One training step: the gradient (by the hand-written backprop or by autodiff), then the optimizer.
 
 ``θ, s ← optim.step(opt, ∇C(θ), s, θ)``. :func:`train_step` is pure and jit-able; the compiled epoch
-of :func:`fnn.fit` scans it over the batches, and scripts use it for their own loops.
+of :func:`fnn.fit` scans its two halves over the batches (:func:`batch_gradient`, then
+:func:`fnn.optim.step`; see :mod:`fnn.epoch`), and scripts use it for their own loops.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from typing import Any, NamedTuple
 
 import jax
 
-from fnn import checks, optim
+from fnn import checks, distributed, optim
 from fnn.backprop import Trace, backprop_trace
+from fnn.epoch import BatchGradient
 from fnn.losses import Loss
 from fnn.mlp import MLP, Params, State
 from fnn.objective import autodiff_grads
@@ -56,3 +58,22 @@ def train_step(net: MLP, opt, params: Params, opt_state, x: jax.Array, y: jax.Ar
     cost, grads, new_state, trace = grads_of(net, params, x, y, loss, l2, state)
     new_params, new_opt_state = optim.step(opt, grads, opt_state, params, (x, y))
     return StepResult(new_params, new_opt_state, new_state, cost, grads, trace)
+
+
+def batch_gradient(net: MLP, loss: Loss, l2: float = 0.0, grad_source: str = "manual", mesh=None) -> Callable:
+    """The gradient part of an epoch (:mod:`fnn.epoch`) for mini-batches given by sample indices:
+    ``(params, state, x, y, idx (B,)) -> BatchGradient`` of ``C`` on ``(x[idx], y[idx])``.
+
+    ``grad_source`` as in :func:`train_step`. With a ``mesh`` (:mod:`fnn.distributed`) the batch is
+    sharded over its ``"data"`` axis, so that the partitioner turns the batch sums into all-reduces.
+    """
+    grads_of = checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
+
+    def gradient(params, state, x, y, idx):
+        xb, yb = x[idx], y[idx]
+        if mesh is not None:
+            xb, yb = (jax.lax.with_sharding_constraint(t, distributed.batch_sharded(mesh)) for t in (xb, yb))
+        cost, grads, new_state, trace = grads_of(net, params, xb, yb, loss, l2, state)
+        return BatchGradient(cost, grads, new_state, trace, jax.numpy.asarray(idx.shape[0], "int32"), (xb, yb))
+
+    return gradient

@@ -62,12 +62,14 @@ def _assert_equal_to_autodiff(net, params, state, x, y, loss, l2, train):
     chex.assert_trees_all_close(s_m, s_a, rtol=1e-12)
 
 
+@pytest.mark.slow  # a property sweep (55 networks)
 @settings(max_examples=55)
 @given(problem=bn_problems())
 def test_train_mode_backward_equals_autodiff(problem):
     _assert_equal_to_autodiff(*problem, train=True)
 
 
+@pytest.mark.slow  # a property sweep (60 networks)
 @settings(max_examples=60)
 @given(problem=bn_problems())
 def test_eval_mode_backward_equals_autodiff(problem):
@@ -94,6 +96,7 @@ def test_batch_of_two():
     chex.assert_trees_all_close(s_m, s_a, rtol=1e-12)
 
 
+@pytest.mark.slow  # test_batch_of_two catches the same bug, faster
 def test_dropping_the_mean_and_variance_paths_is_caught(monkeypatch):
     """The classroom backward δ_h = γ/σ ⊙ G (no terms through μ and σ²) must fail the check."""
     net = fnn.MLP((4, 6, 3), "tanh", batch_norm=True)
@@ -158,6 +161,7 @@ def test_configuration_and_parameter_layout():
         fnn.MLP((4, 6, 3), batch_norm=True, bn_momentum=1.0)
 
 
+@pytest.mark.slow
 def test_l2_does_not_touch_gamma_and_beta():
     net = fnn.MLP((4, 6, 3), "tanh", batch_norm=True)
     params = net.init(jax.random.PRNGKey(0), jnp.float64)
@@ -172,6 +176,7 @@ def test_l2_does_not_touch_gamma_and_beta():
     assert math.isfinite(float(jnp.sum(g1[0]["W"])))
 
 
+@pytest.mark.slow  # a training run and a checkpoint round trip
 def test_fit_trains_the_running_statistics_and_checkpoints_them(tmp_path):
     from fnn import checkpoint
 
@@ -217,6 +222,7 @@ def test_fit_refuses_a_last_batch_of_one():
                 loss=fnn.losses.softmax_cross_entropy, epochs=1, batch_size=10, key=jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow  # an experiment's quick run on real MNIST
 def test_batchnorm_experiment_quick(tmp_path, mnist_dir):
     import json
     import sys

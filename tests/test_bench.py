@@ -9,6 +9,10 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark's quick run compiles and times every configuration
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 

@@ -149,6 +149,7 @@ def _save_described(path, net, opt, dtype=jnp.float32):
     return params, opt_state, state, grads
 
 
+@pytest.mark.slow  # trains, saves and reloads two configurations
 @pytest.mark.parametrize("dtype, batch_norm, make", [
     (jnp.float32, True, lambda: fnn.optim.adamw(0.01, b1=0.8, weight_decay=0.1)),
     (jnp.float64, False, lambda: fnn.optim.rmsprop(0.01, centered=True, momentum=0.5)),

@@ -12,7 +12,7 @@ import pytest
 
 import fnn
 from fnn import checkpoint
-from fnn.cli import main, parser
+from fnn.cli import ConfigError, RunConfig, check, config_from_args, main, make_optimizer, parser, run
 
 FAST = ["--hidden", "8", "--quiet"]  # one small configuration, compiled once for the tests below
 
@@ -147,6 +147,18 @@ def _file(tmp_path):
     (["--plot", "{tmp}/curves.xyz"], r"matplotlib writes no \.xyz files"),
     # before: FileExistsError traceback at the end of the first epoch
     (["--checkpoint-dir", "{file}"], "--checkpoint-dir .*/file cannot be created"),
+    # before: TypeError traceback after training
+    (["--overwrite"], "--overwrite needs --checkpoint-dir"),
+    # before: no such flag (the CLI knew the first-order optimizers only)
+    (["--optimizer", "hessian_free", "--refresh", "3"],
+     "hessian_free takes no --refresh; it takes --lr, --damping, --cg-iters, --decay$"),
+    (["--optimizer", "kfac", "--damping", "-1"], r"damping must be a finite number in \[0, inf\); got -1.0"),
+    (["--optimizer", "hessian_free", "--schedule", "cosine"],
+     "hessian_free takes a constant learning rate, not --schedule cosine"),
+    (["--optimizer", "kfac", "--batch-norm"], "K-FAC is not defined for batch-normalized networks"),
+    (["--optimizer", "kfac", "--dp-clip", "1", "--dp-lot-size", "64", "--dp-noise", "1"],
+     "--dp-clip needs a first-order --optimizer: kfac reads the curvature of the batch"),
+    (["--optimizer", "kfac", "--debug-nans"], "--debug-nans replays the step of a first-order --optimizer"),
     pytest.param(["--loss", "categorical_cross_entropy"], "categorical_cross_entropy reads probabilities",
                  # before: trained on the identity output as if it gave probabilities, exit status 0
                  marks=pytest.mark.skipif(not hasattr(fnn.losses, "check_output"), reason="no check_output yet")),
@@ -281,3 +293,77 @@ def test_resume_keeps_the_runs_chunk_when_the_default_changes(tmp_path, capsys, 
     assert privacy.Privacy(clip=1.0, lot_size=1).chunk != 64
     assert main(["--epochs", "2", "--resume", *flags]) == 0
     assert "privacy settings" not in capsys.readouterr().err
+
+
+XOR = RunConfig(dataset="xor", hidden=(4,), batch_size=4, quiet=True)  # the four XOR points: a run compiles fast
+
+
+def test_run_config_is_the_flags_and_runs_without_argparse(tmp_path, capsys):
+    assert config_from_args(parser().parse_args([])) == RunConfig()  # the flags' defaults are RunConfig's
+    assert config_from_args(parser().parse_args(["--optimizer", "kfac", "--damping", "0.1", "--hidden", "8", "4"])) \
+        == RunConfig(optimizer="kfac", hyperparams=(("damping", 0.1),), hidden=(8, 4))
+    assert config_from_args(parser().parse_args(["--optimizer", "kfac", "--exact", "--refresh", "2"])).hyperparams \
+        == (("exact", True), ("refresh", 2))
+    history = tmp_path / "h.json"
+    assert run(XOR._replace(epochs=2, history=str(history), hyperparams={"b1": 0.8})) == 0
+    assert "xor: 4 train / 4 held out, network (2, 4, 2) relu->identity, softmax_cross_entropy, adam lr=0.001" \
+        in capsys.readouterr().out
+    assert [r["epoch"] for r in json.loads(history.read_text())] == [1, 2]
+    mistakes = [(XOR._replace(resume=True), "--resume needs --checkpoint-dir"),
+                (XOR._replace(optimizer="lion"), "argument --optimizer: invalid choice: 'lion'"),
+                (XOR._replace(batch_size=0), "argument --batch-size: must be a finite int ≥ 1; got 0"),
+                (XOR._replace(optimizer="sgd", hyperparams={"b1": 0.8}), "sgd takes no --b1; it takes --lr$"),
+                (XOR._replace(batch_size=5), "--batch-size 5 is larger than the 4 training samples of xor")]
+    for config, message in mistakes:
+        with pytest.raises(ConfigError, match=message):
+            run(config)
+    assert check(XOR._replace(hyperparams={"eps": 1e-6, "b1": 0.8})).hyperparams == (("b1", 0.8), ("eps", 1e-6))
+
+
+def test_second_order_optimizers_are_built_for_the_runs_network_loss_l2_and_seed():
+    net, loss = fnn.MLP((2, 4, 2)), fnn.losses.softmax_cross_entropy
+    opt = make_optimizer(check(XOR._replace(optimizer="kfac", l2=0.01, seed=3, hyperparams={"refresh": 2})),
+                         net, loss, 10)
+    hyper = opt.hyperparams
+    assert (hyper["net"], hyper["loss"], hyper["l2"], hyper["seed"], hyper["refresh"]) == (net, loss, 0.01, 3, 2)
+    assert hyper["learning_rate"] == 1e-3  # no --lr: kfac's own default
+    scheduled = make_optimizer(check(XOR._replace(optimizer="kfac", schedule="cosine", lr=0.5)), net, loss, 10)
+    assert callable(scheduled.hyperparams["learning_rate"])  # kfac takes a schedule, hessian_free does not
+    assert make_optimizer(check(XOR._replace(optimizer="hessian_free")), net, loss, 10).hyperparams[
+        "learning_rate"] == 1.0
+
+
+def test_hessian_free_trains_from_the_command_line(tmp_path, capsys):
+    history = tmp_path / "h.json"
+    assert main(["--dataset", "xor", "--hidden", "4", "--batch-size", "4", "--quiet", "--optimizer", "hessian_free",
+                 "--cg-iters", "5", "--epochs", "3", "--history", str(history)]) == 0
+    assert "hessian_free lr=1.0" in capsys.readouterr().out  # no --lr: hessian_free's own default
+    losses = [r["train_loss"] for r in json.loads(history.read_text())]
+    assert losses[2] < losses[1] < losses[0]
+
+
+def test_kfac_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path, capsys):
+    ck, flags = str(tmp_path / "ck"), ["--dataset", "xor", "--hidden", "4", "--batch-size", "2", "--quiet",
+                                       "--optimizer", "kfac", "--lr", "0.1", "--damping", "0.01", "--refresh", "3"]
+    assert main(flags + ["--epochs", "3", "--history", str(tmp_path / "straight.json")]) == 0
+    assert main(flags + ["--epochs", "1", "--checkpoint-dir", ck]) == 0
+    assert fnn.optim.describe(checkpoint.load(checkpoint.latest(ck)).opt)["hyperparams"]["damping"] == 0.01
+    _, err = _error(flags + ["--epochs", "3", "--checkpoint-dir", ck, "--resume", "--damping", "0.1"], capsys)
+    assert "checkpoint has kfac damping=0.01, expected damping=0.1" in err
+    assert main(flags + ["--epochs", "3", "--checkpoint-dir", ck, "--resume", "--history",
+                         str(tmp_path / "resumed.json")]) == 0
+    straight = json.loads((tmp_path / "straight.json").read_text())
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert [r["epoch"] for r in resumed] == [2, 3]
+    for a, b in zip(straight[1:], resumed):
+        assert a["train_loss"] == b["train_loss"] and a["held_out_loss"] == b["held_out_loss"]
+
+
+@pytest.mark.slow
+def test_kfac_reaches_95_percent_on_digits(tmp_path, capsys):
+    history = tmp_path / "h.json"
+    assert main(["--optimizer", "kfac", "--lr", "0.1", "--damping", "0.01", "--hidden", "64", "--epochs", "5",
+                 "--quiet", "--history", str(history)]) == 0
+    printed = float(re.search(r"held-out accuracy ([\d.]+)%", capsys.readouterr().out).group(1))
+    accuracy = json.loads(history.read_text())[-1]["held_out_accuracy"]
+    assert accuracy >= 0.95 and printed == pytest.approx(100 * accuracy, abs=0.01)

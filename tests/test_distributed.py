@@ -13,8 +13,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 import fnn
+
+pytestmark = pytest.mark.slow  # multi-device and multi-process runs, each in fresh processes
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds: every subprocess here is bounded

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # each runs an experiment end to end (--quick)
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

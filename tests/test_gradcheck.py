@@ -16,6 +16,7 @@ def _problem(dtype):
     return net, params, x, y
 
 
+@pytest.mark.slow  # finite differences of every coordinate, in two dtypes
 def test_per_layer_report_is_small_for_correct_gradients():
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.float64, 1e-12)):
         net, params, x, y = _problem(dtype)
@@ -52,6 +53,7 @@ def test_relative_difference():
     np.testing.assert_allclose(relative_difference(a, jnp.array([1.0, -2.2])), 0.2 / 2.2)
 
 
+@pytest.mark.slow
 def test_check_gradients_under_jit():
     net, params, x, y = _problem(jnp.float32)
     r = jax.jit(fnn.check_gradients, static_argnums=(0, 4))(net, params, x, y, fnn.losses.softmax_cross_entropy)
@@ -70,9 +72,11 @@ def _rows(report):
 
 
 @pytest.mark.parametrize("dtype, batch_norm, auto_tol, fd_tol", [
-    (jnp.float32, False, 1e-5, 1e-5),  # float32 backprop: both columns at its rounding, ~1e-7
+    pytest.param(jnp.float32, False, 1e-5, 1e-5,  # float32 backprop: both columns at its rounding, ~1e-7
+                 marks=pytest.mark.slow),
     (jnp.float64, False, 1e-12, 1e-6),  # float64: autodiff ~1e-16; FD good to ~8 digits (~1e-8 seen)
-    (jnp.float64, True, 1e-12, 1e-6),  # batch norm in train mode: γ, β leaves instead of b
+    pytest.param(jnp.float64, True, 1e-12, 1e-6,  # batch norm in train mode: γ, β leaves instead of b
+                 marks=pytest.mark.slow),
 ])
 def test_report_is_small_in_both_columns_for_correct_gradients(dtype, batch_norm, auto_tol, fd_tol):
     """Catches a report that flags correct gradients, and one that forgets leaves or layers."""

@@ -64,6 +64,7 @@ def _np_mixed_backprop(params, x, y, hidden, task):
     return cost, grads
 
 
+@pytest.mark.slow  # a property sweep
 @settings(max_examples=25)
 @given(
     depth=st.integers(1, 3),
@@ -139,7 +140,7 @@ def test_every_matmul_of_a_training_step_is_bfloat16_and_nothing_else_is(batch_n
 
 @pytest.mark.parametrize("hidden, output, loss", [
     ("relu", "identity", fnn.losses.softmax_cross_entropy),
-    ("tanh", "sigmoid", fnn.losses.mse),
+    pytest.param("tanh", "sigmoid", fnn.losses.mse, marks=pytest.mark.slow),
 ])
 def test_mixed_precision_backprop_matches_jax_grad_of_the_mixed_forward(hidden, output, loss):
     """jax.grad differentiates the same bf16-operand forward but rounds in its own places in the
@@ -169,6 +170,7 @@ def test_bad_compute_dtype():
     assert fnn.MLP((3, 2), compute_dtype="bfloat16") == fnn.MLP((3, 2), compute_dtype=jnp.bfloat16)
 
 
+@pytest.mark.slow  # training on real MNIST, twice
 def test_mixed_precision_matches_float32_accuracy_on_mnist_10k(mnist_dir):
     """784-256-10, Adam, 10 epochs, the same seeds: bfloat16 matmuls within 0.5 points of float32."""
     ds, _ = fnn.data.zscore_dataset(fnn.data.load_dataset("mnist-10k", mnist_dir))
@@ -187,6 +189,7 @@ def test_mixed_precision_matches_float32_accuracy_on_mnist_10k(mnist_dir):
     assert rel_err(final[None], final["bfloat16"]) > 1e-3  # two different trainings, not one twice
 
 
+@pytest.mark.slow
 def test_gradient_checks_judge_a_mixed_network_in_full_precision():
     net = fnn.MLP((6, 5, 3), "tanh", compute_dtype="bfloat16")
     plain = net.replace(compute_dtype=None)

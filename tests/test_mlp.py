@@ -22,6 +22,7 @@ def _np_forward(params, x, hidden, output):
     return a
 
 
+@pytest.mark.slow  # a property sweep
 @settings(max_examples=30)
 @given(
     depth=st.integers(1, 4),
@@ -77,6 +78,7 @@ def test_params_are_a_plain_pytree():
     chex.assert_trees_all_close(doubled[1]["W"], 2 * params[1]["W"])
 
 
+@pytest.mark.slow  # vmapped initialization of an ensemble, eagerly
 def test_apply_under_vmap_and_grad():
     net = fnn.MLP((3, 5, 2), "tanh")
     params = net.init(jax.random.PRNGKey(0), jnp.float64)

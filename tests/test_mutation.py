@@ -30,7 +30,9 @@ def test_every_mutant_still_applies_to_the_sources():
     assert len(mutation.MUTANTS) >= 30
     areas = {m.area for m in mutation.MUTANTS}
     assert {"δ-recursion", "losses", "optimizers", "shuffle and epoch", "checkpoint", "batch norm",
-            "per-example", "privacy"} <= areas
+            "per-example", "privacy", "curvature", "second-order"} <= areas
+    files = {m.file for m in mutation.MUTANTS}
+    assert {"fnn/curvature.py", "fnn/second_order.py", "fnn/per_example.py", "fnn/noise.py"} <= files
 
 
 def test_a_mutant_that_no_longer_matches_is_refused():
@@ -59,3 +61,44 @@ def test_the_tests_refuse_to_run_against_any_fnn_but_the_copy(monkeypatch):
     out = mutation.run_tests(ROOT, ("tests/test_losses.py::test_l2_penalty_counts_weights_only",), 300)
     assert out.status == "error"
     assert "not from the mutated copy" in out.detail
+
+
+class _Exited:
+    """A stand-in for ``subprocess.Popen``: every pytest run exits at once with ``status``."""
+
+    def __init__(self, status, output):
+        self.status, self.output, self.commands = status, output, []
+
+    def __call__(self, cmd, **kwargs):
+        self.commands.append(cmd)
+        self.pid, self.returncode = 0, self.status
+        return self
+
+    def communicate(self, timeout=None):
+        return self.output, None
+
+
+def test_a_mutant_whose_tests_the_marker_deselects_survives_with_no_fast_test(monkeypatch, capsys):
+    """``--marker EXPR`` passes ``-m EXPR`` to pytest; exit status 5 (every test deselected) is a survivor
+    reported as "no fast test" for a mutant, and a pass for the baseline. No real pytest run: Popen is
+    a stand-in and nothing is copied."""
+    fake = _Exited(5, "3 deselected in 0.01s\n")
+    monkeypatch.setattr(mutation.subprocess, "Popen", fake)
+    monkeypatch.setattr(mutation, "_copy", lambda root, into: into)
+    monkeypatch.setattr(mutation, "_apply", lambda copy, mutant: None)
+    m = next(m for m in mutation.MUTANTS if m.name == "checkpoint-key-not-restored")
+    out = mutation.run_tests(ROOT, m.tests, 60, m, marker="not slow")
+    assert out.status == "survived" and out.detail.startswith("no fast test")
+    cmd = fake.commands[-1]
+    assert cmd[2] == "pytest" and cmd[cmd.index("not slow") - 1] == "-m" and cmd[-len(m.tests):] == list(m.tests)
+    assert mutation.run_tests(ROOT, m.tests, 60, marker="not slow").status == "passed"  # the baseline
+    # without a marker, "no tests ran" means node ids that name nothing: an error, never a verdict
+    assert mutation.run_tests(ROOT, m.tests, 60, m).status == "error"
+    assert "-m" not in fake.commands[-1][3:]
+    # the whole script: the survivor is listed as having no fast test, and the score counts it
+    monkeypatch.setattr(mutation, "check_list", lambda *args, **kwargs: None)
+    assert mutation.main(["--only", m.name, "--marker", "not slow"]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline: passed" in printed
+    assert f"{m.name} [{m.file}]: {m.bug}\n    no fast test (-m 'not slow')" in printed
+    assert "score: 0/1 mutants caught by the tests of -m 'not slow' = 0.0 %" in printed

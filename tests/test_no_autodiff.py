@@ -60,6 +60,7 @@ def test_backprop_runs_without_autodiff(trap_autodiff, loss_name):
     jax.jit(lambda p, x, y: fnn.backprop(net, p, x, y, loss, 0.1))(params, x, y)
 
 
+@pytest.mark.slow
 def test_per_example_quantities_run_without_autodiff(trap_autodiff):
     net, params, x, y = _problem()
     loss = fnn.losses.categorical_cross_entropy
@@ -75,6 +76,7 @@ def test_per_example_quantities_run_without_autodiff(trap_autodiff):
     jax.jit(lambda p, x, y: everything(p, x, y))(params, x, y)
 
 
+@pytest.mark.slow
 def test_the_private_gradient_runs_without_autodiff(trap_autodiff):
     net, params, x, y = _problem()
     step = jax.jit(lambda p, key: fnn.privacy.private_gradient(net, p, x, y, fnn.losses.categorical_cross_entropy,
@@ -82,6 +84,7 @@ def test_the_private_gradient_runs_without_autodiff(trap_autodiff):
     step(params, jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 def test_curvature_runs_without_autodiff(trap_autodiff):
     net, params, x, y = _problem()
     loss = fnn.losses.categorical_cross_entropy
@@ -100,6 +103,7 @@ def test_curvature_runs_without_autodiff(trap_autodiff):
     jax.jit(lambda p, x, y, k: everything(p, x, y, k))(params, x, y, jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 def test_second_order_optimizers_run_without_autodiff(trap_autodiff):
     net, params, x, y = _problem()
     loss = fnn.losses.categorical_cross_entropy

@@ -34,6 +34,16 @@ def test_normal_is_bit_exact_on_a_large_draw_too():
     assert abs(expected.mean()) < 5 / np.sqrt(expected.size) and abs(expected.std() - 1) < 5e-3  # not all zeros
 
 
+def test_normal_is_bit_exact_in_float64_too():
+    """A float64 draw takes 52 mantissa bits from the two output words, high word first: one fixed draw
+    with a raw and a typed key, against jax.random.normal bit for bit (no hypothesis draw needed)."""
+    for key in (jax.random.PRNGKey(7), jax.random.key(7)):
+        expected = np.asarray(jax.random.normal(key, (3, 257), jnp.float64))
+        got = np.asarray(noise.normal(key, (3, 257), jnp.float64))
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got.view(np.uint64), expected.view(np.uint64))
+
+
 def test_the_fused_pass_is_the_one_taken_for_float32():
     """The fused path emits no call of JAX's threefry primitive (else the speed-up would be lost silently)."""
     fused = jax.make_jaxpr(lambda k: noise.normal(k, (64,)))(jax.random.PRNGKey(0))

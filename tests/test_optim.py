@@ -279,6 +279,7 @@ QUADRATIC = {
 }
 
 
+@pytest.mark.slow  # a convergence sweep (up to 3,000 steps each)
 @pytest.mark.parametrize("name", sorted(QUADRATIC))
 def test_every_optimizer_reaches_the_minimum_of_a_convex_quadratic(name):
     make, steps, minimum, tol = QUADRATIC[name]
@@ -365,10 +366,15 @@ def test_jitted_steps_trace_once_even_when_the_learning_rate_changes(learning_ra
     assert len(set(rates)) == (5 if callable(learning_rate) else 1)  # a schedule changed the rate every step
 
 
+def _slow_but(names, *fast):
+    """``names`` as parameters, all but ``fast`` marked slow: the fast tier keeps a few representative cases."""
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 MIXED = [{"W": jnp.float32, "b": jnp.float32}, {"W": jnp.float64, "b": jnp.float64}]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", _slow_but(sorted(CASES), "adam_cosine", "rmsprop_centered_momentum", "newton_damped"))
 def test_state_and_params_keep_their_dtypes_through_jitted_steps(name):
     opt = CASES[name][0]()
     params = [{k: leaf.astype(MIXED[l][k]) for k, leaf in layer.items()} for l, layer in enumerate(_tree(X0))]
@@ -399,7 +405,8 @@ def _as_float32(tree):
     return jax.tree.map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in CASES if not n.startswith("newton")))  # no bfloat16 solver
+@pytest.mark.parametrize("name", _slow_but(sorted(n for n in CASES if not n.startswith("newton")),  # no bfloat16 solver
+                                           "adam", "rmsprop_centered_momentum"))
 def test_bfloat16_params_keep_their_dtype_and_get_the_float32_update(name):
     """Catches (1) a param or state leaf that leaves bfloat16 (or int32), or turns weakly typed,
     through jitted steps, and (2) arithmetic done in bfloat16 that cannot hold the
@@ -436,6 +443,7 @@ def _trees(draw):
     return [{k: jnp.asarray(rng.normal(size=shape), dtype) for k, (shape, dtype) in layer.items()} for layer in layers]
 
 
+@pytest.mark.slow  # a property sweep
 @settings(max_examples=15)
 @given(params=_trees(), updates_dtype=st.sampled_from([np.float32, np.float64]))
 def test_apply_updates_and_adamw_keep_shapes_and_dtypes_of_any_tree(params, updates_dtype):

@@ -88,6 +88,7 @@ def test_matches_numpy_reference(seed):
     assert (int(out.updates), int(out.epochs), bool(out.converged)) == (want_updates, want_epochs, want_conv)
 
 
+@pytest.mark.slow  # a property sweep
 @settings(max_examples=20)
 @given(
     n=st.integers(1, 25),

@@ -21,12 +21,19 @@ def _reference_epsilon(q, sigma, steps, delta, orders=None):
     return accountant.get_epsilon(delta)
 
 
+def slow(*values):
+    """A parameter set that only the full suite runs (``pytest -m "not slow"`` leaves it out)."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 GRID = [(q, sigma, steps, delta) for q in (1e-3, 0.01, 0.075, 0.3) for sigma in (0.7, 1.0, 2.0, 4.0)
         for steps in (1, 100, 10_000) for delta in (1e-5, 1e-7)]
 INTEGER_ORDERS = tuple(a for a in privacy.ORDERS if a == int(a))
+# The fast tier keeps every (q, σ) at 100 steps and δ = 1e-5; the rest of the grid is a slow sweep.
+INTEGER_GRID = [g if g[2] == 100 and g[3] == 1e-5 else slow(*g) for g in GRID]
 
 
-@pytest.mark.parametrize("q, sigma, steps, delta", GRID)
+@pytest.mark.parametrize("q, sigma, steps, delta", INTEGER_GRID)
 def test_epsilon_equals_dp_accounting_on_integer_orders(q, sigma, steps, delta):
     """Integer orders (the finite sum of Mironov et al.) and the same RDP-to-(ε, δ) conversion:
     the two accountants agree to rounding."""
@@ -46,7 +53,7 @@ def _renyi_by_quadrature(q, sigma, alpha):
     return top + np.log(np.sum(np.exp(f - top))) - np.log(np.sum(np.exp(log0)))
 
 
-@pytest.mark.parametrize("q, sigma", [(0.01, 1.0), (0.3, 1.0), (0.075, 0.7), (0.001, 4.0)])
+@pytest.mark.parametrize("q, sigma", [(0.01, 1.0), (0.3, 1.0), slow(0.075, 0.7), slow(0.001, 4.0)])
 def test_fractional_orders_equal_the_definition_by_quadrature(q, sigma):
     """The fractional-order series against the Rényi divergence integrated numerically. (Here
     dp-accounting's own series stops early or gives up at small orders for q = 0.3; fnn's does not.)"""
@@ -58,6 +65,7 @@ def test_fractional_orders_equal_the_definition_by_quadrature(q, sigma):
     np.testing.assert_allclose(integer, [_renyi_by_quadrature(q, sigma, a) for a in (2, 5)], rtol=1e-6, atol=1e-13)
 
 
+@pytest.mark.slow  # a sweep; the integer-order test keeps a fast subset
 @pytest.mark.parametrize("q, sigma, steps, delta", [g for g in GRID if g[1] >= 1.0 and g[3] == 1e-5])
 def test_epsilon_against_dp_accounting_with_its_own_grid(q, sigma, steps, delta):
     """With each package's default grid of orders: fnn's ε is never more than 1 % above
@@ -119,6 +127,7 @@ def _problem(n=50, dtype=jnp.float64):
     return net, params, x, jnp.arange(n) % 4
 
 
+@pytest.mark.slow  # compiles the private step for each chunk and vmap(jax.grad) for each lot, ~10–25 s each
 @pytest.mark.parametrize("chunk", [4, 7, 64])
 def test_without_noise_the_step_is_the_clipped_sum_of_vmap_grad(chunk):
     """σ = 0: ``Σ_{x ∈ lot} g_x min(1, c/‖g_x‖) / (qN) + βW`` with ``g_x`` from ``vmap(jax.grad)`` over
@@ -149,6 +158,7 @@ def test_without_noise_the_step_is_the_clipped_sum_of_vmap_grad(chunk):
             np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow  # compiles the private step twice, ~20 s
 def test_the_noise_is_gaussian_with_standard_deviation_sigma_c_over_qn():
     """The noised step minus the noiseless one, over all P entries: mean 0 and standard deviation
     σc/(qN) (z-tests at about 4 standard errors), and a fresh draw for another key."""
@@ -174,6 +184,7 @@ def test_the_noise_is_gaussian_with_standard_deviation_sigma_c_over_qn():
     assert not np.allclose(other, diff)
 
 
+@pytest.mark.slow  # compiles a 784-256-10 step on 2,048 samples
 def test_the_private_step_builds_no_per_example_gradients():
     """XLA's memory analysis of the compiled step: its temporaries stay far below one per-example
     gradient array ``chunk × P`` (let alone ``N × P``)."""
@@ -215,6 +226,7 @@ def _fit_problem():
 KW = dict(loss=fnn.losses.softmax_cross_entropy, batch_size=50, quiet=True)
 
 
+@pytest.mark.slow  # three private training runs
 def test_private_training_records_epsilon_and_resumes_bit_for_bit():
     net, params, x, y = _fit_problem()
     settings = privacy.Privacy(clip=1.0, lot_size=40, noise_multiplier=1.2, delta=1e-5)
@@ -232,6 +244,7 @@ def test_private_training_records_epsilon_and_resumes_bit_for_bit():
     assert [r["epsilon"] for r in rest.history] == [r["epsilon"] for r in whole.history[2:]]
 
 
+@pytest.mark.slow  # a private training run
 def test_a_target_epsilon_sets_the_noise_for_the_whole_run():
     net, params, x, y = _fit_problem()
     settings = privacy.Privacy(clip=1.0, lot_size=40, target_epsilon=3.0, delta=1e-5)
@@ -258,8 +271,8 @@ def test_private_training_refuses_what_the_analysis_does_not_cover():
         fnn.fit(net, params, fnn.optim.sgd(0.1), (x, y), privacy={"clip": 1.0}, **kw)
 
 
-@pytest.mark.parametrize("n, q, block", [(1000, 0.004, None), (20, 0.95, None), (40, 1.0, None), (1000, 0.004, 2),
-                                         (20, 0.6, 3)])
+@pytest.mark.parametrize("n, q, block", [slow(1000, 0.004, None), slow(20, 0.95, None), (40, 1.0, None),
+                                         slow(1000, 0.004, 2), (20, 0.6, 3)])
 def test_poisson_lots_have_binomial_sizes_and_uniform_membership(n, q, block):
     """Over 20,000 lots: the size has mean qN and variance qN(1−q), every example joins with
     frequency q (bounds at about 5 standard errors), members come first in increasing order. With

@@ -142,6 +142,7 @@ def test_every_check_has_its_block():
     assert set(CHECKS) <= set(headings), f"checks without a README block: {set(CHECKS) - set(headings)}"
 
 
+@pytest.mark.slow  # each block runs in a fresh Python process
 @pytest.mark.parametrize("block", PYTHON, ids=[_id(i, b) for i, b in enumerate(PYTHON)])
 def test_readme_example_runs_alone(block, tmp_path):
     check = CHECKS.get(block.heading)

@@ -50,6 +50,7 @@ def _dp_accounting(events, orders):
 # Privacy guarantee.
 
 
+@pytest.mark.slow  # four private training runs
 def test_finding_01_resume_with_a_target_accounts_the_earlier_steps_at_their_sigma():
     """A resumed run with ``target_epsilon`` solves σ for what is left of the budget; ε never falls
     across the resume and equals dp-accounting's composition of both σ's actually used."""
@@ -95,6 +96,7 @@ def test_finding_02_a_resume_with_the_first_key_draws_fresh_lots_and_noise():
                                                         jax.tree.leaves(resumed.params)))
 
 
+@pytest.mark.slow  # six private steps per dtype, each compiled anew
 @pytest.mark.parametrize("compute_dtype", [None, "bfloat16"])
 def test_finding_03_a_clipped_gradient_never_exceeds_the_clip_norm(compute_dtype):
     """A lot of one example, no noise, ``q = 1``: ``g̃`` is that example's clipped gradient, and its
@@ -112,6 +114,7 @@ def test_finding_03_a_clipped_gradient_never_exceeds_the_clip_norm(compute_dtype
         assert norm >= clip * (1 - 1e-3)  # clipped to c, not far below it
 
 
+@pytest.mark.slow  # private training runs
 def test_finding_04_delta_of_one_over_n_or_more_is_refused_unless_allowed():
     net, params, x, y = _problem(n=50, sizes=(4, 3))
     for delta in (0.5, 1 / 50):
@@ -160,6 +163,7 @@ def test_finding_08_newton_on_the_training_data_is_refused_under_privacy():
 # Silently wrong results.
 
 
+@pytest.mark.slow
 def test_finding_09_params_of_another_network_than_the_trace_are_refused():
     net, params, x, y = _problem()
     _, _, _, trace = fnn.backprop_trace(net, params, x, y, LOSS)
@@ -208,6 +212,7 @@ def test_finding_12_an_empty_batch_is_refused_by_every_function():
             call()
 
 
+@pytest.mark.slow  # power iteration against a full Hessian
 def test_finding_13_sharpness_started_on_the_second_eigenvector_finds_the_first():
     net, params, x, y = _problem(n=8, sizes=(3, 4, 2))
     flat, unravel = ravel_pytree(params)
@@ -275,6 +280,7 @@ def test_finding_16_the_whole_backprop_result_or_another_optimizers_state_gets_a
                 opt_state=adam.init(params), quiet=True)
 
 
+@pytest.mark.slow  # a training run per entry point
 def test_finding_17_an_int_seed_is_a_key_wherever_fit_takes_one():
     net, params, x, y = _problem()
     by_seed = cv.ggn_diag_mc(net, params, x, y, LOSS, key=3)
@@ -362,6 +368,7 @@ def test_finding_27_the_ggn_diagonals_take_their_arguments_in_one_order():
 # A second look from outside, after the fixes above: the cases it found.
 
 
+@pytest.mark.slow  # several private training runs
 def test_a_resume_after_a_failed_epoch_draws_fresh_noise():
     """After a NaN stop the run keeps the last good epoch, but the failed epoch's noisy steps were
     computed (and counted); the resumed epoch must not draw the same noise again, or the two releases'
@@ -380,6 +387,7 @@ def test_a_resume_after_a_failed_epoch_draws_fresh_noise():
     assert abs(float(np.corrcoef(failed, again)[0, 1])) < 0.9
 
 
+@pytest.mark.slow  # a private training run
 def test_poisson_lots_at_a_tiny_rate_stay_inside_the_data():
     """Gaps of about 1/q overflowed int32 and wrapped to negative indices, which counted as members."""
     for seed in range(10):
@@ -410,6 +418,7 @@ def test_float64_noise_without_x64_is_jax_random_normals_float32():
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_a_trace_taken_at_other_params_of_the_same_shapes_is_refused():
     net, params, x, y = _problem()
     _, _, _, trace = fnn.backprop_trace(net, params, x, y, LOSS, 0.1)
@@ -422,6 +431,7 @@ def test_a_trace_taken_at_other_params_of_the_same_shapes_is_refused():
         pe.batch_grad(net, shifted, trace)
 
 
+@pytest.mark.slow
 def test_numpy_ints_and_keys_and_sample_counts():
     net, params, x, y = _problem()
     by_numpy = cv.ggn_diag_mc(net, params, x, y, LOSS, key=np.asarray(jax.random.PRNGKey(3)), samples=np.int64(2))

@@ -33,19 +33,35 @@ def _bar(layer):
     return np.concatenate([np.asarray(layer["W"]), np.asarray(layer["b"])[:, None]], axis=1)
 
 
-@pytest.mark.parametrize("loss_name", ["mse", "half_mse", "binary_cross_entropy_with_logits"])
-@pytest.mark.parametrize("damping", [0.0, 0.3])
-def test_kfac_update_is_the_kronecker_solve(loss_name, damping):
-    """Exact factors, no averaging: u^l = −α (G_d ⊗ A_d)⁻¹ vec(∇W̄^l) (row-major [W | b]) with the damped
-    factors A + π√γ I, G + (√γ/π) I formed here from the factors' definition, and solved by numpy."""
-    net, params, x, y, loss = _problem(loss_name)
-    opt = so.kfac(net, loss, learning_rate=0.5, damping=damping, decay=0.0, refresh=1, exact=True)
-    _, grads = fnn.backprop(net, params, x, y, loss)
-    updates, _ = opt.update(grads, opt.init(params), params, (x, y))
+# Every loss the second-order optimizers accept (all but mae, refused: see test_every_accepted_loss_is_covered),
+# each on an output it reads; the tests below run each as a case of its own.
+KFAC_LOSSES = [("binary_cross_entropy", "sigmoid"), ("binary_cross_entropy_with_logits", "identity"),
+               ("categorical_cross_entropy", "softmax"), ("half_mse", "identity"), ("mse", "identity"),
+               ("softmax_cross_entropy", "identity")]
+HF_LOSSES = [("binary_cross_entropy", "softmax"), ("binary_cross_entropy_with_logits", "identity"),
+             ("categorical_cross_entropy", "sigmoid"), ("half_mse", "tanh"), ("mse", "sigmoid"),
+             ("softmax_cross_entropy", "identity")]
+SINGULAR = {"categorical_cross_entropy", "softmax_cross_entropy"}  # H_x = diag p − p pᵀ: G^L needs damping
+
+
+def test_every_accepted_loss_is_covered():
+    for cases in (KFAC_LOSSES, HF_LOSSES):
+        assert sorted(name for name, _ in cases) == sorted(set(LOSSES) - {"mae"})
+        assert all(output in (LOSSES[name].outputs or {output}) for name, output in cases)
+    net = fnn.MLP((3, 4, 2), "tanh", "identity")
+    for make in (so.kfac, so.hessian_free):
+        with pytest.raises(ValueError, match="mae has none"):
+            make(net, "mae")
+
+
+def _kfac_direction(net, params, x, grads, G_full, damping):
+    """Per layer ``(G_d ⊗ A_d)⁻¹ vec(∇W̄^l)`` (row-major ``[W | b]``) with the damped factors
+    ``A + π√γ I``, ``G + (√γ/π) I`` formed here from the factors' definition (``A`` from the activations,
+    ``G^l`` the Gauss-Newton block of ``b^l`` in ``G_full``) and solved by numpy: ``[W | b]`` per layer."""
     acts = net.forward_trace(params, x).acts
-    G_full, _, _ = _explicit_ggn(net, params, x, y, loss, 0.0)
     index = ravel_pytree(jax.tree.map(lambda p: jnp.zeros(p.shape), params))[1](
         jnp.arange(sum(p.size for p in jax.tree.leaves(params)), dtype=jnp.float64))
+    out = []
     for l in range(net.num_layers):
         abar = np.concatenate([np.asarray(acts[l]), np.ones((x.shape[0], 1))], axis=1)
         A = abar.T @ abar / x.shape[0]
@@ -54,8 +70,65 @@ def test_kfac_update_is_the_kronecker_solve(loss_name, damping):
         pi = np.sqrt((np.trace(A) / A.shape[0]) / (np.trace(G) / G.shape[0]))
         Ad = A + pi * np.sqrt(damping) * np.eye(A.shape[0])
         Gd = G + np.sqrt(damping) / pi * np.eye(G.shape[0])
-        ref = -0.5 * np.linalg.solve(np.kron(Gd, Ad), _bar(grads[l]).ravel()).reshape(_bar(grads[l]).shape)
-        assert rel_err(_bar(updates[l]), ref) <= 1e-9, f"layer {l}"
+        out.append(np.linalg.solve(np.kron(Gd, Ad), _bar(grads[l]).ravel()).reshape(_bar(grads[l]).shape))
+    return out
+
+
+@pytest.mark.parametrize("damping, loss_name, output", [
+    (damping, name, output) for damping in (0.0, 0.3) for name, output in KFAC_LOSSES
+    if damping > 0 or name not in SINGULAR])
+def test_kfac_update_is_the_kronecker_solve(damping, loss_name, output):
+    """Exact factors, no averaging: u^l = −α (G_d ⊗ A_d)⁻¹ vec(∇W̄^l) (row-major [W | b]) with the damped
+    factors A + π√γ I, G + (√γ/π) I formed here from the factors' definition, and solved by numpy."""
+    net, params, x, y, loss = _problem(loss_name, output=output)
+    opt = so.kfac(net, loss, learning_rate=0.5, damping=damping, decay=0.0, refresh=1, exact=True)
+    _, grads = fnn.backprop(net, params, x, y, loss)
+    updates, _ = opt.update(grads, opt.init(params), params, (x, y))
+    G_full, _, _ = _explicit_ggn(net, params, x, y, loss, 0.0)
+    for l, direction in enumerate(_kfac_direction(net, params, x, grads, G_full, damping)):
+        assert rel_err(_bar(updates[l]), -0.5 * direction) <= 1e-9, f"layer {l}"
+
+
+@pytest.mark.parametrize("learning_rate", [100.0, 1e-3], ids=["model", "cap"])
+def test_kfac_rescaled_step_minimizes_the_damped_quadratic_model(learning_rate):
+    """``rescale=True``: the update is ``−α Δ`` along K-FAC's direction ``Δ`` (the Kronecker solve of
+    :func:`_kfac_direction`), ``α = min(learning rate, α*)`` with ``α* = ∇Cᵀ Δ / (Δᵀ G Δ + γ‖Δ‖²)`` the
+    minimizer of the damped quadratic model (Martens & Grosse §6.4), ``G`` the explicit Gauss-Newton matrix
+    with the L2 term ``βI`` on the weights. With a learning rate of 100 the model sets the step, with 1e-3
+    the cap does. (Catches the model's damping term left out, and the cap taken as a floor.)"""
+    damping, l2 = 0.3, 0.01
+    net, params, x, y, loss = _problem("softmax_cross_entropy", output="identity")
+    opt = so.kfac(net, loss, learning_rate=learning_rate, damping=damping, decay=0.0, refresh=1, exact=True,
+                  rescale=True, l2=l2)
+    _, grads = fnn.backprop(net, params, x, y, loss, l2)
+    updates, _ = opt.update(grads, opt.init(params), params, (x, y))
+    G_data, _, _ = _explicit_ggn(net, params, x, y, loss, 0.0)  # the factors leave the L2 term out
+    bars = _kfac_direction(net, params, x, grads, G_data, damping)
+    delta = np.asarray(ravel_pytree([{"W": d[:, :-1], "b": d[:, -1]} for d in bars])[0])
+    G, _, _ = _explicit_ggn(net, params, x, y, loss, l2)
+    g = np.asarray(ravel_pytree(grads)[0])
+    best = (g @ delta) / (delta @ np.asarray(G) @ delta + damping * delta @ delta)
+    assert (best < learning_rate) == (learning_rate == 100.0)  # the regime each case is about
+    expect = -min(learning_rate, best) * delta
+    assert rel_err(ravel_pytree(updates)[0], expect) <= 1e-9
+
+
+def test_kfac_draws_new_columns_at_every_step():
+    """KFAC (``exact=False``) samples ``G^l``'s columns with a key it advances: two steps at the same
+    params and batch (decay 0: each step's factors are its own) give the same ``A`` and different ``G``,
+    and the state's key moves on at each step. KFLR (``exact=True``) gives the same ``G`` both times."""
+    net, params, x, y, loss = _problem("softmax_cross_entropy", output="identity")
+    _, grads = fnn.backprop(net, params, x, y, loss)
+    for exact in (False, True):
+        opt = so.kfac(net, loss, learning_rate=0.1, damping=1e-2, decay=0.0, refresh=1, exact=exact, seed=5)
+        states = [opt.init(params)]
+        for _ in range(2):
+            states.append(opt.update(grads, states[-1], params, (x, y))[1])
+        first, second = states[1:]
+        assert all(np.array_equal(a, b) for a, b in zip(first.A, second.A))
+        assert all(np.array_equal(a, b) for a, b in zip(first.G, second.G)) == exact, f"exact={exact}"
+        keys = [np.asarray(s.key) for s in states]
+        assert not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[1], keys[2])
 
 
 def test_kfac_running_averages_and_refresh_period():
@@ -71,12 +144,13 @@ def test_kfac_running_averages_and_refresh_period():
         refreshed = int(before.count) % 3 == 0
         same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.A_inv), jax.tree.leaves(state.A_inv)))
         assert same != refreshed or int(before.count) == 0
-    # A after 4 steps: A₁ then A ← 0.8 A + 0.2 A_t
+    # A and G after 4 steps: A₁ then A ← 0.8 A + 0.2 A_t, the same for G
     for l in range(net.num_layers):
-        expect = np.asarray(history[0][l].A)
-        for f in history[1:]:
-            expect = 0.8 * expect + 0.2 * np.asarray(f[l].A)
-        assert rel_err(state.A[l], expect) <= 1e-12
+        for name in ("A", "G"):
+            expect = np.asarray(getattr(history[0][l], name))
+            for f in history[1:]:
+                expect = 0.8 * expect + 0.2 * np.asarray(getattr(f[l], name))
+            assert rel_err(getattr(state, name)[l], expect) <= 1e-12, f"{name} of layer {l}"
     assert int(state.count) == 4
 
 
@@ -92,7 +166,7 @@ def test_conjugate_gradient_against_numpy_solve():
     assert rel_err(x2, x) <= 1e-9
 
 
-@pytest.mark.parametrize("loss_name,output", [("softmax_cross_entropy", "identity"), ("mse", "sigmoid")])
+@pytest.mark.parametrize("loss_name, output", HF_LOSSES)
 def test_hessian_free_solves_the_damped_gauss_newton_system(loss_name, output):
     """The CG step against numpy.linalg.solve on the explicit damped GGN (jacfwd/hessian), with L2; the
     damping then follows the Levenberg–Marquardt rule on the reduction ratio computed here."""
@@ -112,6 +186,52 @@ def test_hessian_free_solves_the_damped_gauss_newton_system(loss_name, output):
     assert float(state.rho) == pytest.approx(rho, rel=1e-8)
     expect = 0.75 if rho < 0.25 else (1 / 3 if rho > 0.75 else 0.5)
     assert float(state.damping) == pytest.approx(expect, rel=1e-12)
+
+
+def _np_cg(M, b, x0, iters):
+    """``iters`` iterations of conjugate gradient on ``M x = b`` from ``x0`` (Hestenes & Stiefel 1952),
+    in numpy float64: the reference for a solve that stops far from the solution."""
+    x = np.array(x0, np.float64)
+    r = b - M @ x
+    p, rr = r.copy(), r @ r
+    for _ in range(iters):
+        mp = M @ p
+        a = rr / (p @ mp)
+        x, r = x + a * p, r - a * mp
+        rr, old = r @ r, rr
+        p = r + (rr / old) * p
+    return x
+
+
+def test_hessian_free_after_a_few_cg_iterations_and_its_warm_start():
+    """Three CG iterations, far from the solution: the step is ``α d`` with ``d`` the third CG iterate on
+    ``(G + λI) d = −∇C`` started from ``decay ·`` the previous ``d`` (numpy CG on the explicit GGN with
+    L2); ``ρ`` is the cost's change over ``q(d) = ∇Cᵀd + ½dᵀ(G + λI)d``, computed here from ``d`` (the
+    optimizer reads it off CG's residual, which is not 0 here); ``λ`` follows ``ρ``; and the second step,
+    at the same point, starts CG from ``decay ·`` the first step's ``d`` with the new ``λ``."""
+    net, params, x, y, loss = _problem("softmax_cross_entropy", output="identity")
+    alpha, decay, lam, l2, iters = 0.5, 0.5, 0.5, 0.01, 3
+    opt = so.hessian_free(net, loss, learning_rate=alpha, damping=lam, cg_iters=iters, decay=decay, l2=l2)
+    _, grads = fnn.backprop(net, params, x, y, loss, l2)
+    g = np.asarray(ravel_pytree(grads)[0])
+    G = np.asarray(_explicit_ggn(net, params, x, y, loss, l2)[0])
+    unravel = ravel_pytree(params)[1]
+    state, previous = opt.init(params), np.zeros_like(g)
+    for step in range(2):
+        M = G + lam * np.eye(g.size)
+        d = _np_cg(M, -g, decay * previous, iters)
+        assert np.linalg.norm(M @ d + g) > 1e-3 * np.linalg.norm(g)  # far from the solution: r is not 0
+        updates, state = opt.update(grads, state, params, (x, y))
+        moved = jax.tree.map(lambda p, s: p + s, params, unravel(jnp.asarray(d)))
+        change = float(fnn.objective(net, moved, x, y, loss, l2) - fnn.objective(net, params, x, y, loss, l2))
+        assert change < 0, f"step {step}"  # accepted: the case this test is about
+        rho = change / (g @ d + 0.5 * d @ M @ d)
+        assert float(state.rho) == pytest.approx(rho, rel=1e-8), f"step {step}"
+        assert rel_err(ravel_pytree(updates)[0], alpha * d) <= 1e-9, f"step {step}"
+        assert rel_err(ravel_pytree(state.previous)[0], d) <= 1e-9, f"step {step}"
+        lam = lam * (1.5 if rho < 0.25 else 2 / 3 if rho > 0.75 else 1.0)
+        assert float(state.damping) == pytest.approx(lam, rel=1e-12), f"step {step}"
+        previous = d
 
 
 def test_hessian_free_rejects_a_step_that_raises_the_cost():

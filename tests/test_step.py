@@ -21,7 +21,7 @@ def _problem(batch_norm=False):
     return net, params, x, jnp.arange(9) % 3
 
 
-@pytest.mark.parametrize("grad_source", ["manual", "autodiff"])
+@pytest.mark.parametrize("grad_source", ["manual", pytest.param("autodiff", marks=pytest.mark.slow)])
 def test_train_step_is_the_gradient_then_the_update(grad_source):
     net, params, x, y = _problem()
     opt = optim.adam(1e-2)

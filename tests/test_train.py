@@ -115,7 +115,7 @@ def test_last_smaller_batch_is_a_real_step():
     np.testing.assert_array_equal(stats.batch_size, [5, 5, 5, 5])
 
 
-@pytest.mark.parametrize("guard", [True, False])
+@pytest.mark.parametrize("guard", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_epoch_matches_a_python_loop_over_batches(guard):
     """The scan-compiled epoch does exactly: shuffle, then per batch backprop → update."""
     x, y = _toy(23)
@@ -156,6 +156,7 @@ def test_global_norm_of_many_small_and_large_leaves():
     assert np.isnan(optim.scaled_global_norm([jnp.asarray([1.0, np.nan])]))
 
 
+@pytest.mark.slow  # training runs
 def test_grad_norm_can_be_left_out():
     x, y = _toy(100)
     params = NET.init(jax.random.PRNGKey(0))
@@ -207,6 +208,7 @@ def test_an_epoch_is_one_compiled_call_and_later_epochs_do_not_recompile(monkeyp
     assert after_first[0] == after_first[-1]  # no compilation at all after the first epoch
 
 
+@pytest.mark.slow  # two training runs
 def test_manual_and_autodiff_training_agree():
     x, y = _toy(300)
     params = NET.init(jax.random.PRNGKey(0))
@@ -320,6 +322,7 @@ def test_nan_guard_stops_and_keeps_the_last_finite_params():
     assert first in result.stopped
 
 
+@pytest.mark.slow  # four training runs
 def test_unguarded_epoch_checks_once_at_the_end_and_the_guarded_one_finds_the_step():
     x, y = _toy(100)
     x = x.at[37, 2].set(jnp.inf)
@@ -343,6 +346,7 @@ def test_unguarded_epoch_checks_once_at_the_end_and_the_guarded_one_finds_the_st
         assert int(stats.first_bad_step) == -1
 
 
+@pytest.mark.slow  # training runs
 def test_a_false_alarm_of_the_unguarded_check_is_cleared_by_the_guarded_rerun(monkeypatch):
     """Finite gradients whose global norm overflows float32 fail the cheap end-of-epoch check; the
     leaf-by-leaf guarded rerun finds every value finite, so training goes on."""
@@ -368,7 +372,7 @@ def _overflowing_regression():
     return net, params, (jnp.ones((8, 1), jnp.float32), jnp.full((8, 1), 1e18, jnp.float32))
 
 
-@pytest.mark.parametrize("grad_norm", [True, False])
+@pytest.mark.parametrize("grad_norm", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_an_overflow_in_the_optimizer_state_stops_training(grad_norm):
     """Adam's ``v += (1 − β₂) g²`` overflows for |g| ≳ 2e19 although g, the cost and the params are
     finite (that coordinate would be frozen for good): a failure at the update."""
@@ -380,6 +384,7 @@ def test_an_overflow_in_the_optimizer_state_stops_training(grad_norm):
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(result.opt_state))
 
 
+@pytest.mark.slow  # training runs
 def test_without_grad_norm_the_failure_report_is_the_same():
     x, y = _toy(100)
     x = x.at[37, 2].set(jnp.inf)
@@ -480,6 +485,7 @@ def test_a_loss_name_and_an_int_seed_are_accepted():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # four training runs
 def test_a_second_fit_with_the_same_configuration_does_not_recompile(monkeypatch):
     """Sweeps call fit in a loop. Before, every call traced and compiled its epoch again (~0.9 s)."""
     traces = _count_epoch_traces(monkeypatch)
@@ -496,6 +502,7 @@ def test_a_second_fit_with_the_same_configuration_does_not_recompile(monkeypatch
     assert len(traces) == 3
 
 
+@pytest.mark.slow  # training on real MNIST
 def test_mnist_10k_reaches_95_percent(mnist_dir):
     """784-256-10 on the real MNIST test images, split 8,000 train / 2,000 held out."""
     ds = fnn.data.load_dataset("mnist-10k", mnist_dir)
@@ -509,6 +516,7 @@ def test_mnist_10k_reaches_95_percent(mnist_dir):
     assert acc >= 0.95, result.history
 
 
+@pytest.mark.slow  # 30 epochs of training
 def test_digits_reaches_96_percent():
     ds = fnn.data.load_dataset("digits")
     norm = fnn.data.fit_zscore(ds.x_train)
@@ -520,6 +528,7 @@ def test_digits_reaches_96_percent():
     assert result.history[-1]["held_out_accuracy"] >= 0.96, result.history[-1]
 
 
+@pytest.mark.slow  # training on real MNIST, once per optimizer
 @pytest.mark.parametrize("name,kwargs", [
     ("sgd", dict(learning_rate=0.1)),
     ("sgd", dict(learning_rate=fnn.schedules.inverse_sqrt(0.2))),
@@ -545,7 +554,7 @@ def test_every_optimizer_lowers_the_loss_on_real_mnist(mnist_dir, name, kwargs):
     assert losses[-1] < 0.5 * start and losses[-1] < losses[0], (start, losses)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_epochs_keep_every_dtype_and_trace_once(dtype, monkeypatch):
     """Catches weak-typed scalars or promotions that change a leaf's dtype (and force a retrace)."""
     x, y = _toy(200)
