@@ -211,7 +211,10 @@ CURVED_HIDDEN = tuple(n for n in HIDDEN if n not in PIECEWISE_LINEAR)  # φ'' �
 def test_products_of_a_deep_network_through_every_curved_activation(loss_name, output, batch_norm):
     """The property test's check on one fixed network, with nothing left to a draw: five hidden layers, one
     for each activation with φ'' ≠ 0 (elu, sigmoid, silu, softplus, tanh), three outputs, a batch of 5,
-    soft targets and L2 on; H v, G v and diag G against jvp(grad C) and the explicit jacfwd/hessian G."""
+    soft targets and L2 on; H v, G v and diag G against jvp(grad C) and the explicit jacfwd/hessian G.
+    Catches, with no draw involved, the mutants of the R-passes and of the exact diagonal:
+    hvp-without-the-output-second-derivative, hvp-without-the-hidden-second-derivatives,
+    r-forward-not-propagated, r-backward-batch-norm-gamma-path, ggn-diag-columns-summed-before-squaring."""
     rng = np.random.default_rng(12)
     loss = LOSSES[loss_name]
     sizes = (3, 4, 4, 4, 4, 4, 3)
@@ -231,7 +234,9 @@ def test_products_of_a_deep_network_through_every_curved_activation(loss_name, o
 def test_backward_r_is_the_derivative_of_backward(name):
     """``backward_r(z, a, g, r)``, the second-order term of the R-backward, is the derivative of
     ``backward(z, φ(z), g)`` in ``z`` along ``r`` with ``g`` held fixed: against jax.jvp, in float64, with
-    every |z| ≥ 0.1 (away from the kinks of the piecewise-linear activations, whose term is 0)."""
+    every |z| ≥ 0.1 (away from the kinks of the piecewise-linear activations, whose term is 0). Catches the
+    mutant softmax-second-derivative-sign, which the products' tests see only through a softmax output
+    that is not the loss's canonical one."""
     act = ACTIVATIONS[name]
     rng = np.random.default_rng(4)
     z = rng.normal(size=(5, 4))
@@ -392,7 +397,8 @@ def test_sampled_columns_of_a_single_output_are_exact():
     """With one output and columns sampled as ``√h ⊙ ε``, ``ε = ±1`` (categorical cross-entropy on a
     sigmoid), every sampled column has ``s sᵀ = H_x`` exactly: so the MC diagonal is the exact diagonal
     and KFAC's factors are KFLR's, for any key and any number M of columns. Catches a sum over the M
-    columns that is not divided by M, with no statistics involved."""
+    columns that is not divided by M (the mutants ggn-diag-mc-not-averaged and kfac-factor-not-averaged),
+    with no statistics involved: the Monte-Carlo test above needs hundreds of estimates for it."""
     rng = np.random.default_rng(9)
     net = fnn.MLP((3, 5, 4, 1), ("tanh", "softplus"), "sigmoid")
     loss = LOSSES["categorical_cross_entropy"]

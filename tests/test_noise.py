@@ -36,7 +36,8 @@ def test_normal_is_bit_exact_on_a_large_draw_too():
 
 def test_normal_is_bit_exact_in_float64_too():
     """A float64 draw takes 52 mantissa bits from the two output words, high word first: one fixed draw
-    with a raw and a typed key, against jax.random.normal bit for bit (no hypothesis draw needed)."""
+    with a raw and a typed key, against jax.random.normal bit for bit (no hypothesis draw needed).
+    Catches the mutant noise-float64-words-swapped in the fast tier."""
     for key in (jax.random.PRNGKey(7), jax.random.key(7)):
         expected = np.asarray(jax.random.normal(key, (3, 257), jnp.float64))
         got = np.asarray(noise.normal(key, (3, 257), jnp.float64))

@@ -152,6 +152,25 @@ def test_every_quantity_equals_vmap_of_jax_grad(loss_name, output, data, seed):
     assert all(a.shape == (n, *p.shape) and a.dtype == dtype for a, p in leaves)
 
 
+def test_every_quantity_on_one_fixed_batch():
+    """The property test's check on one fixed network and batch, with nothing left to a draw (a fast-tier
+    test): two layers, a batch of 6, L2 on, and a clip norm between the smallest and the largest
+    per-example norm, so that clipping shrinks some gradients and leaves others. Catches the mutants
+    pe-sum-grad-squared-without-n, pe-variance-unbiased, pe-clip-scales-up, pe-trace-cov-biased and
+    pe-grad-sq-biased, which the property test's one example per pair can miss (a batch of 1 or 2)."""
+    rng = np.random.default_rng(3)
+    net = fnn.MLP((3, 5, 2), "tanh", "identity")
+    params = net.init(jax.random.PRNGKey(3), jnp.float64)
+    x, y = jnp.asarray(rng.normal(size=(6, 3))), jnp.asarray(rng.normal(size=(6, 2)))
+    weights = jnp.asarray(rng.uniform(-1, 2, 6))
+    loss, l2 = fnn.losses.half_mse, 0.1
+    norms = np.asarray(oracle(per_sample_grads(net, params, x, y, loss, l2), weights, 1.0)[0]["grad_norms"])
+    clip = float(np.median(norms))
+    assert norms.min() < clip < norms.max()
+    got, refs = _compute(params, x, y, l2, weights, clip, _Static(net, loss))
+    assert_quantities_match(got, refs, jnp.float64, 6)
+
+
 def test_a_linear_layer_by_hand():
     """One layer, ``C_x = ½‖Wx + b − y‖²``: ``g_x^W = r_x x_xᵀ + βW``, ``g_x^b = r_x`` with ``r_x = Wx+b−y``."""
     W = np.array([[1.0, -2.0, 0.5], [0.0, 1.0, 3.0]])

@@ -127,8 +127,7 @@ def _problem(n=50, dtype=jnp.float64):
     return net, params, x, jnp.arange(n) % 4
 
 
-@pytest.mark.slow  # compiles the private step for each chunk and vmap(jax.grad) for each lot, ~10–25 s each
-@pytest.mark.parametrize("chunk", [4, 7, 64])
+@pytest.mark.parametrize("chunk", [slow(4), 7, slow(64)])  # each compiles the private step, ~10–25 s
 def test_without_noise_the_step_is_the_clipped_sum_of_vmap_grad(chunk):
     """σ = 0: ``Σ_{x ∈ lot} g_x min(1, c/‖g_x‖) / (qN) + βW`` with ``g_x`` from ``vmap(jax.grad)`` over
     the lot that :func:`poisson_lot` draws from the same key; float64, 1e-10. Lots of 0..50
@@ -242,6 +241,17 @@ def test_private_training_records_epsilon_and_resumes_bit_for_bit():
     for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(rest.params)):
         np.testing.assert_array_equal(a, b)
     assert [r["epsilon"] for r in rest.history] == [r["epsilon"] for r in whole.history[2:]]
+
+
+def test_a_resumed_plan_adds_this_calls_steps_to_what_was_spent_before():
+    """The accounting of the resume above without the training (for the fast tier): after a resume at
+    epoch 2, what the run has spent covers all 40 steps, not only the 20 of this call."""
+    settings = privacy.Privacy(clip=1.0, lot_size=40, noise_multiplier=1.2, delta=1e-5)
+    before = privacy.plan(settings, 400, epochs=4).spent_after(20)
+    after = privacy.plan(settings._replace(spent=before), 400, epochs=4, start_epoch=2).spent_after(20)
+    assert after.steps == 40
+    np.testing.assert_allclose(after.rdp, privacy.account(0.1, 1.2, 40).rdp, rtol=1e-12)
+    assert after.epsilon(1e-5) == pytest.approx(privacy.privacy_spent(0.1, 1.2, 40, 1e-5), rel=1e-12)
 
 
 @pytest.mark.slow  # a private training run

@@ -95,7 +95,8 @@ def test_kfac_rescaled_step_minimizes_the_damped_quadratic_model(learning_rate):
     :func:`_kfac_direction`), ``α = min(learning rate, α*)`` with ``α* = ∇Cᵀ Δ / (Δᵀ G Δ + γ‖Δ‖²)`` the
     minimizer of the damped quadratic model (Martens & Grosse §6.4), ``G`` the explicit Gauss-Newton matrix
     with the L2 term ``βI`` on the weights. With a learning rate of 100 the model sets the step, with 1e-3
-    the cap does. (Catches the model's damping term left out, and the cap taken as a floor.)"""
+    the cap does. Catches the mutants kfac-model-without-damping (the model's γ‖Δ‖² left out) and
+    kfac-step-length-not-capped (the cap taken as a floor)."""
     damping, l2 = 0.3, 0.01
     net, params, x, y, loss = _problem("softmax_cross_entropy", output="identity")
     opt = so.kfac(net, loss, learning_rate=learning_rate, damping=damping, decay=0.0, refresh=1, exact=True,
@@ -116,7 +117,8 @@ def test_kfac_rescaled_step_minimizes_the_damped_quadratic_model(learning_rate):
 def test_kfac_draws_new_columns_at_every_step():
     """KFAC (``exact=False``) samples ``G^l``'s columns with a key it advances: two steps at the same
     params and batch (decay 0: each step's factors are its own) give the same ``A`` and different ``G``,
-    and the state's key moves on at each step. KFLR (``exact=True``) gives the same ``G`` both times."""
+    and the state's key moves on at each step. KFLR (``exact=True``) gives the same ``G`` both times.
+    Catches the mutants kfac-sampling-key-not-advanced and kflr-sampled."""
     net, params, x, y, loss = _problem("softmax_cross_entropy", output="identity")
     _, grads = fnn.backprop(net, params, x, y, loss)
     for exact in (False, True):
@@ -144,7 +146,8 @@ def test_kfac_running_averages_and_refresh_period():
         refreshed = int(before.count) % 3 == 0
         same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.A_inv), jax.tree.leaves(state.A_inv)))
         assert same != refreshed or int(before.count) == 0
-    # A and G after 4 steps: A₁ then A ← 0.8 A + 0.2 A_t, the same for G
+    # A and G after 4 steps: A₁ then A ← 0.8 A + 0.2 A_t, the same for G (G's catches the mutant
+    # kfac-g-running-average-swapped)
     for l in range(net.num_layers):
         for name in ("A", "G"):
             expect = np.asarray(getattr(history[0][l], name))
@@ -208,7 +211,9 @@ def test_hessian_free_after_a_few_cg_iterations_and_its_warm_start():
     ``(G + λI) d = −∇C`` started from ``decay ·`` the previous ``d`` (numpy CG on the explicit GGN with
     L2); ``ρ`` is the cost's change over ``q(d) = ∇Cᵀd + ½dᵀ(G + λI)d``, computed here from ``d`` (the
     optimizer reads it off CG's residual, which is not 0 here); ``λ`` follows ``ρ``; and the second step,
-    at the same point, starts CG from ``decay ·`` the first step's ``d`` with the new ``λ``."""
+    at the same point, starts CG from ``decay ·`` the first step's ``d`` with the new ``λ``. Catches the
+    mutants hf-model-sign, hf-warm-start-not-decayed, hf-warm-start-not-kept and hf-learning-rate-ignored,
+    which CG run to convergence with decay 0 and α = 1 cannot see."""
     net, params, x, y, loss = _problem("softmax_cross_entropy", output="identity")
     alpha, decay, lam, l2, iters = 0.5, 0.5, 0.5, 0.01, 3
     opt = so.hessian_free(net, loss, learning_rate=alpha, damping=lam, cg_iters=iters, decay=decay, l2=l2)
