@@ -272,9 +272,9 @@ def clipped_sum(net: MLP, params: Params, trace: Trace, max_norm: float,
 class NoiseScale(NamedTuple):
     """The gradient noise scale of one batch and its two parts (all scalars).
 
-    ``trace_cov``: unbiased ``tr(Σ) ≈ (1/(N−1)) Σ_x ‖g_x − ḡ‖²``; ``grad_sq``: unbiased
-    ``‖G‖² ≈ ‖ḡ‖² − tr(Σ)/N`` (it can come out negative for a very noisy batch);
-    ``b_simple = trace_cov / grad_sq``.
+    ``trace_cov``: unbiased ``tr(Σ)``, the trace of the per-example gradients' covariance;
+    ``grad_sq``: unbiased ``‖G‖²`` (it can come out negative for a very noisy batch);
+    ``b_simple = trace_cov / grad_sq``. See :func:`noise_scale` for the estimators.
     """
 
     trace_cov: jax.Array
@@ -282,28 +282,51 @@ class NoiseScale(NamedTuple):
     b_simple: jax.Array
 
 
-def noise_scale(net: MLP, params: Params, trace: Trace, l2: float | None = None) -> NoiseScale:
+def noise_scale(net: MLP, params: Params, trace: Trace, l2: float | None = None,
+                population: int | None = None) -> NoiseScale:
     """``B_simple = tr(Σ)/‖G‖²``: the batch size above which larger batches stop paying off.
 
-    ``Σ`` is the covariance of the per-example gradients and ``G`` the true gradient (McCandlish,
+    ``Σ`` is the covariance of one example's gradient and ``G`` the true gradient (McCandlish,
     Kaplan, Amodei et al., "An empirical model of large-batch training", 2018, eq. 2.5 and app. A).
-    Both are estimated without bias from one batch of ``N ≥ 2``:
-    ``tr(Σ) = (Σ_x ‖g_x‖² − N‖ḡ‖²)/(N−1)`` with the data gradients (β cancels), and
-    ``‖G‖² = ‖ḡ_β‖² − tr(Σ)/N`` with ``ḡ_β`` the mean gradient including ``βW``. Over many batches,
-    average ``trace_cov`` and ``grad_sq`` separately and take the ratio of the averages, as the paper
-    recommends; the ratio of one batch is noisy.
+    Both are estimated without bias from one batch of ``N ≥ 2`` with the sample trace
+    ``s² = (Σ_x ‖g_x‖² − N‖ḡ‖²)/(N−1)`` of the data gradients (β cancels) and ``ḡ_β``, the mean
+    gradient including ``βW``:
+
+    - ``population=None``: the batch is ``N`` independent draws (the paper's model, or a data set
+      much larger than the batch): ``tr(Σ) = s²`` and ``‖G‖² = ‖ḡ_β‖² − s²/N``.
+    - ``population=M``: the batch is drawn *without replacement* from a finite training set of
+      ``M ≥ N`` examples, as :func:`fnn.fit`'s shuffled batches are, and ``G`` is that set's mean
+      gradient. With ``S² = Σ_i ‖g_i − G‖²/(M−1)`` over the set, simple random sampling gives
+      ``E[s²] = S²`` and ``E‖ḡ_β‖² = ‖G‖² + (1 − N/M) S²/N`` (Cochran, *Sampling Techniques*, 1977,
+      thm. 2.2 and 2.4), so ``‖G‖² = ‖ḡ_β‖² − (1 − N/M) s²/N`` and, for ``Σ`` the covariance of one
+      example drawn uniformly from the set (divisor ``M``), ``tr(Σ) = (1 − 1/M) s²``. The
+      with-replacement formula on such batches under-estimates ``‖G‖²`` by ``s²/M`` on average and
+      so over-estimates ``B_simple``; a batch of the whole set (``N = M``) gives ``‖G‖² = ‖ḡ_β‖²``.
+
+    Over many batches, average ``trace_cov`` and ``grad_sq`` separately and take the ratio of the
+    averages, as the paper recommends; the ratio of one batch is noisy.
     """
     l2 = _checked(net, params, trace, l2)
     n = trace.acts[0].shape[0]
     if n < 2:
         raise ValueError(f"the gradient noise scale needs a batch of at least 2 samples; got {n}.")
+    if population is not None and (isinstance(population, bool) or not isinstance(population, (int, np.integer))
+                                   or population < n):
+        raise ValueError(f"population is the number of examples the batch was drawn from without replacement, "
+                         f"an integer at least the batch size {n}; got {population!r}. Pass None for batches "
+                         "of independent draws.")
     sum_sq = jnp.sum(_grad_norms(params, trace, 0.0) ** 2)
     mean = _weighted(params, trace, jnp.full((n,), 1 / n, trace.acts[0].dtype), 0.0, jnp.matmul)
     mean_sq = sum(jnp.sum(m * m) for m in jax.tree.leaves(mean))
-    trace_cov = (sum_sq - n * mean_sq) / (n - 1)
+    sample_cov = (sum_sq - n * mean_sq) / (n - 1)
     if l2_active(l2):
         mean = [{**m, "W": m["W"] + l2 * layer["W"]} for m, layer in zip(mean, params)]
-    grad_sq = sum(jnp.sum(m * m) for m in jax.tree.leaves(mean)) - trace_cov / n
+    mean_sq = sum(jnp.sum(m * m) for m in jax.tree.leaves(mean))
+    if population is None:
+        trace_cov, grad_sq = sample_cov, mean_sq - sample_cov / n
+    else:
+        trace_cov = (1 - 1 / population) * sample_cov
+        grad_sq = mean_sq - (1 - n / population) * sample_cov / n
     return NoiseScale(trace_cov, grad_sq, trace_cov / grad_sq)
 
 
@@ -332,13 +355,16 @@ def check_statistics(net: MLP, names, grad_source: str) -> tuple[str, ...]:
     return names
 
 
-def step_statistics(net: MLP, params: Params, trace: Trace, l2, names: tuple[str, ...], width: int) -> dict:
+def step_statistics(net: MLP, params: Params, trace: Trace, l2, names: tuple[str, ...], width: int,
+                    population: int | None = None) -> dict:
     """One training step's statistics: ``trace_cov`` and ``grad_sq`` of :func:`noise_scale` (NaN for a
-    batch of one) and the per-example ``norms`` padded with NaN to ``width`` entries."""
+    batch of one; ``population`` as there) and the per-example ``norms`` padded with NaN to ``width``
+    entries."""
     out = {}
     if "noise_scale" in names:
         n = trace.acts[0].shape[0]
-        ns = noise_scale(net, params, trace, l2) if n > 1 else NoiseScale(*[jnp.full((), jnp.nan)] * 3)
+        ns = (noise_scale(net, params, trace, l2, population) if n > 1
+              else NoiseScale(*[jnp.full((), jnp.nan)] * 3))
         out["trace_cov"], out["grad_sq"] = ns.trace_cov, ns.grad_sq
     if "norms" in names:
         norms = grad_norms(net, params, trace, l2)
@@ -370,10 +396,12 @@ def epoch_statistics(steps: dict) -> dict:
     return out
 
 
-def observer(net: MLP, names, l2, width: int) -> Observer:
+def observer(net: MLP, names, l2, width: int, population: int | None = None) -> Observer:
     """The training observer (:mod:`fnn.epoch`) of the statistics ``names`` (some of
     :data:`STATISTICS`) of every step, from the step's trace: :func:`step_statistics` per step,
-    :func:`epoch_statistics` in the history. ``width``: the largest batch."""
+    :func:`epoch_statistics` in the history. ``width``: the largest batch; ``population``: the size of
+    the training set the batches are drawn from without replacement (:func:`noise_scale`)."""
     names = tuple(names)
-    return Observer("per_example", lambda s: step_statistics(net, s.params, s.gradient.trace, l2, names, width),
+    return Observer("per_example",
+                    lambda s: step_statistics(net, s.params, s.gradient.trace, l2, names, width, population),
                     summary=epoch_statistics)

@@ -88,7 +88,8 @@ def parts(net: MLP, loss: Loss, opt, *, num_samples: int, batch_size: int, l2: f
     batches, default = dp.parts(privacy, net, loss, l2, opt, batch_size) or (
         shuffled(num_samples, batch_size, last_batch), batch_gradient(net, loss, l2, grad_source, mesh))
     per_example = check_statistics(net, per_example, grad_source)
-    watching = (GRAD_NORM,) * bool(grad_norm) + (observer(net, per_example, l2, batch_size),) * bool(per_example)
+    statistics = observer(net, per_example, l2, batch_size, population=num_samples)  # batches drawn without replacement
+    watching = (GRAD_NORM,) * bool(grad_norm) + (statistics,) * bool(per_example)
     return batches, gradient or default, (*watching, *observers)
 
 
@@ -145,7 +146,8 @@ def fit(net: MLP, params: Params, opt, train: tuple[jax.Array, jax.Array], *, lo
         3–5 % of a small model's step on a CPU and leaves ``grad_norm`` out of the history.
       per_example: statistics of the per-example gradients to record every epoch, some of
         :data:`fnn.per_example.STATISTICS` (``"noise_scale"``, ``"norms"``); see
-        :func:`fnn.per_example.epoch_statistics` for the history keys. Needs the manual gradients.
+        :func:`fnn.per_example.epoch_statistics` for the history keys. Needs the manual gradients. The noise
+        scale's estimators are those for batches drawn without replacement from the ``N`` samples.
       privacy: DP-SGD settings (:class:`fnn.privacy.Privacy`); each epoch is then ``round(N/L)``
         steps on Poisson lots of expected size ``L`` (``batch_size`` is not used), drawn with their
         noise from ``fold_in(key, s)``, ``s`` the private steps spent before the epoch, earlier runs'

@@ -291,6 +291,44 @@ def test_bad_input():
         pe.noise_scale(net, params, trace)
 
 
+def test_noise_scale_without_replacement_is_unbiased_over_every_batch():
+    """A training set of M = 7 examples and every one of its C(7, 3) = 35 batches of 3, drawn without
+    replacement: the mean of ``grad_sq`` over the batches is ``‖G‖²`` exactly, ``G`` the set's mean
+    gradient with βW (``vmap(jax.grad)``, float64), and the mean of ``trace_cov`` is
+    ``(1/M) Σ_i ‖g_i − G‖²``. The with-replacement formulas (``population=None``) on the same batches
+    miss ``‖G‖²`` by ``S²/M`` on average, ``S² = Σ_i ‖g_i − G‖²/(M−1)``."""
+    import itertools
+
+    rng = np.random.default_rng(5)
+    net = fnn.MLP((3, 4, 2), "tanh", "identity")
+    params = net.init(jax.random.PRNGKey(5), jnp.float64)
+    x, y = jnp.asarray(rng.normal(size=(7, 3))), jnp.asarray(rng.normal(size=(7, 2)))
+    loss, l2, m = fnn.losses.half_mse, 0.05, 7
+    g = per_sample_grads(net, params, x, y, loss, l2)
+    flat = np.concatenate([np.asarray(t).reshape(m, -1) for t in jax.tree.leaves(g)], axis=1)
+    G = flat.mean(0)
+    spread = np.sum((flat - G) ** 2)
+
+    @jax.jit
+    def both(xb, yb):
+        _, _, _, trace = fnn.backprop_trace(net, params, xb, yb, loss, l2)
+        return pe.noise_scale(net, params, trace, l2, population=m), pe.noise_scale(net, params, trace, l2)
+
+    batches = [np.array(b) for b in itertools.combinations(range(m), 3)]
+    assert len(batches) == 35
+    wor, wr = zip(*(both(x[b], y[b]) for b in batches))
+    assert np.mean([float(e.grad_sq) for e in wor]) == pytest.approx(G @ G, rel=1e-10)
+    assert np.mean([float(e.trace_cov) for e in wor]) == pytest.approx(spread / m, rel=1e-10)
+    assert np.mean([float(e.grad_sq) for e in wr]) == pytest.approx(G @ G - spread / (m - 1) / m, rel=1e-10)
+    # the whole set as one batch: no sampling noise left, ‖G‖² is the mean gradient's squared norm
+    whole = both(x, y)[0]
+    assert float(whole.grad_sq) == pytest.approx(G @ G, rel=1e-12)
+    _, _, _, trace = fnn.backprop_trace(net, params, x[:3], y[:3], loss, l2)
+    for bad in (2, 3.0, True, -1):
+        with pytest.raises(ValueError, match="population is the number of examples"):
+            pe.noise_scale(net, params, trace, l2, population=bad)
+
+
 def test_training_records_the_statistics_of_each_step():
     """The epoch's per-step norms and noise-scale parts equal the oracle's on the same batches and
     params; the last, smaller batch is padded with NaN."""
@@ -310,9 +348,11 @@ def test_training_records_the_statistics_of_each_step():
         ref = oracle(per_sample_grads(net, p, x[idx], y[idx], loss, 0.01), jnp.ones(len(idx)), 1.0)[0]
         np.testing.assert_allclose(stats.per_example["norms"][step][: len(idx)], ref["grad_norms"], rtol=1e-10)
         assert np.all(np.isnan(stats.per_example["norms"][step][len(idx):]))
-        trace_cov, grad_sq = (float(v) for v in ref["noise_scale"])
-        assert stats.per_example["trace_cov"][step] == pytest.approx(trace_cov, rel=1e-10)
-        assert stats.per_example["grad_sq"][step] == pytest.approx(grad_sq, rel=1e-9)
+        # fit's batches are drawn without replacement from the 23 samples (population=23): the sample
+        # trace s² becomes (1 − 1/23) s², and ‖ḡ‖² − s²/n becomes ‖ḡ‖² − (1 − n/23) s²/n
+        s2, grad_sq = (float(v) for v in ref["noise_scale"])
+        assert stats.per_example["trace_cov"][step] == pytest.approx((1 - 1 / 23) * s2, rel=1e-10)
+        assert stats.per_example["grad_sq"][step] == pytest.approx(grad_sq + s2 / 23, rel=1e-9)
         p = fnn.optim.step(opt, fnn.backprop(net, p, x[idx], y[idx], loss, 0.01)[1], opt.init(p), p)[0]
     # the history: the ratio of the averages, and quantiles over every sample of the epoch
     summary = pe.epoch_statistics({k: np.asarray(v) for k, v in stats.per_example.items()})
