@@ -319,9 +319,9 @@ def noise_scale(net: MLP, params: Params, trace: Trace, l2: float | None = None,
     mean = _weighted(params, trace, jnp.full((n,), 1 / n, trace.acts[0].dtype), 0.0, jnp.matmul)
     mean_sq = sum(jnp.sum(m * m) for m in jax.tree.leaves(mean))
     sample_cov = (sum_sq - n * mean_sq) / (n - 1)
-    if l2_active(l2):
+    if l2_active(l2):  # ‖ḡ_β‖²: the mean gradient with βW
         mean = [{**m, "W": m["W"] + l2 * layer["W"]} for m, layer in zip(mean, params)]
-    mean_sq = sum(jnp.sum(m * m) for m in jax.tree.leaves(mean))
+        mean_sq = sum(jnp.sum(m * m) for m in jax.tree.leaves(mean))
     if population is None:
         trace_cov, grad_sq = sample_cov, mean_sq - sample_cov / n
     else:

@@ -12,9 +12,10 @@ jax.config.update("jax_enable_x64", True)  # tests choose dtypes explicitly; flo
 jax.config.update("jax_default_matmul_precision", "highest")  # no TF32/bf16 passes on GPUs
 
 # XLA programs are kept on disk and shared by every test process: identical programs compiled by different
-# tests are compiled once (about 12 % of a cold run), and a second run of the fast tier compiles only what
-# an edit changed (about 3 times faster). The key is the program and the compiler's settings, so a result
-# can never come from other code. FNN_JAX_CACHE=DIR moves it, FNN_JAX_CACHE=off turns it off.
+# tests are compiled once (12 % off a cold run of two test files; within the noise of a full cold run), and
+# a second run of the fast tier compiles only what an edit changed (about 3 times faster). The key is the
+# program and the compiler's settings, so a result can never come from other code. FNN_JAX_CACHE=DIR
+# moves it, FNN_JAX_CACHE=off turns it off.
 _cache = os.environ.get("FNN_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
 if _cache != "off":
     jax.config.update("jax_compilation_cache_dir", _cache)
