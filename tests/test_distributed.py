@@ -80,7 +80,8 @@ print(json.dumps(out))
 
 
 def test_eight_devices_equal_one_device():
-    done = _run(EIGHT_DEVICES, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    done = _run(EIGHT_DEVICES, {"XLA_FLAGS": flags})
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     for bn in ("False", "True"):  # with batch norm the batch statistics are global too
@@ -126,7 +127,8 @@ def _free_port() -> int:
 
 def test_two_processes_with_local_shards_equal_one_process(tmp_path):
     port, out = _free_port(), tmp_path / "params.npz"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": flags}
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(WORKER), str(port), str(pid), str(out)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for pid in (0, 1)]
