@@ -11,14 +11,14 @@ One model, a 64-64-10 tanh network with softmax cross-entropy on scikit-learn's 
 each reshuffled every epoch (the leftover ``N mod B`` samples form one smaller last batch). The
 epoch is the compiled function :func:`fnn.fit` runs (:func:`fnn.train.make_epoch`, one
 ``lax.scan`` over the batches). Seed ``s`` draws the initial parameters and the batch order from
-``PRNGKey(s)``; seeds ``0 … SEEDS − 1`` are run. The full training-set cost is measured after
-every epoch.
+``PRNGKey(s)``; seeds ``S … S + SEEDS − 1`` are run for ``--seed S`` (default 0). The full training-set
+cost is measured after every epoch.
 
 Time, all of it measured with ``time.perf_counter``:
 
 - *compile*: tracing, lowering and compiling the epoch function, once per batch size (every seed
-  reuses it), before any epoch runs; then one *first call* of the compiled epoch on seed 0's start,
-  whose result is dropped (a one-time warm-up of the executable, several epochs' worth);
+  reuses it), before any epoch runs; then one *first call* of the compiled epoch on the first seed's
+  start, whose result is dropped (a one-time warm-up of the executable, several epochs' worth);
 - *epoch*: from the call of the compiled epoch until its outputs are ready
   (``jax.block_until_ready``), for every epoch of every seed. The cost evaluations between epochs
   are not timed.
@@ -33,7 +33,7 @@ its upper bound ``T_e`` lies below the lower bound ``T_{e−1}`` of every other 
 seed (a run that never gets there has the lower bound of its whole training time); otherwise the
 level is *not resolved* between the batch sizes that no other beats so.
 
-Noise: the per-step batch costs of the first epoch of seed 0 (``EpochStats.cost``) for ``B = 1``
+Noise: the per-step batch costs of the first epoch of the first seed (``EpochStats.cost``) for ``B = 1``
 and ``B = 128``, which start from the same parameters, and the mean squared distance of a
 mini-batch gradient from the full gradient against the sampling-without-replacement formula
 
@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     n = x.shape[0]
     net, loss, opt = fnn.MLP(SIZES, "tanh", "identity"), fnn.losses.softmax_cross_entropy, fnn.optim.sgd(ETA)
     cost_of = jax.jit(lambda p: fnn.objective(net, p, x, y, loss))
-    starts = [jax.random.split(jax.random.PRNGKey(s)) for s in range(seeds)]  # (init, batch order) per seed
+    starts = [jax.random.split(jax.random.PRNGKey(s)) for s in common.seeds(args, seeds)]  # (init, order) per seed
     starts = [(net.init(init, jnp.float32), order) for init, order in starts]
     initial_cost = [float(cost_of(p)) for p, _ in starts]
 
@@ -182,7 +182,8 @@ def main(argv=None) -> dict:
         run["median_epoch_seconds"] = float(np.median(seconds))
         run["samples_per_s"] = n / run["median_epoch_seconds"]
         run["levels"] = [time_to_levels(np.asarray(c), t, levels) for c, t in zip(run["full_train_cost"], seconds)]
-    noise = gradient_noise(net, starts[0][0], x, y, loss, [b for b in noise_batches if b < n], draws, seed=7)
+    noise = gradient_noise(net, starts[0][0], x, y, loss, [b for b in noise_batches if b < n], draws,
+                           seed=args.seed + 7)
 
     ladder = []
     for i, level in enumerate(levels):
@@ -212,7 +213,7 @@ def main(argv=None) -> dict:
     for level in levels:
         ax[0, 1].axhline(level, color="0.8", lw=0.6, ls=":")
     ax[0, 0].set(xlabel="epoch", ylabel="training-set cost C(θ)",
-                 title=f"(a) per epoch, SGD η = {ETA}, N = {n}, {seeds} seeds (seed 0 with markers)")
+                 title=f"(a) per epoch, SGD η = {ETA}, N = {n}, {seeds} seeds (seed {args.seed} with markers)")
     ax[0, 0].legend(fontsize=8)
     ax[0, 1].set(xlabel="training time (s): running sum of the measured epoch times, compile excluded",
                  ylabel="training-set cost C(θ)", title="(b) per second of training (dotted: the cost ladder)")
@@ -249,18 +250,19 @@ def main(argv=None) -> dict:
             a.plot(t, c, "o-", ms=4, color=color, label=f"{name}: cost of each batch ({c.size} steps)")
     a.axhline(initial_cost[0], color="k", lw=0.7, ls=":", label="C(θ₀) on the training set")
     a.set(xlabel="fraction of the first epoch", ylabel="batch cost C_B(θ_t)", yscale="log",
-          title="(d) one epoch from the same θ₀ (seed 0): the noise of the stochastic path")
+          title=f"(d) one epoch from the same θ₀ (seed {args.seed}): the noise of the stochastic path")
     a.legend(fontsize=8, loc="lower left")
     a = ax[1, 1]
     a.loglog(noise["batch_sizes"], noise["measured"], "o", ms=6, label=f"measured ({draws} batches each)")
     a.loglog(noise["batch_sizes"], noise["predicted"], "-", color="0.4", label="(σ²/B)(N−B)/(N−1)")
     a.axhline(noise["full_grad_norm2"], color="C2", ls=":", label="‖∇C‖² (the signal)")
-    a.set(xlabel="batch size B", ylabel="E‖∇C_B − ∇C‖²", title="(e) gradient noise at θ₀ (seed 0) falls as 1/B")
+    a.set(xlabel="batch size B", ylabel="E‖∇C_B − ∇C‖²",
+          title=f"(e) gradient noise at θ₀ (seed {args.seed}) falls as 1/B")
     a.legend(fontsize=8)
     common.save_figure(args, fig)
 
-    results = {"n": n, "eta": ETA, "epochs": epochs, "seeds": seeds, "levels": levels, "runs": runs,
-               "ladder": ladder, "step_costs": steps, "gradient_noise": noise}
+    results = {"n": n, "eta": ETA, "epochs": epochs, "seeds": seeds, "first_seed": args.seed, "levels": levels,
+               "runs": runs, "ladder": ladder, "step_costs": steps, "gradient_noise": noise}
     common.save_json(args, results)
     common.conclude(args, describe(results))
     return results

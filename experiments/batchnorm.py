@@ -4,8 +4,8 @@ Claim checked: with batch normalization a network of 3 fully connected hidden la
 sigmoid units (batch 60, plain SGD) reaches a higher held-out accuracy sooner than the same network
 without it. Within a seed both runs share the initial weights (``W``; the network without BN adds
 zero biases, the one with BN ``γ = 1``, ``β = 0``), the learning rate and the batch order; seed
-``s`` draws both from ``PRNGKey(s)``. Measured per seed: the held-out accuracy after the first
-epoch, the steps until it first reaches ``LEVEL``, its mean over the last ``TAIL`` epochs, and the
+``s`` (``--seed`` and up) draws both from ``PRNGKey(s)``. Measured per seed: the held-out accuracy after
+the first epoch, the steps until it first reaches ``LEVEL``, its mean over the last ``TAIL`` epochs, and the
 share of the evaluations of the second half of training in which BN is ahead; the
 conclusion gives each difference (with BN minus without) over the seeds, and calls BN better on a
 measure only where it is better in every seed.
@@ -16,7 +16,8 @@ from small random Gaussian weights: here ``--epochs`` (30) epochs of the 8,000 t
 (``W ~ N(0, 1/n_in)``, biases 0), and the held-out accuracy on the other 2,000 images.
 """
 
-from common import conclude, parse_args, pyplot, save_figure, save_json  # first: puts the repository on sys.path
+import common  # first: puts the repository on sys.path
+from common import conclude, parse_args, pyplot, save_figure, save_json
 
 # isort: split
 import jax
@@ -34,7 +35,7 @@ NAMES = ("without BN", "with BN")
 def _extra(p):
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate, the same for both networks")
-    p.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds 0 … N−1 (default {SEEDS})")
+    p.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds S … S+N−1 for --seed S (default {SEEDS})")
 
 
 def run(net, seed, x, y, held_out, epochs, lr):
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
     nets = {name: fnn.MLP((784, 100, 100, 100, 10), "sigmoid", init="xavier_normal", batch_norm=bn)
             for name, bn in zip(NAMES, (False, True))}
     curves, stopped = {name: [] for name in NAMES}, {name: [] for name in NAMES}
-    for seed in range(seeds):
+    for seed in common.seeds(args, seeds):
         for name, net in nets.items():
             curve, why = run(net, seed, x, y, (xt, yt), epochs, args.lr)
             curves[name].append(curve)
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
                 "sooner_every_seed": all(sooner), "sooner_seeds": int(sum(sooner)),
                 "higher_share_second_half": float(np.mean(gap[:, epochs // 2:] > 0))}
     results = {
-        "seeds": list(range(seeds)), "steps": steps, "accuracy": curves, "lr": args.lr, "batch": BATCH,
+        "seeds": common.seeds(args, seeds), "steps": steps, "accuracy": curves, "lr": args.lr, "batch": BATCH,
         "epochs": epochs, "train_images": len(x), "held_out_images": len(xt), "stopped": stopped, "level": LEVEL,
         "last_epochs": tail, "per_seed": per_seed,
         "summary": {name: {k: spread(v) for k, v in m.items()} for name, m in per_seed.items()},
@@ -154,7 +155,8 @@ def describe(r: dict) -> str:
             f"{100 * r['level']:.0f} % first reached after " + ", ".join(
                 f"{'/'.join('never' if v is None else str(v) for v in level[n]['steps_to_level'])} steps {n}"
                 for n in ("with BN", "without BN"))
-            + f" (seeds 0–{len(r['seeds']) - 1}); mean of the last {r['last_epochs']} epochs (to {steps[-1]:,} "
+            + f" (seeds {r['seeds'][0]}–{r['seeds'][-1]}); mean of the last {r['last_epochs']} epochs "
+            f"(to {steps[-1]:,} "
             f"steps): with BN {acc('with BN', 'mean_last_epochs')}, without {acc('without BN', 'mean_last_epochs')}. "
             f"With BN minus without, in points: after one epoch {_points(d['after_first_epoch'])}, at the end "
             f"{_points(d['mean_last_epochs'])}. ")

@@ -48,8 +48,9 @@ def training_sets(n: int, repeats: int, seed: int = 0) -> tuple[np.ndarray, np.n
     return x.astype(np.float32), (target(x)[None] + noise).astype(np.float32)
 
 
-def train_and_score(width: int, x, ys, held_out, x_plot, steps: int):
-    """Train ``MLP((1, width, 1))`` on each training set ``(x (N, 1), ys[r] (N, 1))``, init seed ``r``.
+def train_and_score(width: int, x, ys, held_out, x_plot, steps: int, first: int = 0):
+    """Train ``MLP((1, width, 1))`` on each training set ``(x (N, 1), ys[r] (N, 1))``, init seed
+    ``first + r``.
 
     Full-batch Adam, rate cosine-decayed ``0.01 → 0.0001`` over ``steps`` steps. Returns
     ``(train_mse (R,), held_out_mse (R,), curves (R, P))`` for the ``R = len(ys)`` repetitions: the
@@ -63,7 +64,7 @@ def train_and_score(width: int, x, ys, held_out, x_plot, steps: int):
         held_out_mse = LOSS(net.apply(params, held_out[0]), held_out[1])
         return LOSS(net.apply(params, x), y), held_out_mse, net.apply(params, x_plot)[:, 0]
 
-    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(ys.shape[0]))
+    keys = jax.vmap(jax.random.PRNGKey)(first + jnp.arange(ys.shape[0]))
     return jax.device_get(jax.jit(jax.vmap(run))(keys, ys))
 
 
@@ -96,14 +97,14 @@ def findings(widths, mse: np.ndarray) -> dict:
 def main(argv=None) -> dict:
     args = common.parse_args("capacity", __doc__.splitlines()[0], argv)
     widths, repeats, steps = ((1, 4, 64), 2, 2000) if args.quick else ((1, 2, 4, 8, 16, 32, 64, 128, 256), 5, 10_000)
-    x, ys = training_sets(20, repeats)
-    fresh = fnn.data.regression_1d(n=2500, noise=NOISE, seed=1, fn=target)  # its 2,000 "train" points
+    x, ys = training_sets(20, repeats, args.seed)
+    fresh = fnn.data.regression_1d(n=2500, noise=NOISE, seed=args.seed + 1, fn=target)  # its 2,000 "train" points
     held_out = (jnp.asarray(fresh.x_train), jnp.asarray(fresh.y_train))
     x_plot = jnp.linspace(-np.pi, np.pi, 400, dtype=jnp.float32)[:, None]
 
     train_mse, held_mse, curves = [], [], {}
     for width in widths:
-        tr, te, fits = train_and_score(width, jnp.asarray(x), jnp.asarray(ys), held_out, x_plot, steps)
+        tr, te, fits = train_and_score(width, jnp.asarray(x), jnp.asarray(ys), held_out, x_plot, steps, args.seed)
         train_mse.append(tr)
         held_mse.append(te)
         curves[width] = fits[0]  # the fits to the first training set, drawn in panel (b)

@@ -1,8 +1,10 @@
 """What every experiment script shares: its command line, its output folder, its JSON and PNG.
 
-Each script is run as ``python experiments/<name>.py [--out DIR] [--quick]``. ``--quick`` is the
-reduced mode the test suite runs (seconds, not minutes); the numbers it prints are then only a
-smoke test of the code path, not the result the experiment claims.
+Each script is run as ``python experiments/<name>.py [--out DIR] [--quick] [--seed S]``. ``--quick`` is
+the reduced mode the test suite runs (seconds, not minutes); the numbers it prints are then only a
+smoke test of the code path, not the result the experiment claims. ``--seed S`` is the base seed: every
+random draw of the run (initializations, data, batch orders, probes) comes from seeds ``S, S + 1, …``,
+so ``--seed 1000`` repeats the experiment on seeds disjoint from the default ones.
 """
 
 from __future__ import annotations
@@ -21,15 +23,20 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 
 def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.Namespace:
-    """``--out`` (default ``out/<name>``), ``--quick`` and ``--data-dir``; ``extra(parser)`` adds more."""
+    """``--out`` (default ``out/<name>``), ``--quick``, ``--seed`` and ``--data-dir``; ``extra(parser)`` adds
+    more."""
     p = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=description)
     p.add_argument("--out", default=str(ROOT / "out" / name), help="folder for the PNG and JSON")
     p.add_argument("--quick", action="store_true", help="reduced mode for smoke tests")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed: the run's seeds are S, S+1, ... (default 0; e.g. 1000 for a disjoint range)")
     p.add_argument("--data-dir", default=os.environ.get("FNN_DATA_DIR"),
                    help="MNIST directory (default $FNN_DATA_DIR, then ../shared/data/mnist-t10k)")
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
+    if args.seed < 0:
+        p.error(f"--seed must be a non-negative integer, got {args.seed}")
     if args.data_dir is None:
         shared = ROOT.parent / "shared" / "data" / "mnist-t10k"
         args.data_dir = str(shared) if shared.is_dir() else None
@@ -57,6 +64,11 @@ def mnist_10k(args: argparse.Namespace, quick_rows: int):
     return x_train, y_train, x_test, y_test, raw
 
 
+def seeds(args: argparse.Namespace, count: int) -> list[int]:
+    """The run's ``count`` seeds: ``S, S + 1, …, S + count − 1`` for ``--seed S``."""
+    return [args.seed + s for s in range(count)]
+
+
 def _plain(value):
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
@@ -70,8 +82,9 @@ def _plain(value):
 
 
 def save_json(args: argparse.Namespace, results: dict) -> Path:
-    """Write ``<out>/<name>.json`` with the results plus the mode and the run time."""
-    results = dict(results, quick=bool(args.quick), seconds=round(time.perf_counter() - args.started, 2))
+    """Write ``<out>/<name>.json`` with the results plus the mode, the base seed and the run time."""
+    results = dict(results, quick=bool(args.quick), base_seed=args.seed,
+                   seconds=round(time.perf_counter() - args.started, 2))
     path = Path(args.out) / f"{args.name}.json"
     path.write_text(json.dumps(_plain(results), indent=1) + "\n")
     return path
@@ -84,11 +97,26 @@ def pyplot():
     return _pyplot()
 
 
-def save_figure(args: argparse.Namespace, fig) -> Path:
-    """Write ``<out>/<name>.png`` and close the figure."""
+FIGURE_BYTES = 150_000
+"""The most a figure may take, so that it can be committed (``experiments/figures/``)."""
+
+
+def save_figure(args: argparse.Namespace, fig, dpi: int = 110) -> Path:
+    """Write ``<out>/<name>.png`` at ``dpi``, or at the highest lower resolution within ``FIGURE_BYTES`` (the
+    size of a PNG grows about as the square of the resolution), and close the figure."""
+    import io
+
     path = Path(args.out) / f"{args.name}.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    for _ in range(6):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=dpi, format="png")
+        if buffer.tell() <= FIGURE_BYTES:
+            break
+        dpi = int(dpi * 0.95 * (FIGURE_BYTES / buffer.tell()) ** 0.5)
+    else:
+        raise RuntimeError(f"{path.name}: no resolution down to {dpi} dpi fits in {FIGURE_BYTES:,} bytes")
+    path.write_bytes(buffer.getvalue())
     pyplot().close(fig)
     return path
 

@@ -41,8 +41,8 @@ def main(argv=None) -> dict:
 
     net = fnn.MLP(SIZES, ACTIVATIONS, "identity", init="he_normal")
     loss = fnn.losses.softmax_cross_entropy
-    params = net.init(jax.random.PRNGKey(0), jnp.float32)
-    rows = np.sort(np.random.RandomState(1).choice(x_train.shape[0], BATCH, replace=False))
+    params = net.init(jax.random.PRNGKey(args.seed), jnp.float32)
+    rows = np.sort(np.random.RandomState(args.seed + 1).choice(x_train.shape[0], BATCH, replace=False))
     batches = {
         f"held-out B={BATCH}": (x_test[:BATCH], y_test[:BATCH]),
         f"train B={BATCH}": (x_train[rows], y_train[rows]),
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
 
     record(0, params)
     result = fnn.fit(net, params, fnn.optim.adam(1e-3), (x_train, y_train), loss=loss, epochs=epochs,
-                     batch_size=128, key=jax.random.PRNGKey(2), held_out=(x_test, y_test),
+                     batch_size=128, key=jax.random.PRNGKey(args.seed + 2), held_out=(x_test, y_test),
                      on_epoch_end=lambda r: record(r.epoch, r.params), quiet=True)
     per_batch_max = {name: float(np.max(d)) for name, d in diffs.items()}
     worst = max(per_batch_max.values())

@@ -15,7 +15,8 @@ from two batch sizes; here the per-example gradients give the estimate from one 
 on a small network and 8,000 images, and "training proceeds" spans 20 epochs (1,260 steps).
 """
 
-from common import conclude, mnist_10k, parse_args, pyplot, save_figure, save_json  # first: repository on path
+import common  # first: puts the repository on sys.path
+from common import conclude, mnist_10k, parse_args, pyplot, save_figure, save_json
 
 # isort: split
 import jax
@@ -35,9 +36,9 @@ def _extra(p):
 def run(x, y, held_out, epochs: int, seed: int) -> list[dict]:
     """One training run; its history with the noise scale and the norm quantiles of every epoch."""
     net = fnn.MLP((784, 256, 10), "relu", init="he_normal")
-    params = net.init(jax.random.PRNGKey(seed))
-    result = fnn.fit(net, params, fnn.optim.adam(1e-3), (x, y), loss=fnn.losses.softmax_cross_entropy,
-                     epochs=epochs, batch_size=BATCH, key=jax.random.PRNGKey(1000 + seed), held_out=held_out,
+    init_key, order_key = jax.random.split(jax.random.PRNGKey(seed))
+    result = fnn.fit(net, net.init(init_key), fnn.optim.adam(1e-3), (x, y), loss=fnn.losses.softmax_cross_entropy,
+                     epochs=epochs, batch_size=BATCH, key=order_key, held_out=held_out,
                      per_example=("noise_scale", "norms"), quiet=True)
     if result.stopped:
         raise RuntimeError(result.stopped)
@@ -48,7 +49,7 @@ def main(argv=None) -> dict:
     args = parse_args("gradient_noise", __doc__, argv, _extra)
     x, y, xt, yt, _ = mnist_10k(args, quick_rows=1024)
     epochs, seeds = (3, 2) if args.quick else (args.epochs, args.seeds)
-    histories = [run(x, y, (xt, yt), epochs, s) for s in range(seeds)]
+    histories = [run(x, y, (xt, yt), epochs, s) for s in common.seeds(args, seeds)]
 
     def series(key):  # (seeds, epochs)
         return np.array([[h[key] for h in hist] for hist in histories])

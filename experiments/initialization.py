@@ -167,16 +167,17 @@ def agreed(ratios: list) -> str:
     return words.pop() if len(words) == 1 else "varies over seeds"
 
 
-def at_init(x, y, depth: int, width: int, seeds: int) -> dict:
-    """Per configuration: the per-layer spreads (mean over the seeds), the ratios per seed as
-    ``spread`` and their :func:`agreed` bands, for ``depth`` hidden layers of ``width`` on ``(x, y)``."""
+def at_init(x, y, depth: int, width: int, seeds: int, first: int = 0) -> dict:
+    """Per configuration: the per-layer spreads (mean over the seeds ``first … first + seeds − 1``), the
+    ratios per seed as ``spread`` and their :func:`agreed` bands, for ``depth`` hidden layers of ``width``
+    on ``(x, y)``."""
     sizes = (x.shape[1],) + (width,) * depth + (10,)
     measures, out = {}, {}
     for label, activation, init in CONFIGS:
         if activation not in measures:
             measures[activation] = make_measure(fnn.MLP(sizes, activation, "identity"))
         per_seed = [jax.device_get(measures[activation](initial_params(sizes, init, s), x, y))
-                    for s in range(seeds)]
+                    for s in range(first, first + seeds)]
         per_layer = {k: np.mean([m[k] for m in per_seed], axis=0) for k in per_seed[0]}
         ratios = {"delta": [m["delta_std"][0] / m["delta_std"][depth - 1] for m in per_seed],
                   "grad_W": [m["grad_W_std"][0] / m["grad_W_std"][depth - 1] for m in per_seed],
@@ -187,13 +188,14 @@ def at_init(x, y, depth: int, width: int, seeds: int) -> dict:
     return out
 
 
-def in_training(x, y, depth: int, width: int, iterations: int, seeds: int) -> dict:
-    """The :data:`TRAINED` sigmoid nets trained by SGD on ``(x, y)``: per run the probe's per-layer
+def in_training(x, y, depth: int, width: int, iterations: int, seeds: int, first: int = 0) -> dict:
+    """The :data:`TRAINED` sigmoid nets trained by SGD on ``(x, y)`` from seeds ``first … first + seeds − 1``
+    (initialization and batch draws): per run the probe's per-layer
     mean and std of the activations and the loss, ``(seeds, rounds[, depth])``, and their summaries."""
     net = fnn.MLP((x.shape[1],) + (width,) * depth + (10,), "sigmoid", "identity")
     train = make_training(net, x, y, x[:PROBE])
     rounds = iterations // PROBE_EVERY
-    lanes = [(label, init, s) for label, _, init in CONFIGS if label in TRAINED for s in range(seeds)]
+    lanes = [(label, init, s) for label, _, init in CONFIGS if label in TRAINED for s in range(first, first + seeds)]
     per_run = [train(initial_params(net.sizes, init, s),
                      jnp.asarray(np.random.RandomState(s).randint(0, x.shape[0], (rounds, PROBE_EVERY, TRAIN_BATCH))))
                for _, init, s in lanes]
@@ -205,7 +207,8 @@ def in_training(x, y, depth: int, width: int, iterations: int, seeds: int) -> di
         out[label] = {"mean": mean[rows], "std": std[rows], "loss": loss[rows],
                       "top_first": spread(top[:, 0]), "top_min": spread(top.min(1)), "top_last": spread(top[:, -1]),
                       "lower_last": spread(mean[rows][:, -1, :-1]), "loss_last": spread(loss[rows][:, -1])}
-    return {"sizes": list(net.sizes), "iterations": rounds * PROBE_EVERY, "seeds": seeds, "probe": PROBE,
+    return {"sizes": list(net.sizes), "iterations": rounds * PROBE_EVERY, "seeds": seeds, "first_seed": first,
+            "probe": PROBE,
             "probe_every": PROBE_EVERY, "learning_rate": LEARNING_RATE, "batch": TRAIN_BATCH, "runs": out}
 
 
@@ -217,8 +220,8 @@ def _a(s: dict) -> str:
     return f"{s['mean']:.2f} [{s['min']:.2f}–{s['max']:.2f}]"
 
 
-def _seeds(n: int) -> str:
-    return "seed 0" if n == 1 else f"seeds 0–{n - 1}"
+def _seeds(n: int, first: int = 0) -> str:
+    return f"seed {first}" if n == 1 else f"seeds {first}–{first + n - 1}"
 
 
 def _list(names: list) -> str:
@@ -249,7 +252,7 @@ def findings(init: dict, train: dict) -> dict:
 
 
 def conclusion(dataset: str, init: dict, train: dict, found: dict, depth: int, width: int, batch: int,
-               seeds: int) -> str:
+               seeds: int, first: int = 0) -> str:
     parts = []
     for label, r in init.items():
         what = "zeros" if r["activation"] == "relu" else "saturated"
@@ -257,7 +260,7 @@ def conclusion(dataset: str, init: dict, train: dict, found: dict, depth: int, w
                      f"{_r(r['ratios']['grad_W'])} ({r['bands']['grad_W']}), aᴰ/a¹ {_r(r['ratios']['act'])}, "
                      f"{what} in layer {depth} {100 * r['saturated'][-1]:.0f}%")
     g = found["glorot_over_classic_delta"]
-    text = (f"At initialization ({dataset}, {depth} hidden layers of {width}, batch {batch}, {_seeds(seeds)}; "
+    text = (f"At initialization ({dataset}, {depth} hidden layers of {width}, batch {batch}, {_seeds(seeds, first)}; "
             f"first over last hidden layer, mean [min–max]): " + "; ".join(parts) + ". "
             f"The back-propagated δ shrink going down in every seed for {_list(found['delta_shrinks'])}; the "
             f"weight gradients ∂C/∂W for {_list(found['grad_W_shrinks'])}; δ shrink while ∂C/∂W stay within a "
@@ -271,7 +274,8 @@ def conclusion(dataset: str, init: dict, train: dict, found: dict, depth: int, w
                     f"means at the end {r['lower_last']['min']:.2f}–{r['lower_last']['max']:.2f}; loss over the "
                     f"last {train['probe_every']} iterations {_a(r['loss_last'])}")
     return (text + f" In training (sigmoid {'-'.join(map(str, train['sizes']))}, SGD α = {train['learning_rate']}, "
-            f"batch {train['batch']}, {train['iterations']} iterations, {_seeds(train['seeds'])}): "
+            f"batch {train['batch']}, {train['iterations']} iterations, "
+            f"{_seeds(train['seeds'], train['first_seed'])}): "
             + "; ".join(runs) + f". Top hidden layer below {LOW_TOP} at the end (near the flat end 0) in every seed: "
             f"{_list(found['top_near_zero'])}; loss still at the chance level ln 10 = 2.30 (within 5 %) in every "
             f"seed: {_list(found['at_chance'])}; below it in every seed: {_list(found['below_chance'])}.")
@@ -282,8 +286,8 @@ def main(argv=None) -> dict:
     depth, width, batch, seeds = (5, 64, 200, 2) if args.quick else (8, 256, 1000, SEEDS)
     train_depth, train_width, iterations, train_seeds = (3, 64, 300, 1) if args.quick else (4, 256, 2000, TRAIN_SEEDS)
     x, y, dataset = load(args)
-    init = at_init(x[:batch], y[:batch], depth, width, seeds)
-    train = in_training(x, y, train_depth, train_width, iterations, train_seeds)
+    init = at_init(x[:batch], y[:batch], depth, width, seeds, args.seed)
+    train = in_training(x, y, train_depth, train_width, iterations, train_seeds, args.seed)
 
     plt = common.pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(19, 10))
@@ -309,7 +313,8 @@ def main(argv=None) -> dict:
         ax.fill_between(rounds, r["mean"][0, :, -1] - r["std"][0, :, -1], r["mean"][0, :, -1] + r["std"][0, :, -1],
                         color=f"C{i}", alpha=0.15, lw=0)
     ax.set(ylim=(0, 1), xlabel="SGD iteration", ylabel="mean activation on 500 images (band: ± std, top layer)",
-           title=f"(e) sigmoid {'-'.join(map(str, train['sizes']))} in training, seed 0 (Glorot & Bengio Fig. 2)")
+           title=f"(e) sigmoid {'-'.join(map(str, train['sizes']))} in training, seed {args.seed} "
+                 "(Glorot & Bengio Fig. 2)")
     ax.legend(fontsize=8)
     ax = axes[1, 2]
     for i, (label, r) in enumerate(train["runs"].items()):
@@ -325,7 +330,7 @@ def main(argv=None) -> dict:
     results = {"dataset": dataset, "batch": batch, "depth": depth, "width": width, "seeds": seeds,
                "configs": init, "training": train, "findings": found}
     common.save_json(args, results)
-    common.conclude(args, conclusion(dataset, init, train, found, depth, width, batch, seeds))
+    common.conclude(args, conclusion(dataset, init, train, found, depth, width, batch, seeds, args.seed))
     return results
 
 

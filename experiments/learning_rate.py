@@ -124,13 +124,14 @@ def sharpness(prob: Problem, iters: int, key: jax.Array) -> float:
     return float(rayleigh)
 
 
-def quadratic_part(steps: int, num_etas: int, step_factors: np.ndarray) -> dict:
-    """Linear regression: exact Hessian, the ``η`` sweep against theory, curves and the first step."""
-    data = fnn.data.regression_1d()
+def quadratic_part(steps: int, num_etas: int, step_factors: np.ndarray, seed: int = 0) -> dict:
+    """Linear regression: exact Hessian, the ``η`` sweep against theory, curves and the first step; data and
+    initialization from ``seed``."""
+    data = fnn.data.regression_1d(seed=seed)
     norm = fnn.data.fit_zscore(_features(data.x_train))
     x = jnp.asarray(fnn.data.zscore(norm, _features(data.x_train)))  # (N, 3) float32
     net = fnn.MLP((3, 1), output="identity")
-    prob = Problem(net, net.init(jax.random.PRNGKey(0)), x, jnp.asarray(data.y_train), fnn.losses.mse)
+    prob = Problem(net, net.init(jax.random.PRNGKey(seed)), x, jnp.asarray(data.y_train), fnn.losses.mse)
 
     # Closed form in float64: C = (1/N)‖X̃θ − y‖², H = (2/N) X̃ᵀX̃; θ is ravelled as (W₁, W₂, W₃, b).
     X = np.hstack([np.asarray(x, np.float64), np.ones((x.shape[0], 1))])
@@ -182,19 +183,20 @@ def quadratic_part(steps: int, num_etas: int, step_factors: np.ndarray) -> dict:
     }
 
 
-def mlp_part(epochs: int, factors, power_iters: int, step_factors: np.ndarray) -> dict:
-    """1-32-32-1 tanh MLP, full-batch gradient descent at multiples of ``2/λ_max(θ₀)`` via :func:`fnn.fit`."""
-    data = fnn.data.regression_1d()
+def mlp_part(epochs: int, factors, power_iters: int, step_factors: np.ndarray, seed: int = 0) -> dict:
+    """1-32-32-1 tanh MLP, full-batch gradient descent at multiples of ``2/λ_max(θ₀)`` via :func:`fnn.fit`;
+    data, initialization and the power iteration's start from ``seed``."""
+    data = fnn.data.regression_1d(seed=seed)
     net = fnn.MLP((1, 32, 32, 1), "tanh", "identity")
-    prob = Problem(net, net.init(jax.random.PRNGKey(0)), jnp.asarray(data.x_train), jnp.asarray(data.y_train),
+    prob = Problem(net, net.init(jax.random.PRNGKey(seed)), jnp.asarray(data.x_train), jnp.asarray(data.y_train),
                    fnn.losses.mse)
-    lam_max = sharpness(prob, power_iters, jax.random.PRNGKey(3))
+    lam_max = sharpness(prob, power_iters, jax.random.PRNGKey(seed + 3))
     cost_of = jax.jit(lambda p: fnn.objective(net, p, prob.x, prob.y, prob.loss))
     runs = {}
     for f in factors:
         eta = f * 2 / lam_max
         result = fnn.fit(net, prob.params, fnn.optim.sgd(eta), (prob.x, prob.y), loss=prob.loss, epochs=epochs,
-                         batch_size=prob.x.shape[0], key=jax.random.PRNGKey(1), quiet=True)
+                         batch_size=prob.x.shape[0], key=jax.random.PRNGKey(seed + 1), quiet=True)
         runs[f"{f:g}"] = {
             "factor": f,
             "eta": eta,
@@ -214,8 +216,8 @@ def main(argv=None) -> dict:
     steps, num_etas = (40, 10) if args.quick else (100, 28)
     epochs, factors = (60, (0.01, 0.5, 4.0)) if args.quick else (300, MLP_FACTORS)
     step_factors = np.geomspace(0.01, 2.5, 8 if args.quick else 30)  # first step: η = f · 2/λ_max
-    quad = quadratic_part(steps, num_etas, step_factors)
-    mlp = mlp_part(epochs, factors, 30 if args.quick else 100, step_factors)
+    quad = quadratic_part(steps, num_etas, step_factors, args.seed)
+    mlp = mlp_part(epochs, factors, 30 if args.quick else 100, step_factors, args.seed)
     curves = quad.pop("curves")
 
     plt = common.pyplot()

@@ -34,9 +34,9 @@ def main(argv=None) -> dict:
 
     net = fnn.MLP(SIZES, "relu", "identity")
     loss = fnn.losses.softmax_cross_entropy
-    params = net.init(jax.random.PRNGKey(0), jnp.float32)
+    params = net.init(jax.random.PRNGKey(args.seed), jnp.float32)
     result = fnn.fit(net, params, fnn.optim.adam(1e-3), (x_train, y_train), loss=loss, epochs=epochs,
-                     batch_size=128, key=jax.random.PRNGKey(1), held_out=(x_test, y_test), quiet=True)
+                     batch_size=128, key=jax.random.PRNGKey(args.seed + 1), held_out=(x_test, y_test), quiet=True)
     hist = result.history
 
     logits = np.asarray(jax.jit(net.apply)(result.params, x_test))  # (2000, 10)

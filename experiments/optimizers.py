@@ -8,10 +8,10 @@ training images of ``mnist-10k`` (z-scored), 5 epochs = 310 iterations, no regul
 - **Seeds.** Seed ``s`` fixes the initial parameters (the key of ``s`` in JAX's ``"rbg"`` PRNG,
   whose random ops compile faster than the default's) and the batch order (``RandomState(s)``);
   within a seed every optimizer starts from the same parameters and sees the same batches. The
-  measured seeds are ``0 … SEEDS − 1``.
+  measured seeds are ``S … S + SEEDS − 1`` for ``--seed S`` (default 0).
 - **Learning-rate pilot** (part of every run, before the measured seeds). Each optimizer trains
   once per rate of its grid in :data:`GRIDS` (steps of about √10), with the same set-up and length
-  on the pilot seed :data:`PILOT_SEED`, which no measured seed uses; the rate with the lowest final
+  on the pilot seed ``S +`` :data:`PILOT_SEED`, which no measured seed uses; the rate with the lowest final
   loss on all training images is kept (runs with a non-finite loss are excluded). A rate at an end
   of its grid is reported as such: the grid may then not contain the best rate. (The grids were
   set on the pilot seed alone: they drop the worst rate of 4-point grids tried there first.)
@@ -57,6 +57,7 @@ LOSS = fnn.losses.softmax_cross_entropy
 BATCH = 128
 SEEDS = 5
 PILOT_SEED = 100
+"""The pilot's seed, after the base seed: ``--seed S`` pilots on ``S + 100`` (so at most 100 measured seeds)."""
 SMOOTH = 10
 """Iterations in the moving average drawn over the raw mini-batch losses."""
 TARGET = 0.05
@@ -65,7 +66,7 @@ TARGET = 0.05
 
 def _extra(p):
     p.add_argument("--hidden", type=int, default=256, help="units in each of the 2 hidden layers (paper: 1000)")
-    p.add_argument("--seeds", type=int, default=SEEDS, help=f"measured seeds 0 … N−1 (default {SEEDS})")
+    p.add_argument("--seeds", type=int, default=SEEDS, help=f"measured seeds S … S+N−1 for --seed S (default {SEEDS})")
 
 
 def load(args, quick: bool):
@@ -207,18 +208,22 @@ def main(argv=None) -> dict:
     net = fnn.MLP((x.shape[1], *hidden, 10), "relu", "identity", init="he_normal")
     iterations = epochs * (x.shape[0] // BATCH)
     evaluate = make_evaluate(net, x, y, x_test, y_test)
+    if seeds > PILOT_SEED:
+        raise SystemExit(f"--seeds must be at most {PILOT_SEED} (the pilot's seed is --seed + {PILOT_SEED}); "
+                         f"got {seeds}")
+    measured, pilot_seed = common.seeds(args, seeds), args.seed + PILOT_SEED
     starts = {s: (net.init(jax.random.key(s, impl="rbg")), batch_order(s, x.shape[0], epochs))
-              for s in (PILOT_SEED, *range(seeds))}  # seed -> (initial params, batch order)
+              for s in (pilot_seed, *measured)}  # seed -> (initial params, batch order)
 
     pilot, runs, rates = {}, {}, {}
     for name, (make_opt, grid) in GRIDS.items():
         train = make_train(net, make_opt)
-        tried = [run_one(train, evaluate, x, y, starts[PILOT_SEED], rate) for rate in grid]
+        tried = [run_one(train, evaluate, x, y, starts[pilot_seed], rate) for rate in grid]
         losses = [np.inf if t["diverged"] else t["final_train_loss"] for t in tried]
         rates[name] = grid[int(np.argmin(losses))]
         pilot[name] = {"grid": list(grid), "final_train_loss": [None if not np.isfinite(v) else v for v in losses],
                        "chosen": rates[name], "at_edge": rates[name] in (grid[0], grid[-1])}
-        runs[name] = [run_one(train, evaluate, x, y, starts[s], rates[name]) for s in range(seeds)]
+        runs[name] = [run_one(train, evaluate, x, y, starts[s], rates[name]) for s in measured]
         print(f"[{args.name}] {name:9s} pilot " + ", ".join(
             f"α={a:g}: {'diverged' if not np.isfinite(v) else f'{v:.4f}'}" for a, v in zip(grid, losses))
             + f" → α={rates[name]:g}{' (end of the grid)' if pilot[name]['at_edge'] else ''}")
@@ -260,19 +265,20 @@ def main(argv=None) -> dict:
                 label=name)
         ax.plot([p["chosen"]], [p["final_train_loss"][p["grid"].index(p["chosen"])]], "*", ms=14, color=f"C{i}")
     ax.set(xscale="log", yscale="log", xlabel="learning rate α", ylabel="final training loss",
-           title=f"(d) pilot on seed {PILOT_SEED} (star: the rate kept; missing point: diverged)")
+           title=f"(d) pilot on seed {pilot_seed} (star: the rate kept; missing point: diverged)")
     ax.legend(fontsize=9)
     common.save_figure(args, fig)
 
     found = {key: compare(summary, key) for key in ("final_train_loss", "iterations_to_target")}
     results = {"dataset": dataset, "sizes": list(net.sizes), "batch_size": BATCH, "epochs": epochs,
-               "iterations": iterations, "seeds": list(range(seeds)), "pilot_seed": PILOT_SEED,
+               "iterations": iterations, "seeds": measured, "pilot_seed": pilot_seed,
                "target": TARGET, "smooth": SMOOTH, "pilot": pilot, "runs": runs, "summary": summary,
                "findings": found}
     common.save_json(args, results)
     common.conclude(
         args,
-        f"{dataset}, {'-'.join(map(str, net.sizes))}, {iterations} iterations, seeds 0–{seeds - 1}, mean [min–max]. "
+        f"{dataset}, {'-'.join(map(str, net.sizes))}, {iterations} iterations, seeds {measured[0]}–{measured[-1]}, "
+        "mean [min–max]. "
         + describe(summary, found, "final_train_loss", ".4f", "Final training loss") + ". "
         + describe(summary, found, "iterations_to_target", ".0f", f"Iterations until the mean loss ≤ {TARGET}")
         + f". Against SGD, final loss: {verdict(found, 'final_train_loss')}; iterations to {TARGET}: "

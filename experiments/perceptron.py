@@ -52,10 +52,10 @@ def _boundary(ax, w, lo, hi, **style):
 def main(argv=None) -> dict:
     args = common.parse_args("perceptron", __doc__.splitlines()[0], argv)
     margins = (0.05, 0.2) if args.quick else (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
-    seeds = range(2) if args.quick else range(5)
+    seeds = common.seeds(args, 2 if args.quick else 5)
     n_points, max_epochs, curve_epochs = (60, 2000, 15) if args.quick else (200, 20_000, 30)
 
-    blobs = data.blobs(n=200, seed=0, margin=0.5)
+    blobs = data.blobs(n=200, seed=args.seed, margin=0.5)
     fit = perceptron.train(blobs.x_train, blobs.y_train, max_epochs)
     known = jnp.asarray([1.0, 1.0, 0.0], jnp.float32)  # the line blobs() draws around, bias 0
     bound, radius, gamma = perceptron.mistake_bound(blobs.x_train, blobs.y_train, known)

@@ -1,16 +1,19 @@
-"""The results blocks of experiments/README.md, generated from the experiments' JSON.
+"""The results blocks of experiments/README.md, generated from the experiments' committed JSON.
 
-A block is the text between ``<!-- results NAME -->`` and ``<!-- /results -->``; it quotes fields of
-``NAME.json``, rendered by ``RENDER[NAME]``, so a quoted number cannot drift from what the script
-wrote. Where a block holds deterministic counts only, as ``autodiff_graphs``' does,
-``tests/test_experiments_b.py`` renders a fresh run's JSON and compares it with the block; the others
-quote a default run, whose sizes a test's quick run does not have (and ``batch_sizes``' quotes that
-run's timings), so their tests check the block's form and that its words follow from its numbers.
-After changing an experiment, regenerate with
+A block is the text between ``<!-- results KEY -->`` and ``<!-- /results -->``; ``KEY`` is an
+experiment's name for its default run (base seed 0), or ``NAME@S`` for the run with ``--seed S``. It
+quotes fields of the committed ``experiments/results/KEY.json``, rendered by ``RENDER[NAME]``, so a
+quoted number cannot drift from what the script wrote; the run's figure is committed beside it as
+``experiments/figures/KEY.png``. After changing an experiment, run it and take its output:
 
-    python experiments/<name>.py && python experiments/results.py
+    python experiments/<name>.py [--seed S] && python experiments/results.py --take out/<name>
 
-which rewrites every block whose ``out/<name>/<name>.json`` exists (``--check`` only compares).
+``--take DIR`` copies ``DIR/<name>.json`` (a default-mode run) and ``DIR/<name>.png`` into the committed
+folders under the run's key, then every block is rewritten from the committed JSON. ``--check`` only
+compares, and fails (exit status 1) where a block has no committed JSON, a committed JSON renders to
+other text than its block, or a figure that experiments/README.md references is not committed; CI runs
+it (``tests/test_results.py``). Where a block holds deterministic counts only, as ``autodiff_graphs``'
+does, ``tests/test_experiments_b.py`` also renders a fresh run's JSON and compares it with the block.
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "experiments" / "README.md"
-BLOCK = re.compile(r"(<!-- results (\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
+RESULTS = ROOT / "experiments" / "results"
+FIGURES = ROOT / "experiments" / "figures"
+FIGURE_LIMIT = 150_000
+"""Bytes a committed figure may take (``common.save_figure`` lowers the resolution to fit)."""
+BLOCK = re.compile(r"(<!-- results (\w+(?:@\d+)?) -->\n)(.*?)(<!-- /results -->)", re.S)
+FIGURE = re.compile(r"\]\((figures/[\w@.-]+\.png)\)")
 
 
 def _more(counts: dict, other: dict, top: int = 5) -> str:
@@ -59,6 +67,12 @@ def _spread(s: dict, digits: str, scale: float = 1) -> str:
     if hi == float("inf"):
         return "never" if lo == float("inf") else f"never in some seeds (best {lo:{digits}})"
     return f"{mean:{digits}} [{lo:{digits}}–{hi:{digits}}]"
+
+
+def _seed_range(r: dict, count: int) -> str:
+    """``"seeds S–S+N−1"`` (``"seed S"`` for one) for the run's base seed ``S`` and ``count`` seeds."""
+    first = r.get("base_seed", 0)
+    return f"seed {first}" if count == 1 else f"seeds {first}–{first + count - 1}"
 
 
 def _names(names: list) -> str:
@@ -101,7 +115,7 @@ def render_initialization(r: dict) -> str:
     _default_run(r, "initialization")
     depth, found, t = r["depth"], r["findings"], r["training"]
     lines = [f"- At initialization: {r['dataset']}, {depth} hidden layers of {r['width']}, batch {r['batch']}, "
-             f"seeds 0–{r['seeds'] - 1}; first over last hidden layer, mean [min–max].", "",
+             f"{_seed_range(r, r['seeds'])}; first over last hidden layer, mean [min–max].", "",
              f"| configuration | δ¹/δ{depth} | ∂C/∂W¹ / ∂C/∂W{depth} | a{depth}/a¹ | saturated in layer {depth} |",
              "| --- | --- | --- | --- | --- |"]
     for label, c in r["configs"].items():
@@ -117,7 +131,7 @@ def render_initialization(r: dict) -> str:
                   f" Glorot's init instead of the classic one: δ¹/δ{depth} {g['tanh']:.0f} times larger for tanh, "
                   f"{g['sigmoid']:.0f} times for sigmoid.",
               f"- In training: sigmoid `{'-'.join(map(str, t['sizes']))}`, SGD α = {t['learning_rate']}, batch "
-              f"{t['batch']}, {t['iterations']} iterations, seeds 0–{t['seeds'] - 1}; mean activation of the top "
+              f"{t['batch']}, {t['iterations']} iterations, {_seed_range(r, t['seeds'])}; mean activation of the top "
               f"hidden layer on {t['probe']} training images.", "",
               f"| init | top layer after {t['probe_every']} iterations | lowest | at the end | lower layers at the end "
               f"| loss, last {t['probe_every']} iterations |", "| --- | --- | --- | --- | --- | --- |"]
@@ -165,14 +179,15 @@ def render_xor(r: dict) -> str:
              f"{max(single['max_distance_from_half']):.0e} of ½ on every point.",
              f"- 2-2-1, η = {r['learning_rate']:g}, {r['steps']:,} steps: {mlp['n_solved']} of {r['seeds']} seeds "
              f"classify all four points (cost ≤ {max(c for c, ok in zip(mlp['final_loss'], solved) if ok):.4f}); "
-             f"stalled: seeds {_names([str(s) for s in stalled])}.",
+             f"stalled: seeds {_names([str(r.get('base_seed', 0) + s) for s in stalled])}.",
              f"- continued to {end:,} steps, measured every {long['steps'][1] - long['steps'][0]:,}; ‖∇C‖ ∝ steps^p "
              f"and the growth of ‖θ‖ over steps {long['half']:,}–{end:,}; Hessian from `fnn.curvature.hvp`.", "",
              f"| seed | cost − ½ ln 2 | ‖∇C‖ at {long['half']:,} → {end:,} | p | ‖θ‖ at {long['half']:,} → {end:,} "
              "| Hessian eigenvalues, min and max | verdict |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in stalled:
         g, w, e = long["grad_norm"][s], long["weight_norm"][s], long["hessian_eigenvalues"][s]
-        lines.append(f"| {s} | {long['excess_over_half_ln2'][s]:.1e} | {g[half]:.1e} → {g[-1]:.1e} | "
+        lines.append(f"| {r.get('base_seed', 0) + s} | {long['excess_over_half_ln2'][s]:.1e} | "
+                     f"{g[half]:.1e} → {g[-1]:.1e} | "
                      f"{long['grad_norm_exponent_second_half'][s]:.2f} | {w[half]:.2f} → {w[-1]:.2f} | "
                      f"{e[0]:.1e}, {e[-1]:.2g} | {long['verdict'][s]} |")
     ok = [s for s in range(len(solved)) if solved[s]]
@@ -257,8 +272,8 @@ def render_batch_sizes(r: dict) -> str:
     (timings vary from run to run: the block is the run of its date; the test checks its form)."""
     _default_run(r, "batch_sizes")
     runs = r["runs"]
-    lines = [f"- digits, N = {r['n']:,}, 64-64-10 tanh, SGD η = {r['eta']:g}, {r['epochs']} epochs, seeds "
-             f"0–{r['seeds'] - 1}; min–max over the seeds.", "",
+    lines = [f"- digits, N = {r['n']:,}, 64-64-10 tanh, SGD η = {r['eta']:g}, {r['epochs']} epochs, "
+             f"{_seed_range(r, r['seeds'])}; min–max over the seeds.", "",
              f"| B | steps/epoch | cost after {r['epochs']} epochs | held-out accuracy (%) | compile (s) "
              "| first call (ms) | median epoch (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, run in runs.items():
@@ -365,22 +380,34 @@ def render_newton(r: dict) -> str:
 
 
 def render_edge_of_stability(r: dict) -> str:
-    """The default run: the initial sharpness and, per step size, the sharpness against 2/η, the cost and
-    the verdict (a quick run uses fewer images and steps, so the test checks this block's form and that
-    every verdict follows from the numbers it quotes)."""
+    """The default-mode run per step size and seed: the sharpness against 2/η, the cost and the two verdicts
+    (a quick run uses fewer images, steps and seeds, so the test checks this block's form and that every
+    verdict follows from the numbers it quotes)."""
     _default_run(r, "edge_of_stability")
-    runs, steps = r["runs"], r["steps"]
-    lines = [f"- sharpness at initialization {r['initial_sharpness']:.3f} (power iteration, "
-             f"{r['initial_iterations']} products, converged: {'yes' if r['initial_converged'] else 'no'}); during "
-             f"training every {r['every']} steps, at most {r['power_iters']} products.", "",
-             f"| η | 2/η | sharpness at step {r['every']} | largest sharpness | median over the second half / (2/η) "
-             f"| verdict | steps of the second half on which C rose | C at step {steps // 2:,} → {steps:,} "
-             "| measurements passing the residual test |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for run in runs:
-        lines.append(f"| {run['eta']:g} | {run['two_over_eta']:.2f} | {run['sharpness'][0]:.2f} | "
-                     f"{run['max_sharpness']:.2f} | {run['late_median_over_edge']:.3f} | {run['verdict']} | "
-                     f"{100 * run['late_increases']:.0f} % | {run['mid_cost']:.4f} → {run['final_cost']:.4f} | "
-                     f"{100 * run['converged_fraction']:.0f} % |")
+    seeds, steps, (low, high) = r["per_seed"], r["steps"], r["band"]
+    residual = max(max(run["relative_residual"]) for s in seeds for run in s["runs"])
+    lines = [f"- `{'-'.join(map(str, r['sizes']))}` tanh, `mse`, the first {r['subset']:,} images, {steps:,} "
+             f"full-batch steps, {_seed_range(r, len(seeds))}; sharpness by {r['lanczos_steps']}-step Lanczos "
+             f"every {r['every']} steps (largest relative Ritz residual {residual:.0e}); *at the edge*: within "
+             f"{low:g}–{high:g} × 2/η; "
+             f"*hovers*: at least {100 * r['hover']:.0f} % of at least {r['min_after']} measurements after first "
+             "reaching the band lie in it.", "",
+             "| η | 2/η | seed | sharpness at initialization | first at the edge (step) | largest sharpness "
+             f"| in the band after | rise | hovers | C at step {steps // 2:,} → {steps:,} | steps of the second half "
+             "on which C rose |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i, eta in enumerate(r["etas"]):
+        for s in seeds:
+            run = s["runs"][i]
+            first = "never" if run["first_at_edge"] is None else f"{(run['first_at_edge'] + 1) * r['every']:,}"
+            lines.append(f"| {eta:g} | {2 / eta:.2f} | {s['seed']} | {s['initial_sharpness']:.2f} | {first} | "
+                         f"{run['max_sharpness']:.2f} | {100 * run['share_in_band_after']:.0f} % of "
+                         f"{run['measurements_after']} | {run['rise']} | {'yes' if run['hovers'] else 'no'} | "
+                         f"{run['mid_cost']:.4f} → {run['final_cost']:.4f} | {100 * run['rose_on']:.0f} % |")
+    lines.append("")
+    for s in r["summary"]:
+        lines.append(f"- η = {s['eta']:g}: rises to 2/η in {s['rises_to_edge']} of {s['seeds']} seeds (starts at or "
+                     f"above it in {s['starts_at_edge']}); hovers at 2/η in {s['hovers']} of {s['seeds']}; the cost "
+                     f"fell over the second half in {s['cost_fell']} of {s['seeds']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -426,13 +453,15 @@ def render_gradient_noise(r: dict) -> str:
     second = b[:, 1] / b[:, 0]
     rises = (np.diff(b[:, 1:], axis=1) > 0).sum(axis=1)  # after epoch 2
     steps = epochs - 2
-    lines = [f"- 784-256-10 relu, batch {r['batch']}, {epochs} epochs, seeds 0–{seeds - 1}; `B_simple` per epoch is "
+    lines = [f"- 784-256-10 relu, batch {r['batch']}, {epochs} epochs, {_seed_range(r, seeds)}; `B_simple` per epoch "
+             "is "
              "the ratio of the epoch means of the `tr(Σ)` and `‖G‖²` estimates, ∞ where the `‖G‖²` estimate is ≤ 0.",
              "", f"| seed | `B_simple`, epoch 1 | epoch 2 / epoch 1 | median over epochs {epochs - tail + 1}–{epochs} "
              "| median / epoch 1 | rises after epoch 2 | epochs with `‖G‖²` ≤ 0 |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in range(seeds):
-        lines.append(f"| {s} | {_count(b[s, 0])} | {_factor(second[s])} | {_count(late[s])} | {_factor(growth[s])} "
+        lines.append(f"| {r.get('base_seed', 0) + s} | {_count(b[s, 0])} | {_factor(second[s])} | {_count(late[s])} "
+                     f"| {_factor(growth[s])} "
                      f"| {rises[s]} of {steps} | {int(unresolved[s].sum())} of {epochs} |")
     resolved = b[:, 1:][np.isfinite(b[:, 1:])]
     loss = np.asarray(r["train_loss"], float).mean(axis=0)
@@ -495,28 +524,28 @@ def render_gradient_agreement(r: dict) -> str:
 
 
 def render_private_mnist(r: dict) -> str:
-    """The default run per target ε against the paper, and the non-private reference (a quick run has fewer
-    images, epochs and seeds, so the test checks this block's form against a fresh quick run's and that its
-    words follow from its numbers)."""
+    """The default-mode run per target ε at the paper's σ against the paper and a non-private run of the
+    same number of steps (a quick run has fewer images and epochs, so the test checks this block's form
+    against a fresh quick run's and that its words follow from its numbers)."""
     _default_run(r, "private_mnist")
-    private = [t for t in r["mean"] if t != "None"]
-    lines = [f"- {r['epochs']} epochs, {r['steps']} steps at q = {r['q']:.3f}, seeds 0–{r['seeds'] - 1}; held-out "
-             "accuracy (%), mean [min–max] over the seeds.", "",
-             "| target ε | ε spent | σ | held-out accuracy (%) | gain in the last epoch (points, mean) | paper (%) "
-             "| paper − mean (points) |", "| --- | --- | --- | --- | --- | --- | --- |"]
-
-    def accuracy(t):
-        lo, hi = r["range"][t]
-        gain = 100 * np.diff(np.asarray(r["curves"][t], float).mean(axis=0))[-1]
-        return f"{100 * r['mean'][t]:.2f} [{100 * lo:.2f}–{100 * hi:.2f}] | {gain:+.2f}"
-
-    for t in private:
-        lines.append(f"| {float(t):g} | {r['epsilon'][t]:.3f} | {r['noise_multiplier'][t]:.2f} | {accuracy(t)} | "
-                     f"{100 * r['paper'][t]:.0f} | {100 * (r['paper'][t] - r['mean'][t]):.1f} |")
-    lines += [f"| not private | | | {accuracy('None')} | | |", "",
-              "- mean accuracy " + ("rises" if r["monotone_in_epsilon"] else "does not rise") + " with ε at every "
+    norm = r["normalization"]
+    lines = [f"- mnist-10k, N = {r['n']:,}, lots of {r['lot']} (q = {r['q']:.3f}, {r['steps_per_epoch']} steps per "
+             f"epoch), clip {r['clip']:g}, δ = {r['delta']:g}, SGD η = {r['lr']:g}; inputs standardized with the "
+             f"public constants {norm['mean']} and {norm['std']}; {_seed_range(r, r['seeds'])}; held-out accuracy "
+             "(%), mean [min–max] over the seeds.", "",
+             "| target ε | σ (the paper's) | steps | ε spent | DP-SGD | gain in the last epoch (points) "
+             "| not private, same steps | paper | paper − DP-SGD (points) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for t, v in r["rows"].items():
+        lines.append(f"| {float(t):g} | {v['sigma']:g} | {v['steps']:,} | {v['epsilon']:.3f} | {100 * v['mean']:.2f} "
+                     f"[{100 * v['range'][0]:.2f}–{100 * v['range'][1]:.2f}] | {100 * v['gain_last_epoch']:+.2f} | "
+                     f"{100 * v['plain_mean']:.2f} [{100 * v['plain_range'][0]:.2f}–{100 * v['plain_range'][1]:.2f}] "
+                     f"after {v['plain_steps']:,} | {100 * v['paper']:.0f} | {100 * (v['paper'] - v['mean']):.1f} |")
+    lines += ["", "- mean accuracy " + ("rises" if r["monotone_in_epsilon"] else "does not rise") + " with ε at every "
               "step; every seed below the paper's figure at ε = "
-              + _names([f"{float(t):g}" for t in private if r["below_paper"][t]]) + "."]
+              + _names([f"{float(t):g}" for t, b in r["below_paper"].items() if b])
+              + "; every private seed below every non-private one at ε = "
+              + _names([f"{float(t):g}" for t, b in r["below_plain"].items() if b]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -535,30 +564,84 @@ def blocks(text: str) -> dict[str, str]:
     return {m.group(2): m.group(3) for m in BLOCK.finditer(text)}
 
 
+def key_of(run: dict, name: str) -> str:
+    """The block key of a run's JSON: ``name`` for base seed 0, else ``name@S``."""
+    seed = run.get("base_seed", 0)
+    return name if seed == 0 else f"{name}@{seed}"
+
+
+def take(folder: Path) -> str:
+    """Copy ``folder/<name>.json`` and its PNG into the committed folders; returns the run's key."""
+    found = sorted(p for p in Path(folder).glob("*.json") if p.stem in RENDER)
+    if len(found) != 1:
+        raise SystemExit(f"--take {folder}: expected one experiment's <name>.json there (name one of "
+                         f"{', '.join(sorted(RENDER))}), found {[p.name for p in found] or 'none'}")
+    path = found[0]
+    run, name = json.loads(path.read_text()), path.stem
+    if run.get("quick"):
+        raise SystemExit(f"--take {folder}: {path.name} is from a --quick run; the blocks quote default runs: "
+                         f"run python experiments/{name}.py without --quick first")
+    key, png = key_of(run, name), path.with_suffix(".png")
+    if not png.exists():
+        raise SystemExit(f"--take {folder}: {png.name} is missing beside {path.name}; re-run the experiment")
+    if png.stat().st_size > FIGURE_LIMIT:
+        raise SystemExit(f"--take {folder}: {png.name} has {png.stat().st_size:,} bytes, more than the "
+                         f"{FIGURE_LIMIT:,} a committed figure may take; re-run the experiment (it saves within it)")
+    RESULTS.mkdir(exist_ok=True)
+    FIGURES.mkdir(exist_ok=True)
+    (RESULTS / f"{key}.json").write_text(path.read_text())
+    (FIGURES / f"{key}.png").write_bytes(png.read_bytes())
+    return key
+
+
+def check(text: str, results: Path = RESULTS, figures_root: Path = README.parent) -> list[str]:
+    """What is wrong with the blocks and figures of ``text`` against the committed files (empty: nothing)."""
+    problems = []
+    for m in BLOCK.finditer(text):
+        key = m.group(2)
+        name, path = key.split("@")[0], results / f"{key}.json"
+        if name not in RENDER:
+            problems.append(f"block {key}: no renderer for {name!r}")
+        elif not path.exists():
+            problems.append(f"block {key}: no committed results/{key}.json (run the experiment, then --take)")
+        elif RENDER[name](json.loads(path.read_text())) != m.group(3):
+            problems.append(f"block {key}: differs from its committed JSON (run python experiments/results.py)")
+    for figure in FIGURE.findall(text):
+        if not (figures_root / figure).exists():
+            problems.append(f"figure {figure}: referenced, not committed")
+    return problems
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="experiments/results.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "out"), help="folder holding <name>/<name>.json (default out/)")
-    p.add_argument("--check", action="store_true", help="compare only; exit status 1 on a difference")
+    p.add_argument("--take", nargs="+", default=(), metavar="DIR",
+                   help="output folders of default-mode runs to commit (their JSON and PNG)")
+    p.add_argument("--check", action="store_true", help="compare only; exit status 1 on a problem")
     args = p.parse_args(argv)
     text = README.read_text()
-    stale = []
+    if args.check:
+        problems = check(text)
+        print("\n".join(problems) if problems else "every block matches its committed JSON; every figure exists")
+        return 1 if problems else 0
+    for folder in args.take:
+        print(f"took {take(Path(folder))}")
+    rewritten = []
 
     def replace(m):
-        name = m.group(2)
-        path = Path(args.out) / name / f"{name}.json"
-        if name not in RENDER or not path.exists():
+        key = m.group(2)
+        path = RESULTS / f"{key}.json"
+        if not path.exists():
             return m.group(0)
-        body = RENDER[name](json.loads(path.read_text()))
+        body = RENDER[key.split("@")[0]](json.loads(path.read_text()))
         if body != m.group(3):
-            stale.append(name)
+            rewritten.append(key)
         return m.group(1) + body + m.group(4)
 
-    new = BLOCK.sub(replace, text)
-    if args.check:
-        print("stale: " + ", ".join(stale) if stale else "every block matches its JSON")
-        return 1 if stale else 0
-    README.write_text(new)
-    print(f"rewrote {', '.join(stale) or 'nothing (every block matched)'}")
+    README.write_text(BLOCK.sub(replace, text))
+    print(f"rewrote {', '.join(rewritten) or 'nothing (every block matched)'}")
+    missing = [m.group(2) for m in BLOCK.finditer(text) if not (RESULTS / f"{m.group(2)}.json").exists()]
+    if missing:
+        print(f"no committed JSON yet for: {', '.join(missing)}")
     return 0
 
 

@@ -13,8 +13,9 @@ layer, logistic outputs, the cross-entropy reconstruction error on pixel intensi
 (``binary_cross_entropy_with_logits``: a mean over the 784 pixels, so the sum of the papers is 784
 times it), on the 8,000 training images of ``mnist-10k``, Glorot (Xavier) normal initialization,
 the same initial parameters for every method. Mini-batches are drawn by a fresh permutation per
-epoch (seed 0), of ``BATCH`` images for momentum, Adam and K-FAC and ``HF_BATCH`` for Hessian-free
-(whose gradient and curvature both come from its batch; Martens used a larger gradient batch still).
+epoch (the base seed ``--seed``, default 0, which also draws the initialization), of ``BATCH`` images
+for momentum, Adam and K-FAC and ``HF_BATCH`` for Hessian-free (whose gradient and curvature both come
+from its batch; Martens used a larger gradient batch still).
 
 - **Learning-rate pilot** (part of every run): each method trains ``PILOT_SECONDS`` at every value of
   its grid in :data:`METHODS` (for K-FAC its damping γ; for Hessian-free the initial
@@ -155,7 +156,7 @@ def main(argv=None) -> dict:
     activation = tuple("identity" if l == hidden // 2 else "sigmoid" for l in range(hidden))
     net = fnn.MLP(sizes, activation, "identity", init="xavier_normal")
     loss = fnn.losses.binary_cross_entropy_with_logits
-    params = net.init(jax.random.PRNGKey(0))
+    params = net.init(jax.random.PRNGKey(args.seed))
     initial = evaluate(net, loss, [(0, 0.0, params)], x_eval)["cross_entropy"][0]
 
     runs, pilots = {}, {}
@@ -164,13 +165,13 @@ def main(argv=None) -> dict:
             grid = grid[len(grid) // 2: len(grid) // 2 + 1]
         finals = {}
         for value in grid if len(grid) > 1 else ():
-            r = train(net, loss, make(value), params, x, batch, pilot_seconds, 1)
+            r = train(net, loss, make(value), params, x, batch, pilot_seconds, 1, args.seed)
             finals[value] = evaluate(net, loss, r["kept"][-1:], x_eval)["cross_entropy"][0]
         finite = {v: c for v, c in finals.items() if np.isfinite(c)}
         chosen = min(finite, key=finite.get) if finite else grid[0]
         pilots[name] = {"what": what, "grid": list(grid), "final": [finals.get(v) for v in grid], "chosen": chosen,
                         "at_edge": len(grid) > 1 and chosen in (grid[0], grid[-1])}
-        r = train(net, loss, make(chosen), params, x, batch, seconds, SNAPSHOTS)
+        r = train(net, loss, make(chosen), params, x, batch, seconds, SNAPSHOTS, args.seed)
         runs[name] = {"batch": batch, "compile_s": r["compile_s"], "steps": r["steps"], "seconds": r["seconds"],
                       "ms_per_step": 1e3 * r["seconds"] / r["steps"], **evaluate(net, loss, r["kept"], x_eval)}
 

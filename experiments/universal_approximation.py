@@ -71,9 +71,10 @@ def embed(params: list, pad: int) -> list:
             {"W": jnp.zeros((1, pad), out["W"].dtype).at[:, :n].set(out["W"]), "b": out["b"]}]
 
 
-def fit_widths(widths, pad: int, x, y, x_eval, y_eval, seeds: int, chunk: int, checkpoints: int):
+def fit_widths(widths, pad: int, x, y, x_eval, y_eval, seeds: int, chunk: int, checkpoints: int,
+               first: int = 0):
     """Train ``MLP((1, n, 1))`` for every ``n`` in ``widths`` (each ``≤ pad``) on every target from
-    ``seeds`` initializations (``MLP((1, n, 1)).init(PRNGKey(s))``), all at once, embedded in
+    ``seeds`` initializations (``MLP((1, n, 1)).init(PRNGKey(first + s))``), all at once, embedded in
     ``pad``-unit networks (:func:`embed`).
 
     ``x (N, 1)``, ``y (T, N, 1)``: ``T`` targets; ``x_eval (M, 1)``, ``y_eval (T, M, 1)``. Full-batch
@@ -85,7 +86,7 @@ def fit_widths(widths, pad: int, x, y, x_eval, y_eval, seeds: int, chunk: int, c
     """
     net = fnn.MLP((1, pad, 1), "tanh", "identity")
     opt = fnn.optim.adam(fnn.schedules.exponential_decay(RATE, 0.5, HALF_LIFE))
-    starts = [[embed(fnn.MLP((1, n, 1), "tanh", "identity").init(jax.random.PRNGKey(s)), pad)
+    starts = [[embed(fnn.MLP((1, n, 1), "tanh", "identity").init(jax.random.PRNGKey(first + s)), pad)
                for s in range(seeds)] for n in widths]
     starts = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[jax.tree_util.tree_map(lambda *a: jnp.stack(a), *row)
                                                                for row in starts])  # leaves (W, seeds, ...)
@@ -176,7 +177,8 @@ def main(argv=None) -> dict:
 
     small = [n for n in widths if n <= PAD]
     groups = ([(small, max(small))] if small else []) + [([n], n) for n in widths if n > PAD]
-    parts = [fit_widths(g, pad, x, y, x_eval, y_eval, seeds, chunk, checkpoints) for g, pad in groups]
+    parts = [fit_widths(g, pad, x, y, x_eval, y_eval, seeds, chunk, checkpoints, args.seed)
+             for g, pad in groups]
     train_mse, rmse, fits = (np.concatenate([p[i] for p in parts]) for i in range(3))  # (W, T, seeds, K[, M])
     padding = max(extra_units(p[3], g) for (g, _), p in zip(groups, parts))  # 0: they never moved
 

@@ -59,8 +59,9 @@ def descend(net: fnn.MLP, opt, params, x, y, loss, steps: int):
     return params, costs
 
 
-def train_seeds(net: fnn.MLP, x, y, seeds: int, steps: int):
-    """Full-batch gradient descent ``θ ← θ − η ∇C`` from ``seeds`` initializations at once.
+def train_seeds(net: fnn.MLP, x, y, seeds: int, steps: int, first: int = 0):
+    """Full-batch gradient descent ``θ ← θ − η ∇C`` from ``seeds`` initializations at once, from
+    ``PRNGKey(first)``, ``PRNGKey(first + 1)``, ….
 
     ``x (N, 2)`` float32, ``y (N,)`` 0/1 float32. Returns ``(params, costs, logits, final)``, each
     with a leading ``(seeds,)`` axis: the trained params, ``costs (seeds, steps)`` the cost before
@@ -73,7 +74,7 @@ def train_seeds(net: fnn.MLP, x, y, seeds: int, steps: int):
         logits = net.apply(params, x)
         return params, costs, logits[:, 0], LOSS(logits, y)
 
-    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(seeds))
+    keys = jax.vmap(jax.random.PRNGKey)(first + jnp.arange(seeds))
     return jax.jit(jax.vmap(run))(keys)
 
 
@@ -137,7 +138,7 @@ def main(argv=None) -> dict:
                "learning_rate": LEARNING_RATE, "steps": steps, "seeds": seeds}
     fitted = {}
     for name, net in (("single_unit", single), ("mlp_2_2_1", mlp)):
-        params, costs, logits, final = jax.device_get(train_seeds(net, x, y, seeds, steps))
+        params, costs, logits, final = jax.device_get(train_seeds(net, x, y, seeds, steps, args.seed))
         correct = (logits > 0) == truth
         fitted[name] = (params, costs)
         results[name] = {"accuracy": correct.mean(axis=1), "solved": correct.all(axis=1),

@@ -35,8 +35,9 @@ def run(name: str, out: Path, *extra: str) -> dict:
     return saved
 
 
-def test_perceptron(tmp_path):
-    r = run("perceptron", tmp_path)
+@pytest.mark.parametrize("seed", [0, 1000])  # the claim holds in both seed ranges
+def test_perceptron(tmp_path, seed):
+    r = run("perceptron", tmp_path, "--seed", str(seed))
     assert {"blobs", "sweep", "all_within_bound", "worst_ratio", "xor", "cumulative_updates"} <= set(r)
     assert r["blobs"]["converged"] and r["blobs"]["updates"] <= r["blobs"]["bound"]
     assert r["all_within_bound"] and r["worst_ratio"] <= 1
@@ -47,7 +48,7 @@ def test_perceptron(tmp_path):
     assert len(set(r["cumulative_updates"]["blobs"][-3:])) == 1  # converged: no more updates
     # the README's block quotes the default run (experiments/results.py): the blobs do not depend on the run's
     # size, so their line is this fresh run's; the rest follows from its numbers, as section 1 reads them
-    block = quoted_block("perceptron").splitlines()
+    block = quoted_block("perceptron" if seed == 0 else f"perceptron@{seed}").splitlines()
     assert block[0] == importlib.import_module("results").render_perceptron({**r, "quick": False}).splitlines()[0]
     ratio, most, bound = re.search(r"updates/bound ([\d.]+); most updates ([\d,]+) .* bound of ([\d,]+)",
                                    block[1]).groups()
@@ -59,8 +60,9 @@ def test_perceptron(tmp_path):
     assert [float(v) for v in w.split(", ")] == [0, 0, 0] and int(acc) == 50
 
 
-def test_xor(tmp_path):
-    r = run("xor", tmp_path)
+@pytest.mark.parametrize("seed", [0, 1000])  # the claim holds in both seed ranges
+def test_xor(tmp_path, seed):
+    r = run("xor", tmp_path, "--seed", str(seed))
     assert {"perceptron", "single_unit", "mlp_2_2_1", "learning_rate", "steps", "seeds", "long_run"} <= set(r)
     assert not r["perceptron"]["converged"]
     assert min(r["single_unit"]["final_loss"]) >= math.log(2) - 1e-3  # a linear unit cannot beat ln 2
@@ -99,7 +101,7 @@ def test_xor(tmp_path):
         oracle = np.linalg.eigvalsh(np.asarray(hessian(jnp.asarray(long["final_params"][s], jnp.float64))))
         np.testing.assert_allclose(eig[s], oracle, atol=1e-5 * np.abs(oracle).max())
     # the README's block (default run): every verdict follows from the numbers it quotes
-    rows = [line.split(" | ") for line in quoted_block("xor").splitlines()
+    rows = [line.split(" | ") for line in quoted_block("xor" if seed == 0 else f"xor@{seed}").splitlines()
             if line.startswith("| ") and line.endswith(("plateau |", "saddle |", "minimum |", "escaped |"))]
     assert rows
     for row in rows:
@@ -118,8 +120,9 @@ def expected_verdict(grad_norm, growth, lowest, highest, t, escaped) -> str:
     return "minimum" if grad_norm <= t["grad_tol"] and growth <= t["growth_tol"] else "plateau"
 
 
-def test_universal_approximation(tmp_path):
-    r = run("universal_approximation", tmp_path)
+@pytest.mark.parametrize("seed", [0, 1000])  # the claim holds in both seed ranges
+def test_universal_approximation(tmp_path, seed):
+    r = run("universal_approximation", tmp_path, "--seed", str(seed))
     widths, steps, window = r["widths"], r["steps"], r["window"] // r["chunk"]
     assert set(r["rmse_best"]) == {"sin(x)", "|x|", "step [x ≥ 0]"}
     assert r["padded_units_max_abs_weight"] == 0.0  # the extra units of the shared program never moved
@@ -139,7 +142,8 @@ def test_universal_approximation(tmp_path):
         assert len(errors) == len(widths)
         assert errors[-1] < 0.2 * errors[0], (name, errors)
     # the README's block (default run): three step counts per target, each slope the fit of the quoted errors
-    lines = quoted_block("universal_approximation").splitlines()
+    key = "universal_approximation" if seed == 0 else f"universal_approximation@{seed}"
+    lines = quoted_block(key).splitlines()
     header = next(line for line in lines if line.startswith("| target"))
     quoted_widths = [int(c.split("= ")[1]) for c in header.split(" | ") if c.startswith("n = ")]
     rows = [line.split(" | ") for line in lines if line.startswith("| ") and not line.startswith(("| target", "| ---"))]
@@ -150,8 +154,9 @@ def test_universal_approximation(tmp_path):
         assert abs(fitted - float(row[-2])) < 0.05, row  # the errors are quoted to 2 significant figures
 
 
-def test_capacity(tmp_path):
-    r = run("capacity", tmp_path)
+@pytest.mark.parametrize("seed", [0, 1000])  # the claim holds in both seed ranges
+def test_capacity(tmp_path, seed):
+    r = run("capacity", tmp_path, "--seed", str(seed))
     widths = r["widths"]
     train, held = np.array(r["train_mse"]), np.array(r["held_out_mse"])  # (widths, draws)
     assert train.shape == held.shape == (len(widths), r["repeats"]) and r["repeats"] >= 2
@@ -170,7 +175,7 @@ def test_capacity(tmp_path):
     assert r["best_width"] != widths[0] and held.mean(1).min() < 0.8 * held.mean(1)[0]  # width 1 under-fits
     assert held.mean(1).min() > 0.8 * r["noise_variance"]  # nothing beats the noise
     # the README's block (default run): a row per width, min ≤ mean ≤ max, and its words follow from its ranges
-    block = quoted_block("capacity")
+    block = quoted_block("capacity" if seed == 0 else f"capacity@{seed}")
     rows = [line.split(" | ") for line in block.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert_spreads_ordered(rows)
     quoted = [[float(v) for v in row[2].removesuffix(" |").replace(" [", "–").rstrip("]").split("–")] for row in rows]
@@ -180,8 +185,9 @@ def test_capacity(tmp_path):
     assert ("minimum resolved" if resolved else "minimum not resolved") in block
 
 
-def test_initialization(tmp_path, mnist_dir):
-    r = run("initialization", tmp_path, "--data-dir", str(mnist_dir))
+@pytest.mark.parametrize("seed", [0, 1000])  # the claim holds in both seed ranges
+def test_initialization(tmp_path, mnist_dir, seed):
+    r = run("initialization", tmp_path, "--data-dir", str(mnist_dir), "--seed", str(seed))
     assert r["dataset"] == "mnist-10k"
     c, depth = r["configs"], r["depth"]
     assert len(c) == 6 and r["seeds"] >= 2
@@ -211,7 +217,8 @@ def test_initialization(tmp_path, mnist_dir):
     # experiments/README.md quotes the default run in a block generated from its JSON (experiments/results.py);
     # a quick run has other sizes, so only the block's form is checked: a row per configuration, in order,
     # and every quoted mean within its [min–max]
-    rows = [line.split(" | ") for line in quoted_block("initialization").splitlines() if line.startswith("| ")]
+    key = "initialization" if seed == 0 else f"initialization@{seed}"
+    rows = [line.split(" | ") for line in quoted_block(key).splitlines() if line.startswith("| ")]
     labels = [row[0][2:] for row in rows if row[0][2:] in c]  # the table at initialization, then in training
     assert labels == list(c) + list(r["training"]["runs"])
     assert_spreads_ordered(rows)
