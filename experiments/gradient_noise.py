@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     }
 
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
     e = np.arange(1, epochs + 1)
     top = np.nanmax(np.where(unresolved, np.nan, b)) * 3
     for s in range(seeds):
@@ -88,12 +88,21 @@ def main(argv=None) -> dict:
     twin.set(ylabel="train loss", yscale="log")
     ax1.legend(loc="upper left", fontsize=8)
     twin.legend(loc="lower right", fontsize=8)
+    for s in range(seeds):  # the paper's reading: the noise scale against the loss reached (their fig. 7)
+        keep = ~unresolved[s]
+        ax3.plot(results["train_loss"][s][keep], b[s][keep], "o-", ms=3, color="C0", alpha=0.6,
+                 label="per seed, one point per epoch" if s == 0 else None)
+    ax3.axhline(BATCH, color="grey", ls=":", lw=0.8, label=f"batch size {BATCH}")
+    ax3.set(xlabel="training loss (epoch mean)", ylabel="B_simple", xscale="log", yscale="log",
+            title="B_simple against the training loss")
+    ax3.invert_xaxis()  # training runs left to right
+    ax3.legend(fontsize=8)
     for i, q in enumerate(QUANTILES):
         v = results[q]
         ax2.plot(e, v.mean(0), "o-", ms=3, color=f"C{i}", label=q.replace("norm_", ""))
         ax2.fill_between(e, v.min(0), v.max(0), color=f"C{i}", alpha=0.2)
     ax2.set(xlabel="epoch", ylabel="‖g_x‖ (per-example gradient norm)", yscale="log",
-            title="per-example gradient norm quantiles (band: range of seeds)")
+            title="per-example gradient norms (band: seeds' range)")
     ax2.legend(fontsize=8)
     save_figure(args, fig)
     save_json(args, results)
