@@ -10,6 +10,7 @@ so ``--seed 1000`` repeats the experiment on seeds disjoint from the default one
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -104,8 +105,6 @@ FIGURE_BYTES = 150_000
 def save_figure(args: argparse.Namespace, fig, dpi: int = 110) -> Path:
     """Write ``<out>/<name>.png`` at ``dpi``, or at the highest lower resolution within ``FIGURE_BYTES`` (the
     size of a PNG grows about as the square of the resolution), and close the figure."""
-    import io
-
     path = Path(args.out) / f"{args.name}.png"
     fig.tight_layout()
     for _ in range(6):

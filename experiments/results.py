@@ -26,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common import FIGURE_BYTES
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "experiments" / "README.md"
 RESULTS = ROOT / "experiments" / "results"
 FIGURES = ROOT / "experiments" / "figures"
-FIGURE_LIMIT = 150_000
+FIGURE_LIMIT = FIGURE_BYTES
 """Bytes a committed figure may take (``common.save_figure`` lowers the resolution to fit)."""
 BLOCK = re.compile(r"(<!-- results (\w+(?:@\d+)?) -->\n)(.*?)(<!-- /results -->)", re.S)
 FIGURE = re.compile(r"\]\((figures/[\w@.-]+\.png)\)")

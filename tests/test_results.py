@@ -133,3 +133,15 @@ def test_the_check_passes_on_the_committed_results():
     # JSON and renders to exactly its text, and every figure the README references is committed
     assert results.check(results.README.read_text()) == []
     assert results.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("seed", ["-1", "1.5", "x"])
+def test_a_seed_that_is_not_a_non_negative_integer_is_refused(seed, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args("newton", "", ["--seed", seed, "--out", str(tmp_path)])
+    assert "--seed" in capsys.readouterr().err
+
+
+def test_the_seeds_of_a_run_start_at_its_base_seed(tmp_path):
+    args = common.parse_args("newton", "", ["--seed", "1000", "--out", str(tmp_path)])
+    assert args.seed == 1000 and common.seeds(args, 3) == [1000, 1001, 1002]
