@@ -187,6 +187,11 @@ def _hyperparameters() -> dict[str, dict[str, float | int | bool]]:
     return table
 
 
+def _takes_rate(optimizer: str) -> bool:
+    """Whether ``optimizer``'s factory takes a learning rate (K-FAC with adaptive damping does not)."""
+    return "learning_rate" in inspect.signature(optim.OPTIMIZERS[optimizer]).parameters
+
+
 def _own_rate(optimizer: str) -> float | None:
     """The default learning rate of ``optimizer``'s factory, if it has one."""
     p = inspect.signature(optim.OPTIMIZERS[optimizer]).parameters.get("learning_rate")
@@ -249,7 +254,9 @@ def parser() -> argparse.ArgumentParser:
     for name, theirs in _hyperparameters().items():
         kinds = {type(v) for v in theirs.values()}
         about = "if not given, the optimizer's default: " + ", ".join(f"{opt} {v}" for opt, v in theirs.items())
-        if kinds == {bool}:
+        if kinds == {bool} and any(theirs.values()):  # on by default somewhere: --name / --no-name
+            o.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None, help=about)
+        elif kinds == {bool}:
             o.add_argument(_flag(name), action="store_true", default=None, help=f"switch on; {about}")
         else:
             o.add_argument(_flag(name), type=int if kinds == {int} else float, default=None, help=about)
@@ -322,10 +329,15 @@ def check(config: RunConfig) -> RunConfig:
     _check_flags(config)
     hyper = dict(config.hyperparams)
     takes = [p.name for p in _settable(optim.OPTIMIZERS[config.optimizer])]
+    rated = _takes_rate(config.optimizer)
     unused = [name for name in hyper if name not in takes]
     if unused:
         raise ConfigError(f"{config.optimizer} takes no {', '.join(map(_flag, unused))}; it takes "
-                          + ", ".join(map(_flag, ["lr", *takes])))
+                          + ", ".join(map(_flag, ["lr", *takes] if rated else takes)))
+    if not rated and (config.lr is not None or config.schedule != "constant"):
+        given = "--lr" if config.lr is not None else f"--schedule {config.schedule}"
+        raise ConfigError(f"{config.optimizer} takes no {given}: it chooses its step length itself (from its "
+                          "quadratic model); leave it out, or use an optimizer with a learning rate")
     return config._replace(hidden=tuple(config.hidden), hyperparams=tuple(sorted(hyper.items())))
 
 
@@ -366,11 +378,11 @@ def make_optimizer(config: RunConfig, net: MLP, loss: Loss, steps_per_epoch: int
 
     def build(lr):
         try:
-            return factory(learning_rate=lr, **given)
+            return factory(**({"learning_rate": lr} if "learning_rate" in accepted else {}), **given)
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
 
-    if config.schedule == "constant":
+    if config.schedule == "constant" or "learning_rate" not in accepted:
         return build(rate)
     try:
         return factory(learning_rate=SCHEDULES[config.schedule](rate, max(1, steps_per_epoch * config.epochs)),
@@ -796,8 +808,9 @@ def _train(config: RunConfig, argv: list[str] | None) -> int:
     opt = make_optimizer(config, net, loss, -(-n // config.batch_size))
     _check_first_order(config, opt)
     print(f"fnn-train: {d.name}: {n} train / {len(d.x_test)} held out, network {net.sizes} "
-          f"{config.activation}->{config.output}, {loss.name}, {config.optimizer} lr={_learning_rate(config)}, "
-          f"batch {config.batch_size}, gradients: {config.grad_source}, "
+          f"{config.activation}->{config.output}, {loss.name}, {config.optimizer} "
+          + (f"lr={_learning_rate(config)}, " if _takes_rate(config.optimizer) else "step length from its model, ")
+          + f"batch {config.batch_size}, gradients: {config.grad_source}, "
           + (f"{config.compute_dtype} matmuls, " if config.compute_dtype else "")
           + f"on {jax.devices()[0].platform}")
     private, sigma = _privacy(config, n)

@@ -151,7 +151,12 @@ def _file(tmp_path):
     (["--overwrite"], "--overwrite needs --checkpoint-dir"),
     # before: no such flag (the CLI knew the first-order optimizers only)
     (["--optimizer", "hessian_free", "--refresh", "3"],
-     "hessian_free takes no --refresh; it takes --lr, --damping, --cg-iters, --decay$"),
+     "hessian_free takes no --refresh; it takes --lr, --damping, --cg-iters, --decay, --cg-tol, --backtrack$"),
+    (["--optimizer", "kfac_adaptive", "--lr", "0.1"], "kfac_adaptive takes no --lr: it chooses its step length itself"),
+    (["--optimizer", "kfac_adaptive", "--schedule", "cosine"], "kfac_adaptive takes no --schedule cosine"),
+    (["--optimizer", "kfac_adaptive", "--rescale"],
+     "kfac_adaptive takes no --rescale; it takes --damping, --decay, --refresh, --adapt-every, --gamma-every, "
+     "--exact$"),
     (["--optimizer", "kfac", "--damping", "-1"], r"damping must be a finite number in \[0, inf\); got -1.0"),
     (["--optimizer", "hessian_free", "--schedule", "cosine"],
      "hessian_free takes a constant learning rate, not --schedule cosine"),
@@ -304,6 +309,12 @@ def test_run_config_is_the_flags_and_runs_without_argparse(tmp_path, capsys):
         == RunConfig(optimizer="kfac", hyperparams=(("damping", 0.1),), hidden=(8, 4))
     assert config_from_args(parser().parse_args(["--optimizer", "kfac", "--exact", "--refresh", "2"])).hyperparams \
         == (("exact", True), ("refresh", 2))
+    # a switch that is on by default (Hessian-free's backtracking) can be switched off
+    off = config_from_args(parser().parse_args(["--optimizer", "hessian_free", "--no-backtrack", "--cg-tol", "0"]))
+    assert off.hyperparams == (("backtrack", False), ("cg_tol", 0.0))
+    hyper = make_optimizer(check(off), fnn.MLP((2, 4, 2)), fnn.losses.softmax_cross_entropy, 10).hyperparams
+    assert (hyper["backtrack"], hyper["cg_tol"]) == (False, 0.0)
+    assert config_from_args(parser().parse_args(["--optimizer", "hessian_free"])).hyperparams == ()
     history = tmp_path / "h.json"
     assert run(XOR._replace(epochs=2, history=str(history), hyperparams={"b1": 0.8})) == 0
     assert "xor: 4 train / 4 held out, network (2, 4, 2) relu->identity, softmax_cross_entropy, adam lr=0.001" \
@@ -340,6 +351,16 @@ def test_hessian_free_trains_from_the_command_line(tmp_path, capsys):
     assert "hessian_free lr=1.0" in capsys.readouterr().out  # no --lr: hessian_free's own default
     losses = [r["train_loss"] for r in json.loads(history.read_text())]
     assert losses[2] < losses[1] < losses[0]
+
+
+def test_kfac_adaptive_trains_from_the_command_line(tmp_path, capsys):
+    """K-FAC with momentum and adaptive damping takes no learning rate: built without one, it trains."""
+    history = tmp_path / "h.json"
+    assert main(["--dataset", "xor", "--hidden", "4", "--batch-size", "4", "--quiet", "--optimizer", "kfac_adaptive",
+                 "--damping", "1", "--adapt-every", "1", "--epochs", "3", "--history", str(history)]) == 0
+    assert "kfac_adaptive step length from its model" in capsys.readouterr().out
+    losses = [r["train_loss"] for r in json.loads(history.read_text())]
+    assert losses[2] < losses[0]
 
 
 def test_kfac_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path, capsys):

@@ -259,6 +259,12 @@ def test_autodiff_graphs(tmp_path):
         "python experiments/autodiff_graphs.py && python experiments/results.py")
 
 
+def _pareto_sse(batch, steps, s_min, b_crit):
+    """Squared error in log ``S`` of ``S(B) = S_min (1 + B_crit/B)`` (arrays broadcast) against ``steps``."""
+    model = np.log(s_min)[..., None] + np.log1p(np.asarray(b_crit)[..., None] / batch)
+    return np.sum((np.log(steps) - model) ** 2, axis=-1)
+
+
 @pytest.mark.parametrize("seed", [0, 1000])  # the claim holds in both seed ranges
 def test_gradient_noise(tmp_path, mnist_dir, seed):
     r = run("gradient_noise", tmp_path, "--data-dir", str(mnist_dir), "--seed", str(seed))
@@ -270,13 +276,53 @@ def test_gradient_noise(tmp_path, mnist_dir, seed):
     # with ‖G‖² resolved (> 0), B_simple is the ratio of the two recorded means
     sq = np.asarray(r["grad_sq"])
     np.testing.assert_allclose(b[sq > 0], np.asarray(r["grad_trace_cov"])[sq > 0] / sq[sq > 0], rtol=1e-6)
+    # The ladder: each row's S is the geometric mean of its seeds' steps, E = B·S, and as B grows the steps
+    # fall (or level off, up to 20 %: the seeds' spread at the largest batches) and the examples rise (up to 10 %)
+    lad = r["ladder"]
+    rows, rates = lad["rows"], lad["rates"]
+    batch = np.array([row["batch"] for row in rows], float)
+    steps, mean = np.asarray(lad["steps"], float), np.array([row["steps_mean"] for row in rows])
+    assert steps.shape == (lad["seeds"], len(rows)) == (2, 3) and np.all(np.diff(batch) > 0)
+    np.testing.assert_allclose(mean, np.exp(np.log(steps).mean(axis=0)), rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(lad["examples"], float), steps * batch)
+    assert np.all(mean[1:] <= 1.2 * mean[:-1]) and np.all((batch * mean)[1:] >= 0.9 * (batch * mean)[:-1])
+    assert mean[-1] < mean[0] / 2  # batches 16× larger take far fewer steps
+    # the chosen rate has the fewest steps of the rates tried, and both its neighbours on the grid were tried
+    # and are no better, unless it is at an end of the grid, which the row then says
+    for row in rows:
+        tried = {float(k): float(v) for k, v in row["tried"].items()}
+        k = rates.index(row["rate"])
+        assert tried[row["rate"]] == min(tried.values()) == pytest.approx(row["steps_mean"])
+        assert row["at_edge"] == (k in (0, len(rates) - 1))
+        assert all(tried[rates[j]] >= tried[row["rate"]] for j in (k - 1, k + 1) if 0 <= j < len(rates))
+    # the fits: B_crit = E_min/S_min, and no (S_min, B_crit) on a grid around the reported one fits better
+    grid = np.meshgrid(np.geomspace(0.5, 2, 61), np.geomspace(0.25, 4, 121))
+    for fit, s in [(lad["fit"], mean), *zip(lad["fit_per_seed"], steps)]:
+        assert fit["e_min"] == pytest.approx(fit["s_min"] * fit["b_crit"], rel=1e-9) and not fit["at_bound"]
+        best = _pareto_sse(batch, s, fit["s_min"], fit["b_crit"])
+        assert best <= _pareto_sse(batch, s, fit["s_min"] * grid[0], fit["b_crit"] * grid[1]).min() + 1e-9
+        assert np.sqrt(best / len(rows)) == pytest.approx(fit["rms_log"], rel=1e-6)
+    assert lad["b_crit_per_seed"] == [f["b_crit"] for f in lad["fit_per_seed"]]
+    # B_simple at the target: the ratio of the whole set's tr(Σ) and ‖G‖² (> 0), and per seed the median of its
+    # runs over its B_crit; within an order of magnitude of B_crit (the paper's claim) even in the quick run
+    at_target = np.asarray(lad["b_simple_at_target"], float)
+    for i, row in enumerate(rows):
+        assert np.all(np.asarray(row["grad_sq"]) > 0)
+        np.testing.assert_allclose(row["b_simple"], np.asarray(row["trace_cov"]) / np.asarray(row["grad_sq"]))
+        np.testing.assert_allclose(at_target[:, i], row["b_simple"])
+    ratios = np.median(at_target, axis=1) / np.asarray(lad["b_crit_per_seed"])
+    np.testing.assert_allclose(lad["ratio_per_seed"], ratios)
+    assert lad["ratio"] == pytest.approx(np.median(at_target) / lad["fit"]["b_crit"])
+    assert np.all(np.abs(np.log10(ratios)) <= 1)
+    assert r["ladder_verdict"].startswith(f"B_simple at the target is within an order of magnitude of B_crit in all "
+                                          f"{lad['seeds']} seeds")
     # the README's block (default run): the form of a fresh render, each factor the ratio of the values its
-    # row quotes, the summary the range of the rows, and what section 14 says of them: growth in every seed,
-    # most of it by epoch 2
+    # row quotes, the summary the range of the rows, and what section 14 says of them
     results = importlib.import_module("results")
     block = quoted_block("gradient_noise" if seed == 0 else f"gradient_noise@{seed}")
     assert skeleton(block) == skeleton(results.render_gradient_noise({**r, "quick": False})), REGENERATE
-    rows = [[c.strip(" |`") for c in line.split(" | ")] for line in block.splitlines()
+    over, ladder = block.split("- Critical batch size")
+    rows = [[c.strip(" |`") for c in line.split(" | ")] for line in over.splitlines()
             if line.startswith("| ") and line[2].isdigit()]
     assert [int(row[0]) for row in rows] == list(range(seed, seed + len(rows))) and len(rows) >= 2
 
@@ -287,22 +333,38 @@ def test_gradient_noise(tmp_path, mnist_dir, seed):
         cells = [row[column] for row in rows]
         return f"{min(cells, key=value)}–{max(cells, key=value)}"
 
-    for seed, first, second, late, growth, *_ in rows:
+    for seed_, first, second, late, growth, *_ in rows:
         ratio = value(late) / value(first)
-        assert abs(value(growth) - ratio) <= 0.051 + ratio * (0.5 / value(first) + 0.5 / value(late)), seed
-        assert value(growth) > 1 and value(second) ** 2 > value(growth), seed  # grows, most (in log) by epoch 2
+        assert abs(value(growth) - ratio) <= 0.051 + ratio * (0.5 / value(first) + 0.5 / value(late)), seed_
+        # grows, jumps in epoch 2 (more than 2×), and keeps growing after it
+        assert value(growth) > value(second) > 2, seed_
     grows = sum(value(row[4]) > 1 for row in rows)
-    rose, steps = (sum(int(row[5].split(" of ")[i]) for row in rows) for i in (0, 1))
+    rose, steps_ = (sum(int(row[5].split(" of ")[i]) for row in rows) for i in (0, 1))
     assert (f"epoch 1 in {grows} of {len(rows)} seeds: from {span(1)} in epoch 1 to {span(3)} (a factor {span(4)}); "
-            f"epoch 2 alone {span(2)}× epoch 1; after that it rose in {100 * rose / steps:.0f} % of the {steps} "
-            "epoch-to-epoch steps") in block
-    assert f"≤ 0 in {sum(int(row[6].split(' of ')[0]) for row in rows)} of " in block
+            f"epoch 2 alone {span(2)}× epoch 1; after that it rose in {100 * rose / steps_:.0f} % of the {steps_} "
+            "epoch-to-epoch steps") in over
+    assert f"≤ 0 in {sum(int(row[6].split(' of ')[0]) for row in rows)} of " in over
     # and the rest of section 14's reading: rises in about half of the later steps, some epochs unresolved, the
     # training loss down by orders of magnitude, the median per-example norm down while the largest stays large
-    assert 0.3 < rose / steps < 0.7 and any(int(row[6].split(" of ")[0]) > 0 for row in rows)
-    loss, median, spread = (tuple(float(v) for v in re.search(rf"{what} ([\d.]+) → ([\d.]+)", block).groups())
+    assert 0.3 < rose / steps_ < 0.7 and any(int(row[6].split(" of ")[0]) > 0 for row in rows)
+    loss, median, spread = (tuple(float(v) for v in re.search(rf"{what} ([\d.]+) → ([\d.]+)", over).groups())
                             for what in ("training loss", "gradient norm", "largest over median"))
     assert loss[1] < loss[0] / 100 and median[1] < median[0] and spread[1] > spread[0]
+    # The ladder's block: E = B·S per row, S falling and E rising with B (up to 10 %), B_crit = E_min/S_min as
+    # quoted, and section 14's reading: B_simple at the target above B_crit, within a factor 10, in every seed
+    table = [[c.strip(" |`") for c in line.split(" | ")] for line in ladder.splitlines()
+             if line.startswith("| ") and line[2].isdigit()]
+    quoted = np.array([[value(row[0]), value(row[2].split(" [")[0]), value(row[3])] for row in table])
+    assert len(table) >= 3 and np.all(np.abs(quoted[:, 0] * quoted[:, 1] - quoted[:, 2]) <= 0.05 * quoted[:, 0] + 0.5)
+    assert np.all(quoted[1:, 1] <= 1.2 * quoted[:-1, 1]) and np.all(quoted[1:, 2] >= 0.9 * quoted[:-1, 2])
+    s_min, e_min, b_crit = (value(v) for v in re.search(
+        r"`S_min` = ([\d.]+), `E_min` = ([\d,]+), `B_crit = E_min/S_min` = ([\d,]+)", ladder).groups())
+    assert abs(e_min / s_min - b_crit) <= b_crit * (0.05 / s_min + 0.5 / e_min) + 0.5
+    assert s_min <= 1.1 * quoted[:, 1].min() and e_min <= 1.1 * quoted[:, 2].min()  # the asymptotes, below the rows
+    lo, hi, within, above = re.search(r"over its `B_crit`: ([\d.]+)–([\d.]+), within a factor 10 in (\d+) of \d+ "
+                                      r"seeds, above 1 in (\d+) of", ladder).groups()
+    n = int(re.search(r"in (\d+) of (\d+) seeds, above", ladder).group(2))
+    assert int(within) == int(above) == n and 1 < float(lo) <= float(hi) <= 10
 
 
 def test_private_mnist(tmp_path, mnist_dir):

@@ -20,6 +20,7 @@ EXPECTED = {
     "glorot_normal": (2 / (FAN_IN + FAN_OUT), None, "zero"),
     "he_normal": (2 / FAN_IN, None, "zero"),
     "he_uniform": (2 / FAN_IN, math.sqrt(6 / FAN_IN), "zero"),
+    "sparse": (15 / FAN_IN, None, "zero"),  # a mixture: 15 of 400 entries N(0, 1), the rest 0
 }
 
 
@@ -39,9 +40,18 @@ def test_moments_and_support(name, dtype):
     # mean: 6 standard errors; variance: 6 standard errors of the sample variance
     # (var·sqrt(2/n) for a normal, var·sqrt(0.8/n) for a uniform: excess kurtosis −1.2)
     assert abs(w.mean()) < 6 * math.sqrt(var / n)
-    kurt_term = 0.8 if bound else 2.0
+    # (the sparse mixture: kurtosis 3·FAN_IN/15, so the term is that minus 1)
+    kurt_term = 0.8 if bound else 3 * FAN_IN / 15 - 1 if name == "sparse" else 2.0
     assert abs(w.var() - var) < 6 * var * math.sqrt(kurt_term / n)
-    if bound:
+    if name == "sparse":  # Martens (2010): exactly 15 connections per unit, each N(0, 1)
+        rows = np.asarray(W, np.float64)
+        assert np.all(np.count_nonzero(rows, axis=1) == 15)
+        nz = rows[rows != 0]
+        assert abs(nz.var() - 1) < 6 * math.sqrt(2 / nz.size)
+        assert abs(np.mean(np.abs(nz) > 2) - 0.0455) < 6 * math.sqrt(0.0455 * 0.9545 / nz.size)
+        # the positions are spread over the inputs: every input column is used by some unit
+        assert np.all(np.count_nonzero(rows, axis=0) > 0)
+    elif bound:
         assert np.abs(w).max() <= np.asarray(bound, dtype)  # the limit as the dtype rounds it
         assert np.abs(w).max() > 0.99 * bound  # really uniform over the whole interval
     else:
@@ -54,6 +64,13 @@ def test_moments_and_support(name, dtype):
         bb = np.asarray(b, np.float64)
         assert np.abs(bb).max() <= 1 / math.sqrt(FAN_IN)
         assert abs(bb.var() - var) < 6 * var * math.sqrt(0.8 / FAN_OUT)
+
+
+def test_sparse_with_fewer_inputs_than_connections_is_dense():
+    W, b = INITIALIZERS["sparse"](jax.random.PRNGKey(1), 6, 50)
+    assert np.count_nonzero(np.asarray(W)) == 300 and not np.any(np.asarray(b))
+    W2, _ = INITIALIZERS["sparse"](jax.random.PRNGKey(2), 6, 50)
+    assert not np.array_equal(np.asarray(W), np.asarray(W2))
 
 
 def test_mlp_init_uses_the_named_initializer_per_layer():
