@@ -51,6 +51,8 @@ Usage::
     gv = fnn.curvature.ggn_vp(net, params, x, y, loss, v, l2)
     diag = fnn.curvature.ggn_diag(net, params, x, y, loss, l2)
     factors = fnn.curvature.kronecker_factors(net, params, x, y, loss)       # KFLR; key= for KFAC
+    cols = fnn.curvature.split_columns(net, params, x, y, loss)              # the columns of H_x as δ's
+    o, jac = fnn.curvature.output_jacobian(net, params, x, loss)             # ∂o_k/∂z^l per sample
     top = fnn.curvature.sharpness(net, params, x, y, loss, key=key)          # top.value, top.converged
 """
 
@@ -247,6 +249,68 @@ def _columns(net: MLP, params: Params, trace: Trace, curv: Curvature, top):
             back = net.matmul(d_h.reshape(c * n, -1), layer["W"]).reshape(c, n, -1)
             delta = net.activations[l - 1].backward(f.zs[l - 1], f.acts[l], back)
     return out
+
+
+class Columns(NamedTuple):
+    """Columns back-propagated as δ's through one forward pass (:func:`split_columns`,
+    :func:`output_jacobian`).
+
+    - ``inputs[l]``: ``ā^{l−1} = [a^{l−1}; 1]`` of layer ``l``, ``(N, n_{l−1}+1)``;
+    - ``deltas[l]``: ``Δ^l``, ``(C, N, n_l)``: column ``c`` of sample ``x`` back-propagated to ``z^l``;
+    - ``scale``: the weight of a column (1 for exact columns, ``1/M`` for ``M`` sampled ones).
+
+    The per-sample gradient of column ``c`` for layer ``l``'s ``W̄ = [W | b]`` is the outer product
+    ``Δ^l_{x,c} ā_xᵀ`` (``(n_l, n_{l−1}+1)``, row-major ``W̄.ravel()`` = ``Δ ⊗ ā``).
+    """
+
+    inputs: list
+    deltas: list
+    scale: float
+
+
+def _plain_only(net: MLP, what: str) -> None:
+    if any(net.normalized):
+        raise ValueError(f"{what} is defined for plain layers z = W a + b; this network has batch norm. Use a "
+                         "network without batch norm.")
+
+
+def _inputs(f) -> list:
+    n = f.acts[0].shape[0]
+    return [jnp.concatenate([a, jnp.ones((n, 1), a.dtype)], axis=1) for a in f.acts[:-1]]
+
+
+def split_columns(net: MLP, params: Params, x, y, loss: Loss | str, *, key: jax.Array | int | None = None,
+                  samples: int = 1) -> Columns:
+    """The columns of ``H_x = S_x S_xᵀ`` at the split point back-propagated as δ's (module docstring):
+    the ``K`` exact ones (``key=None``) or ``samples`` sampled ones per example (``E[s sᵀ] = H_x``).
+
+    The Gauss-Newton matrix is their Gram matrix: ``G = (scale/N) Σ_x Σ_c g_{x,c} g_{x,c}ᵀ`` with
+    ``g_{x,c}`` the per-sample gradients of :class:`Columns` (without the L2 term). Plain layers only.
+    """
+    _plain_only(net, "split_columns")
+    _, curv, trace, target, valid = _prepare(net, params, x, y, loss, 0.0, None, False, "the Gauss-Newton columns")
+    if key is None:
+        top, scale = _exact_top(curv, trace, target, valid), 1.0
+    else:
+        m = _check_samples(samples)
+        top = _sampled_top(curv, trace, target, valid, prng_key("key", key), m)
+        scale = 1.0 / m
+    return Columns(_inputs(trace.forward), [d for d, _ in _columns(net, params, trace, curv, top)], scale)
+
+
+def output_jacobian(net: MLP, params: Params, x, loss: Loss | str) -> tuple[jax.Array, Columns]:
+    """The split point ``o (N, K)`` of ``loss`` (the logits ``z^L`` for a canonical pair, else ``a^L``)
+    and its Jacobian as back-propagated columns: ``deltas[l][k] = ∂o_k/∂z^l`` per sample, so that
+    ``∂o_k/∂W̄^l = Δ^l_k ā^{l−1 ᵀ}`` (:class:`Columns`, ``scale`` 1). One forward pass and ``K`` δ-recursions;
+    no target is needed. Plain layers only."""
+    _plain_only(net, "output_jacobian")
+    loss = check_output(loss, net.output)
+    curv = output_curvature(loss, net.output)
+    f = net.forward_trace(params, x, None, train=False)
+    o = f.zs[-1] if curv.at_logits else f.acts[-1]
+    n, k = o.shape
+    top = jnp.broadcast_to(jnp.eye(k, dtype=o.dtype)[:, None, :], (k, n, k))
+    return o, Columns(_inputs(f), [d for d, _ in _columns(net, params, Trace(f, None, None, None), curv, top)], 1.0)
 
 
 def _diag_from_columns(net, params, trace, columns, l2, scale: float = 1.0) -> Params:

@@ -128,7 +128,15 @@ def check_curvature(printed, params, v, l2, c):
     assert rayleigh <= top.value + 1e-3 * abs(top.value)
 
 
-CHECKS = {"Example": check_example, "Per-example quantities": check_per_example, "Curvature": check_curvature}
+def check_laplace(printed, probs, evidence_before, evidence_after):
+    p = np.asarray(probs, np.float64)
+    assert p.shape == (5, 3) and (p > 0).all()
+    np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)  # rows sum to 1
+    assert evidence_after >= evidence_before - 1e-3 * abs(evidence_before)  # at least evidence_before
+
+
+CHECKS = {"Example": check_example, "Per-example quantities": check_per_example, "Curvature": check_curvature,
+          "The Laplace approximation and the evidence": check_laplace}
 PYTHON = _blocks("python")
 
 
