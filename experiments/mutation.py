@@ -109,7 +109,8 @@ FACTORS = "test_curvature.py::test_the_exact_columns_factor_the_output_hessian"
 
 DELTA, LOSS, OPTIM, EPOCH, CHECKPOINT, BN, PER_EX, PRIVACY = (
     "δ-recursion", "losses", "optimizers", "shuffle and epoch", "checkpoint", "batch norm", "per-example", "privacy")
-CURV, SECOND = "curvature", "second-order"
+CURV, SECOND, LAPLACE = "curvature", "second-order", "laplace"
+KRON_DENSE = "test_laplace.py::test_kron_and_diag_against_dense_forms_of_the_same_approximation"
 
 MUTANTS: tuple[Mutant, ...] = (
     # -- the δ-recursion: fnn/backprop.py and the φ' it calls -----------------------------------
@@ -649,6 +650,47 @@ MUTANTS: tuple[Mutant, ...] = (
            "norms = norms[np.isfinite(norms)]", "norms = norms",
            _ids("test_per_example.py::test_training_records_the_statistics_of_each_step"),
            "the epoch's norm quantiles taken over the NaN padding of the smaller batch too"),
+    # -- the Laplace approximation: fnn/laplace.py, and the calibration it is judged by ----------------
+    Mutant("laplace-kron-n-twice", LAPLACE, "fnn/laplace.py",
+           "a, qa = jnp.linalg.eigh((A + A.T) / (2 * n))", "a, qa = jnp.linalg.eigh((A + A.T) / 2)",
+           _ids(f"{KRON_DENSE}[softmax_cross_entropy-identity]"),
+           "the kron precision's data part N² (G ⊗ A) where it is N (G ⊗ A): A keeps its N"),
+    Mutant("laplace-evidence-without-prior-normalizer", LAPLACE, "fnn/laplace.py",
+           "+ 0.5 * jnp.sum(sizes * jnp.log(d))", "+ 0.5 * jnp.sum(jnp.log(d))",
+           _ids("test_laplace.py::test_bayesian_linear_regression_is_exact"),
+           "the log prior's normalizer ½ P log δ counted once per layer, not per parameter"),
+    Mutant("laplace-log-normalizer-per-output-missing", LAPLACE, "fnn/laplace.py",
+           "0.5 * k * math.log(2 * math.pi * var)", "0.5 * math.log(2 * math.pi * var)",
+           _ids("test_laplace.py::test_bayesian_linear_regression_is_exact"),
+           "the Gaussian likelihood's normalizer for one output, whatever K"),
+    Mutant("laplace-fixed-point-without-delta", LAPLACE, "fnn/laplace.py",
+           "gamma = sizes - delta * traces", "gamma = sizes - traces",
+           _ids("test_laplace.py::test_the_prior_precision_optimized_both_ways_agrees_and_zeroes_the_gradient[kron]"),
+           "MacKay's effective number of parameters γ = P − tr Σ, without δ"),
+    Mutant("laplace-glm-kron-unrotated", LAPLACE, "fnn/laplace.py",
+           "w = (ab @ qa) ** 2  # (Q_Aᵀ ā)²", "w = ab ** 2  # (Q_Aᵀ ā)²",
+           _ids(f"{KRON_DENSE}[softmax_cross_entropy-identity]"),
+           "the GLM predictive reads ā in the standard basis, not in A's eigenbasis"),
+    Mutant("laplace-glm-diag-unsquared", LAPLACE, "fnn/laplace.py",
+           "t = (ab ** 2) @ s.T", "t = ab @ s.T",
+           _ids(f"{KRON_DENSE}[softmax_cross_entropy-identity]"),
+           "the diag predictive weighs σ²_ij by ā_j, not ā_j²"),
+    Mutant("laplace-last-layer-without-scale", LAPLACE, "fnn/laplace.py",
+           'return {"H": cols.scale * per.T @ per}', 'return {"H": per.T @ per}',
+           _ids("test_laplace.py::test_last_layer_against_the_dense_block"),
+           "the last layer's precision from the columns without their scale"),
+    Mutant("laplace-probit-without-pi-over-8", LAPLACE, "fnn/laplace.py",
+           "f / jnp.sqrt(1 + math.pi / 8 * var)", "f / jnp.sqrt(1 + var)",
+           _ids("test_laplace.py::test_probit_is_within_its_known_error_of_monte_carlo"),
+           "the probit approximation without MacKay's π/8"),
+    Mutant("laplace-kron-sample-variance", LAPLACE, "fnn/laplace.py",
+           "eps / jnp.sqrt(jnp.outer(g, a) + d)", "eps / (jnp.outer(g, a) + d)",
+           _ids("test_laplace.py::test_samples_have_the_posterior_covariance[kron]"),
+           "kron draws scaled by the precision's eigenvalues, not by their square roots"),
+    Mutant("calibration-ece-unweighted", LAPLACE, "fnn/metrics.py",
+           "ece += inside.mean() * abs(", "ece += abs(",
+           _ids("test_metrics.py::test_calibration_of_known_cases"),
+           "the ECE sums the bins' gaps without weighting them by their share of the samples"),
 )
 
 # A plugin for the pytest run in the copy: refuse to run against any fnn but the copy's, and do

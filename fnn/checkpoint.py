@@ -26,6 +26,16 @@ configuration and names the difference::
     ck = checkpoint.load(path)                    # ck.net == net, ck.opt rebuilt, ck.params ...
     checkpoint.load(path, net=other_net)          # CheckpointError: ... checkpoint has sizes
                                                   # (784, 256, 10), expected (784, 128, 10)
+
+Saved with ``posterior=`` (a :class:`fnn.laplace.Posterior` fitted at the params saved), the file also holds
+the Laplace posterior: its arrays in the group ``posterior`` (``prior_precision (L,)``, ``log_likelihood ()``
+and the curvature in the structure's form: ``"kron"`` per layer ``(a, Q_A, g, Q_G)``; ``"full"`` and
+``"last_layer"`` ``H``, ``eigvals``, ``eigvecs``; ``"diag"`` ``h``) and its ``structure``, ``N`` and loss name
+in the header, which the digest covers too. :func:`load` rebuilds it with the checkpoint's network and params
+(``Checkpoint.posterior``, ``None`` for a file without one)::
+
+    checkpoint.save(path, params=p, opt_state=s, key=k, epoch=3, net=net, opt=opt, posterior=post)
+    checkpoint.load(path).posterior               # log_marginal_likelihood, glm_predictive as post's
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from fnn import optim
+from fnn import laplace, optim
+from fnn.losses import LOSSES
 from fnn.mlp import MLP
 
 FORMAT = "fnn-checkpoint-1"
@@ -67,7 +78,8 @@ class Checkpoint(NamedTuple):
 
     ``net`` and ``opt`` are the network and optimizer: the ones passed to :func:`load`, else
     rebuilt from the file's description, else ``None`` (an optimizer whose learning rate is a
-    schedule cannot be rebuilt, see :func:`fnn.optim.describe`).
+    schedule cannot be rebuilt, see :func:`fnn.optim.describe`). ``posterior`` is the Laplace
+    posterior saved with the params (a :class:`fnn.laplace.Posterior` at ``params``), or ``None``.
     """
 
     params: Any
@@ -79,6 +91,7 @@ class Checkpoint(NamedTuple):
     state: Any = None  # batch-norm running statistics, when the network has them
     net: MLP | None = None
     opt: optim.Optimizer | None = None
+    posterior: laplace.Posterior | None = None
 
 
 def _leaves(tree) -> tuple[list[str], list]:
@@ -128,8 +141,11 @@ def _show(value) -> str:
     return repr(value)
 
 
-def _digest(arrays: dict[str, np.ndarray]) -> str:
+def _digest(arrays: dict[str, np.ndarray], posterior: dict | None = None) -> str:
+    """SHA-256 of every array's name, dtype, shape and bytes, and of the posterior's header entry if any."""
     h = hashlib.sha256()
+    if posterior is not None:
+        h.update(f"posterior:{json.dumps(posterior, sort_keys=True)};".encode())
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
@@ -137,8 +153,51 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _posterior_shapes(structure: str, net: MLP) -> dict:
+    """The arrays of a ``structure`` posterior over ``net`` (``fan_in → fan_out`` per layer, ``P`` parameters):
+    ``prior_precision (L,)``, ``log_likelihood ()`` and the curvature, as ``jax.ShapeDtypeStruct`` leaves whose
+    dtype is a placeholder (any float dtype is taken)."""
+    pairs = list(zip(net.sizes[:-1], net.sizes[1:]))
+    if structure == "kron":  # (a, Q_A) over ā = [a; 1], (g, Q_G) over the layer's outputs
+        curvature = {"layers": [((i + 1,), (i + 1, i + 1), (o,), (o, o)) for i, o in pairs]}
+    elif structure == "diag":
+        curvature = {"h": (sum(o * (i + 1) for i, o in pairs),)}
+    else:  # full: all P parameters; last_layer: W̄^L's
+        m = sum(o * (i + 1) for i, o in (pairs if structure == "full" else pairs[-1:]))
+        curvature = {"H": (m, m), "eigvals": (m,), "eigvecs": (m, m)}
+    shapes = {"prior_precision": (net.num_layers,), "log_likelihood": (), "curvature": curvature}
+    return jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, np.float32), shapes,
+                        is_leaf=lambda t: isinstance(t, tuple) and all(isinstance(d, int) for d in t))
+
+
+def _posterior_parts(post, params, net: MLP | None) -> tuple[MLP, dict, dict]:
+    """``post``'s network, arrays and header entry, once it is found to be a posterior of ``net`` at ``params``."""
+    if not isinstance(post, laplace.Posterior):
+        raise TypeError(f"posterior must be an fnn.laplace.Posterior (what fit_laplace returns); got "
+                        f"{type(post).__name__}.")
+    if net is not None and post.net != net:
+        raise ValueError("posterior is of another network: its " + "; ".join(_net_differences(post.net, net))
+                         + ". Save it with the net it was fitted for.")
+    ours, theirs = (jax.tree_util.tree_flatten(t) for t in (params, post.params))
+    if ours[1] != theirs[1] or not all(np.array_equal(a, b) for a, b in zip(ours[0], theirs[0])):
+        raise ValueError("posterior is centred on other params than the params saved; save it with the params it "
+                         "was fitted at (posterior.params).")
+    if post.structure not in laplace.STRUCTURES or LOSSES.get(getattr(post.loss, "name", None)) != post.loss:
+        raise ValueError(f"posterior must have a structure in {laplace.STRUCTURES} and a loss of fnn.losses.LOSSES; "
+                         f"got {post.structure!r} and {post.loss!r}.")
+    tree = {"prior_precision": post.prior_precision, "log_likelihood": post.log_likelihood,
+            "curvature": post.curvature}
+    template = _posterior_shapes(post.structure, post.net)
+    want, got = ([(name, shape) for name, shape, _ in _specs(t)] for t in (template, tree))
+    if want != got:
+        raise ValueError(f"posterior's arrays are not those of a {post.structure} posterior of {post.net.sizes}: "
+                         f"expected {want}, got {got}.")
+    return post.net, tree, {"structure": post.structure, "n": int(post.n), "loss": post.loss.name}
+
+
 def save(path, *, params, opt_state, key, epoch: int, normalizer=None, meta: dict | None = None,
-         state=None, net: MLP | None = None, opt: optim.Optimizer | None = None) -> Path:
+         state=None, net: MLP | None = None, opt: optim.Optimizer | None = None,
+         posterior: laplace.Posterior | None = None) -> Path:
     """Write a checkpoint atomically to ``path`` and return it.
 
     Args:
@@ -151,8 +210,15 @@ def save(path, *, params, opt_state, key, epoch: int, normalizer=None, meta: dic
         :mod:`fnn.second_order` (whose network and loss are stored with it); its name
         and hyper-parameters are stored (``TypeError`` for other transformations; ``ValueError``
         when ``opt_state`` is not shaped like ``opt.init(params)``).
+      posterior: a Laplace posterior (:func:`fnn.laplace.fit_laplace`) centred on ``params``, of ``net``
+        (``net`` defaults to the posterior's, so the file describes the network it is rebuilt with);
+        ``ValueError`` for one fitted at other params, of another network, or not shaped as its
+        structure's (see the module docstring).
     """
     header = {"format": FORMAT, "epoch": int(epoch)}
+    groups = {"params": params, "opt_state": opt_state, "state": state}
+    if posterior is not None:
+        net, groups["posterior"], header["posterior"] = _posterior_parts(posterior, params, net)
     if net is not None:
         net.check_params(params)
         net.check_state(state)
@@ -166,7 +232,7 @@ def save(path, *, params, opt_state, key, epoch: int, normalizer=None, meta: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(path.parent, glob.escape(path.name))
     arrays, paths = {}, {}
-    for group, tree in (("params", params), ("opt_state", opt_state), ("state", state)):
+    for group, tree in groups.items():
         names, values = _leaves(tree)
         paths[group] = names
         for i, v in enumerate(values):
@@ -175,7 +241,7 @@ def save(path, *, params, opt_state, key, epoch: int, normalizer=None, meta: dic
                                else key)
     if normalizer is not None:
         arrays["norm.mean"], arrays["norm.std"] = (np.asarray(a) for a in normalizer)
-    header.update(paths=paths, meta=meta or {}, sha256=_digest(arrays))
+    header.update(paths=paths, meta=meta or {}, sha256=_digest(arrays, header.get("posterior")))
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -206,7 +272,7 @@ def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise CheckpointError(f"{path}: no valid fnn checkpoint header.") from None
     if format_ != FORMAT:
         raise CheckpointError(f"{path}: format {format_!r}, expected {FORMAT!r}.")
-    if _digest(arrays) != header.get("sha256"):
+    if _digest(arrays, header.get("posterior")) != header.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch, the arrays are corrupt.")
     return header, arrays
 
@@ -262,6 +328,10 @@ def load(path, *, params=None, opt_state=None, state=None, net: MLP | None = Non
     expected (784, 128, 10)``). A learning-rate schedule is compared by kind only (its arguments
     are not stored), and an optimizer whose schedule is not stored must be passed as ``opt`` to
     rebuild the optimizer state.
+
+    A Laplace posterior saved with the params comes back as ``Checkpoint.posterior``, rebuilt with the
+    network and the restored params; its arrays are checked against its structure's shapes for that
+    network (:class:`CheckpointError` naming the array), and it is ``None`` for a file without one.
     """
     path = Path(path)
     header, arrays = _read(path)
@@ -278,8 +348,9 @@ def load(path, *, params=None, opt_state=None, state=None, net: MLP | None = Non
     if state is None and header["paths"].get("state"):
         raise CheckpointError(f"{path} holds batch-norm statistics: pass state=net.init_state() as a template.")
     normalizer = (arrays["norm.mean"], arrays["norm.std"]) if "norm.mean" in arrays else None
+    params = _restore(path, "params", params, header, arrays)
     return Checkpoint(
-        params=_restore(path, "params", params, header, arrays),
+        params=params,
         opt_state=_restore(path, "opt_state", opt_state, header, arrays),
         key=jax.numpy.asarray(arrays["key"]),
         epoch=int(header["epoch"]),
@@ -288,7 +359,37 @@ def load(path, *, params=None, opt_state=None, state=None, net: MLP | None = Non
         state=None if state is None else _restore(path, "state", state, header, arrays),
         net=net,
         opt=opt,
+        posterior=_posterior(path, header, arrays, net, params),
     )
+
+
+def _posterior(path, header, arrays, net: MLP | None, params) -> laplace.Posterior | None:
+    """The posterior the file holds, rebuilt with ``net`` and ``params``; ``None`` if it holds none."""
+    about = header.get("posterior")
+    if about is None:
+        return None
+    if not (isinstance(about, dict) and set(about) == {"structure", "n", "loss"}
+            and about["structure"] in laplace.STRUCTURES and about["loss"] in LOSSES
+            and isinstance(about["n"], int) and about["n"] > 0):
+        raise CheckpointError(f"{path}: the stored posterior description {about!r} is not valid: expected a "
+                              f"structure in {laplace.STRUCTURES}, n a positive int and a loss in {sorted(LOSSES)}.")
+    if net is None:
+        raise CheckpointError(f"{path} holds a Laplace posterior but does not describe its model: pass net=.")
+    template = _posterior_shapes(about["structure"], net)
+    names, want = _leaves(template)
+    stored = header["paths"].get("posterior")
+    if stored != names:
+        raise CheckpointError(f"{path}: the posterior has leaves {stored} but a {about['structure']} posterior of "
+                              f"{net.sizes} has {names}.")
+    got = [arrays.get(f"posterior.{i}") for i in range(len(names))]
+    for name, w, a in zip(names, want, got):
+        if a is None or a.shape != w.shape or not np.issubdtype(a.dtype, np.floating):
+            what = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
+            raise CheckpointError(f"{path}: posterior{name} is {what}, expected a float array of shape "
+                                  f"{list(w.shape)}.")
+    tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), [jax.numpy.asarray(a) for a in got])
+    return laplace.Posterior(about["structure"], net, LOSSES[about["loss"]], params, about["n"],
+                             tree["prior_precision"], tree["log_likelihood"], tree["curvature"])
 
 
 def _checked_net(path, header, net: MLP | None) -> MLP | None:

@@ -32,6 +32,23 @@ When training stops on a non-finite value (exit status 1), the params of the las
 training cost was finite are written as that epoch's checkpoint (if this run has none for it yet)
 and the message says which epoch was kept and where.
 
+The Laplace approximation (``--laplace full|kron|diag|last_layer``, :mod:`fnn.laplace`): after training, a Gaussian
+posterior over the weights at the trained params ``θ*``, fitted on the training split as training read it (normalized),
+with the precision ``Λ = N·G + δ I`` in that structure (``G`` the mean Gauss-Newton matrix). The prior precision starts
+at ``δ = N·β`` from ``--l2`` when ``β > 0``, else at ``δ = 1``, and is then set by the evidence: MacKay's fixed point,
+one ``δ`` for every layer (:func:`fnn.laplace.optimize_prior_precision`). The run prints ``N``, ``P``, the log evidence
+at the start and at ``δ*``, the evidence-optimal ``β* = δ*/N`` (a prior on the biases too, which ``--l2`` leaves free)
+and the fit's time; then, on the held-out split (in chunks of :data:`HELD_OUT_CHUNK` rows), a calibration table of the
+network at ``θ*`` (MAP) and of the probit GLM predictive (Laplace): NLL, ECE over :data:`CALIBRATION_BINS` bins,
+accuracy and mean confidence (:func:`fnn.metrics.calibration`), for the canonical classification pairs; for ``mse``
+and ``half_mse``, the Gaussian predictive NLL of MAP (the likelihood's noise ``σ² I``) and Laplace (``σ² I + J Σ Jᵀ``);
+for a non-canonical pair the evidence only. With ``--checkpoint-dir`` the posterior at ``δ*`` goes into the run's last
+checkpoint (:func:`fnn.checkpoint.save`); ``--resume`` reads such a checkpoint, and trains on without the posterior.
+Refused before training: with ``--batch-norm``, ``--loss mae`` (no curvature), ``--dp-clip`` (the posterior reads
+every training example's curvature outside the privacy accounting), and ``full``/``last_layer`` where the ``P × P``
+matrix they form has ``P`` above :data:`LAPLACE_LIMIT`. After ``--data-parallel`` the fit runs on the replicated
+params, unsharded.
+
 Optimizers: every one of :data:`fnn.optim.OPTIMIZERS`, the second-order ``kfac`` and ``hessian_free``
 included (built for the run's network, loss, ``--l2`` and ``--seed``). Each hyper-parameter of theirs with
 a number or bool default is a flag (``--damping``, ``--cg-iters``, ...); one the chosen optimizer does not
@@ -62,7 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn import checkpoint, data, distributed, losses, optim, privacy, schedules
+from fnn import checkpoint, data, distributed, laplace, losses, metrics, optim, privacy, schedules
 from fnn.activations import ACTIVATIONS, OUTPUT_ONLY
 from fnn.diagnose import replay_step
 from fnn.gradcheck import format_report, gradient_report
@@ -83,6 +100,9 @@ GRAD_TOLERANCE = {"float32": 1e-3, "float64": 1e-8}  # largest relative differen
 KEEP = 3  # newest checkpoints of a run kept by rotation (besides its best)
 DEFAULT_LR = 1e-3  # --lr of an optimizer without a default learning rate of its own
 FROM_THE_RUN = ("learning_rate", "net", "loss", "l2", "seed")  # factory arguments the run gives, not a flag
+LAPLACE_LIMIT = 5_000  # most parameters P of the P × P matrix --laplace full (or last_layer) forms
+CALIBRATION_BINS = 15  # equal-width confidence bins of the held-out ECE after --laplace
+HELD_OUT_CHUNK = 512  # held-out rows per predictive pass after --laplace (J Σ Jᵀ is (rows, K, K); full forms J)
 
 
 class RunConfig(NamedTuple):
@@ -127,6 +147,7 @@ class RunConfig(NamedTuple):
     dp_delta: float = 1e-5
     dp_allow_large_delta: bool = False
     data_parallel: bool = False
+    laplace: str | None = None
 
 
 class ConfigError(ValueError):
@@ -164,7 +185,8 @@ def _choices() -> dict[str, list[str]]:
     return {"dataset": sorted(data.DATASETS), "activation": sorted(set(ACTIVATIONS) - set(OUTPUT_ONLY)),
             "output": sorted(ACTIVATIONS), "loss": sorted(LOSSES), "init": sorted(INITIALIZERS),
             "dtype": ["float32", "float64"], "compute_dtype": ["bfloat16"], "optimizer": list(optim.OPTIMIZERS),
-            "schedule": list(SCHEDULES), "grad_source": sorted(GRAD_SOURCES), "last_batch": list(LAST_BATCH)}
+            "schedule": list(SCHEDULES), "grad_source": sorted(GRAD_SOURCES), "last_batch": list(LAST_BATCH),
+            "laplace": list(laplace.STRUCTURES)}
 
 
 def _flag(field: str) -> str:
@@ -300,6 +322,17 @@ def parser() -> argparse.ArgumentParser:
                     help="accept a --dp-delta ≥ 1/N (a guarantee that allows releasing some example outright)")
     t.add_argument("--data-parallel", action="store_true",
                    help="shard every batch over all devices (the batch size must be divisible by their number)")
+    la = p.add_argument_group("Laplace approximation after training (fnn.laplace)")
+    la.add_argument("--laplace", default=defaults.laplace, choices=names["laplace"],
+                    help="fit a Gaussian posterior over the weights at the trained params, on the training split as "
+                         "training read it, with this structure of its precision N·G + δ (G the Gauss-Newton "
+                         "matrix). δ starts at N·β from --l2 when β > 0, else at 1, and is set by the evidence "
+                         "(MacKay's fixed point, one δ for all layers). Prints the log evidence at the start and at "
+                         "δ*, β* = δ*/N, and on the held-out split a table of NLL, ECE over "
+                         f"{CALIBRATION_BINS} bins, accuracy and mean confidence of the MAP network and the Laplace "
+                         "probit predictive (for mse, half_mse: the Gaussian predictive NLL); with --checkpoint-dir "
+                         "the posterior goes into the last checkpoint. full and last_layer form a P × P matrix, for P "
+                         f"up to {LAPLACE_LIMIT:,}. Not with --batch-norm, --loss mae or --dp-clip")
     return p
 
 
@@ -359,6 +392,17 @@ def _check_flags(config: RunConfig) -> None:
         raise ConfigError("--dp-clip needs --dp-lot-size (and --dp-noise or --dp-epsilon)")
     if config.dp_clip is not None and (config.grad_source != "manual" or config.batch_norm or config.data_parallel):
         raise ConfigError("--dp-clip needs --grad-source manual, and neither --batch-norm nor --data-parallel")
+    if config.laplace and config.batch_norm:
+        raise ConfigError(f"--laplace {config.laplace} covers networks without batch norm (fnn.laplace): leave out "
+                          "--batch-norm or --laplace")
+    if config.laplace and config.loss == "mae":
+        raise ConfigError(f"--laplace {config.laplace} with --loss mae: mae has no curvature (its second derivative is "
+                          "0 wherever it exists), so the posterior's precision would be the prior alone; use --loss "
+                          "mse or half_mse")
+    if config.laplace and config.dp_clip is not None:
+        raise ConfigError(f"--laplace {config.laplace} reads every training example's curvature at the trained params, "
+                          "outside the privacy accounting of --dp-clip: the posterior, and all that is printed and "
+                          "saved from it, would break the (ε, δ) guarantee. Leave out --laplace in a private run")
 
 
 def make_optimizer(config: RunConfig, net: MLP, loss: Loss, steps_per_epoch: int) -> optim.Optimizer:
@@ -597,6 +641,20 @@ def _check_sizes(config: RunConfig, net: MLP, d: _Data) -> None:
                           f"hold 1 sample, which has no batch variance; use --last-batch drop or another --batch-size")
 
 
+def _check_laplace(config: RunConfig, net: MLP) -> None:
+    """Refuse a ``--laplace full`` (every parameter) or ``last_layer`` (the output layer's) whose ``P × P`` matrix has
+    ``P`` above :data:`LAPLACE_LIMIT`."""
+    if config.laplace not in ("full", "last_layer"):
+        return
+    per_layer = [fan_out * (fan_in + 1) for fan_in, fan_out in zip(net.sizes[:-1], net.sizes[1:])]
+    size = sum(per_layer) if config.laplace == "full" else per_layer[-1]
+    if size > LAPLACE_LIMIT:
+        which = "parameters" if config.laplace == "full" else "parameters in its output layer"
+        raise ConfigError(f"--laplace {config.laplace} forms a P × P matrix, and the network {net.sizes} has P = "
+                          f"{size:,} {which}, above the limit of {LAPLACE_LIMIT:,}; use --laplace kron (or diag), or a "
+                          "smaller network")
+
+
 def _rest(config: RunConfig, n: int) -> int:
     """The size of the last, smaller batch of an epoch over ``n`` samples (0 if none)."""
     return n % config.batch_size if config.last_batch == "smaller" else 0
@@ -723,8 +781,9 @@ class _Checkpoints:
         self.written = set() if start.path is None else {start.path}  # this run's checkpoints
         self.replaced = checkpoint.checkpoints(self.directory) if config.overwrite else []  # once this run has one
 
-    def save(self, state) -> None:
-        """Write the checkpoint of ``state`` (a ``fit`` epoch's state or a :class:`fnn.train.FitResult`)."""
+    def save(self, state, posterior: laplace.Posterior | None = None) -> Path:
+        """Write the checkpoint of ``state`` (a ``fit`` epoch's state or a :class:`fnn.train.FitResult`), with the
+        Laplace ``posterior`` at its params if given; returns its path."""
         path = checkpoint.path_for(self.directory, state.epoch)
         held_out_loss = next((r.get("held_out_loss") for r in state.history if r["epoch"] == state.epoch), None)
         spent = None if state.privacy_spent is None else state.privacy_spent._asdict()
@@ -732,7 +791,7 @@ class _Checkpoints:
         try:
             checkpoint.save(path, params=state.params, opt_state=state.opt_state, key=state.key, epoch=state.epoch,
                             normalizer=self.normalizer, meta={**self.meta, **about}, state=state.state, net=self.net,
-                            opt=self.opt)
+                            opt=self.opt, posterior=posterior)
         except OSError as e:
             _cannot_save(path, e, resumable=bool(self.written))
         self.written.add(path)
@@ -741,6 +800,7 @@ class _Checkpoints:
                 old.unlink(missing_ok=True)
         self.replaced.clear()
         checkpoint.prune(self.directory, keep=KEEP, run=self.run)
+        return path
 
     def keep(self, result: FitResult, private: bool) -> Path:
         """Where the params of a run that stopped early are: its last epoch's checkpoint, written now if this run
@@ -802,6 +862,7 @@ def _train(config: RunConfig, argv: list[str] | None) -> int:
     n = len(d.x_train)
     net = _network(config, d, loss)
     _check_sizes(config, net, d)
+    _check_laplace(config, net)
     mesh = _mesh(config, n)
     init_key, key = jax.random.split(jax.random.PRNGKey(config.seed))
     params = net.init(init_key, dtype)
@@ -841,8 +902,14 @@ def _train(config: RunConfig, argv: list[str] | None) -> int:
         print(_summary(result, time.perf_counter() - began))
     _write_outputs(config, result, f"{d.name} {net.sizes}")
     if not result.stopped:
+        if config.laplace:
+            posterior = _fit_posterior(config, net, result.params, d, loss)
+            _held_out_report(posterior, d)
+            print(f"posterior saved in {saved.save(result, posterior)}" if saved
+                  else "posterior not saved (no --checkpoint-dir)")
         return 0
-    print(f"stopped: {result.stopped}", file=sys.stderr)
+    print(f"stopped: {result.stopped}" + (f"; no --laplace {config.laplace} fit" if config.laplace else ""),
+          file=sys.stderr)
     epoch = ((result.nan_report or {}).get("kept") or {}).get("epoch", result.epoch)
     where = f"in {saved.keep(result, private is not None)}" if saved else "not saved (no --checkpoint-dir)"
     print(f"kept the params of epoch {epoch}, {where}", file=sys.stderr)
@@ -851,6 +918,99 @@ def _train(config: RunConfig, argv: list[str] | None) -> int:
         print(replay_step(net, params, opt, opt_state, d.x_train, d.y_train, loss, result.nan_report["batch"],
                           config.l2, state))
     return 1
+
+
+def _fit_posterior(config: RunConfig, net: MLP, params, d: _Data, loss: Loss) -> laplace.Posterior:
+    """The ``--laplace`` posterior at ``params`` on the training split, its prior precision set by the evidence
+    (MacKay's fixed point, one δ), after printing ``N``, ``P``, the log evidence at the start (``δ = N·β``, or 1
+    for ``β = 0``) and at ``δ*``, ``β* = δ*/N`` and the time taken."""
+    n = len(d.x_train)
+    start = {"l2": config.l2} if config.l2 > 0 else {"prior_precision": 1.0}
+    began = time.perf_counter()
+    post = jax.block_until_ready(laplace.fit_laplace(net, params, (d.x_train, d.y_train), loss,
+                                                     structure=config.laplace, **start))
+    fitted = time.perf_counter() - began
+    best = laplace.optimize_prior_precision(post)
+    chosen = time.perf_counter() - began - fitted
+    sizes = [sum(int(v.size) for v in layer.values()) for layer in params]
+    covered = "" if config.laplace != "last_layer" else f" (the posterior covers the output layer's {sizes[-1]:,})"
+    delta0, delta = float(post.prior_precision[0]), float(best.posterior.prior_precision[0])
+    at = (f"the training β = {config.l2:g} (δ = N·β = {delta0:.6g})" if config.l2 > 0
+          else "δ = 1 (--l2 0 gives no prior to start from)")
+    print(f"Laplace ({config.laplace}) at the trained params, on the training split: N = {n:,}, P = {sum(sizes):,}"
+          f"{covered}; fitted in {fitted:.2f}s, δ chosen in {chosen:.2f}s\n"
+          f"  log evidence at {at}: {float(laplace.log_marginal_likelihood(post)):.4f}\n"
+          f"  log evidence at δ* = {delta:.6g}, β* = δ*/N = {delta / n:.6g}: "
+          f"{float(laplace.log_marginal_likelihood(best.posterior)):.4f} (MacKay's fixed point, "
+          f"{best.iterations} iterations, {'converged' if best.converged else 'not converged'})")
+    return best.posterior
+
+
+def _held_out_report(post: laplace.Posterior, d: _Data) -> None:
+    """Print how the MAP network and the Laplace predictive of ``post`` fit the held-out split, in chunks of
+    :data:`HELD_OUT_CHUNK` rows: a calibration table (:func:`fnn.metrics.calibration`) for a canonical
+    classification pair, the Gaussian predictive NLL for ``mse``/``half_mse``; else say why there is none."""
+    x, y, m = d.x_test, d.y_test, len(d.x_test)
+    if m == 0:
+        print("no held-out split: no calibration table")
+        return
+    net, loss = post.net, post.loss
+    chunks = [slice(s, s + HELD_OUT_CHUNK) for s in range(0, m, HELD_OUT_CHUNK)]
+    if laplace.noise_variance(loss, 1) is not None:
+        nll = np.zeros(2)
+        for c in chunks:
+            mean, cov = laplace.predict(post, x[c])
+            noise = laplace.noise_variance(loss, mean.shape[-1]) * np.eye(mean.shape[-1])
+            nll += [_gaussian_nll(y[c], mean, noise), _gaussian_nll(y[c], mean, cov)]
+        print(f"held-out Gaussian predictive NLL on the {m:,} held-out samples (nats per sample): "
+              f"MAP (noise σ² I) {nll[0] / m:.4f}, Laplace (σ² I + J Σ Jᵀ) {nll[1] / m:.4f}")
+        return
+    if not losses.output_curvature(loss, net.output).at_logits:
+        print(f"no calibration table: {loss.name} on a {net.output} output is not a canonical pair, so the GLM "
+              f"predictive is over the probabilities themselves with no link to integrate it through (fnn.laplace."
+              f"predict); train on output {loss.canonical_output} for the table. The evidence above holds.")
+        return
+    softmax = laplace.CLASSIFICATION[loss.name] == "softmax"
+    labels = _labels(y, softmax)
+    if labels is None:
+        print(f"no calibration table: the held-out targets are not {'class' if softmax else '0/1'} labels")
+        return
+    link = jax.nn.softmax if softmax else jax.nn.sigmoid
+    probs = {"MAP": [], "Laplace": []}
+    for c in chunks:
+        out = net.apply(post.params, x[c])  # a^L: the probabilities, or for the identity output the logits
+        probs["MAP"].append(np.asarray(link(out) if net.output == "identity" else out))
+        probs["Laplace"].append(np.asarray(laplace.predict(post, x[c])))
+    over = f"{m:,} held-out samples" + ("" if softmax else f"' {labels.size:,} binary outputs")
+    print(f"calibration on the {over} (ECE over {CALIBRATION_BINS} equal-width confidence bins):\n"
+          f"  {'':<8}{'NLL':>9}{'ECE':>9}{'accuracy':>10}{'confidence':>12}")
+    for row, parts in probs.items():
+        p = np.concatenate(parts)
+        r = metrics.calibration(p if softmax else p.reshape(-1), labels, bins=CALIBRATION_BINS)
+        print(f"  {row:<8}{r['nll']:>9.4f}{r['ece']:>9.4f}{100 * r['accuracy']:>9.2f}%{r['confidence']:>12.4f}")
+
+
+def _labels(y: np.ndarray, softmax: bool) -> np.ndarray | None:
+    """The class of each held-out row (from integer labels or one-hot rows) for a softmax; every output's 0/1 target,
+    flattened, for a sigmoid; ``None`` for targets that are neither."""
+    y = np.asarray(y)
+    if softmax and y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        return y
+    if not np.all((y == 0) | (y == 1)):
+        return None
+    if not softmax:
+        return y.reshape(-1).astype(np.int64)
+    return np.argmax(y, axis=-1) if y.ndim == 2 and np.all(y.sum(axis=-1) == 1) else None
+
+
+def _gaussian_nll(y, mean, cov) -> float:
+    """``Σ_m −log N(y_m | mean_m, S_m) = ½ Σ_m (K log 2π + log det S_m + r_mᵀ S_m⁻¹ r_m)``, ``r = y − mean``, on the
+    host in float64; ``y, mean (M, K)``, ``cov`` ``(M, K, K)`` or one ``(K, K)`` for every row."""
+    r = np.asarray(y, np.float64) - np.asarray(mean, np.float64)
+    s = np.broadcast_to(np.asarray(cov, np.float64), (*r.shape, r.shape[-1]))
+    _, logdet = np.linalg.slogdet(s)
+    quad = np.einsum("mk,mk->m", r, np.linalg.solve(s, r[..., None])[..., 0])
+    return float(0.5 * np.sum(r.shape[-1] * np.log(2 * np.pi) + logdet + quad))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

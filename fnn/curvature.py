@@ -306,6 +306,8 @@ def output_jacobian(net: MLP, params: Params, x, loss: Loss | str) -> tuple[jax.
     _plain_only(net, "output_jacobian")
     loss = check_output(loss, net.output)
     curv = output_curvature(loss, net.output)
+    if jnp.ndim(x) == 2 and jnp.shape(x)[0] == 0:
+        raise ValueError("x is empty (0 rows): the Jacobian needs at least one input, shape (batch, d) with batch ≥ 1.")
     f = net.forward_trace(params, x, None, train=False)
     o = f.zs[-1] if curv.at_logits else f.acts[-1]
     n, k = o.shape

@@ -102,13 +102,14 @@ class Posterior(NamedTuple):
     curvature: dict
 
 
-def _noise(loss: Loss, k: int) -> float | None:
-    """The Gaussian likelihood's variance for a regression loss, ``None`` otherwise."""
+def noise_variance(loss: Loss, k: int) -> float | None:
+    """``σ²`` of the Gaussian likelihood ``N(y | f, σ² I)`` that a regression loss over ``k`` outputs is
+    (``half_mse``: 1, ``mse``: ``k/2``; module docstring), ``None`` for the other losses."""
     return {"half_mse": 1.0, "mse": k / 2}.get(loss.name)
 
 
 def _log_normalizer(loss: Loss, k: int) -> float:
-    var = _noise(loss, k)
+    var = noise_variance(loss, k)
     return 0.0 if var is None else 0.5 * k * math.log(2 * math.pi * var)
 
 
@@ -162,6 +163,9 @@ def fit_laplace(net: MLP, params: Params, data, loss: Loss | str, *, structure: 
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}; got {structure!r}.")
     net.check_params(params)
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"data must be the pair (x, y) of training inputs and targets; got {type(data).__name__}"
+                        f"{'' if not isinstance(data, (tuple, list)) else f' of length {len(data)}'}.")
     x, y = data
     x = jnp.asarray(x)
     n = int(x.shape[0])
@@ -185,7 +189,12 @@ def fit_laplace(net: MLP, params: Params, data, loss: Loss | str, *, structure: 
         k = None if keys is None else keys[i]
         part = _curvature_sum(net, params, xc, yc, loss, structure, k, samples, unravel, flat.size)
         acc = part if acc is None else jax.tree.map(jnp.add, acc, part)
-    return Posterior(structure, net, loss, params, n, delta, loglik, _finish(structure, acc, n))
+    curv = _finish(structure, acc, n)
+    if not all(bool(jnp.all(jnp.isfinite(v))) for v in [loglik, *jax.tree.leaves(curv)]):
+        raise FloatingPointError(f"the log-likelihood or the curvature at these params is not finite (log p(D | θ*) "
+                                 f"= {float(loglik)}): check the data and params for NaN or inf, and that "
+                                 "training converged.")
+    return Posterior(structure, net, loss, params, n, delta, loglik, curv)
 
 
 def _curvature_sum(net, params, x, y, loss, structure, key, samples, unravel, size):
@@ -193,7 +202,9 @@ def _curvature_sum(net, params, x, y, loss, structure, key, samples, unravel, si
     m = x.shape[0]
     if structure == "full":
         op = curvature.product_operator(net, params, x, y, loss)
-        column = jax.jit(jax.vmap(lambda e: ravel_pytree(op(unravel(e)))[0]))
+        # one product per column, in sequence: XLA's CPU backend (jaxlib 0.10) miscompiles the batched float32
+        # form of the softmax curvature's u − Σ_k p_k u_k, p broadcast over the columns, beyond 2¹⁵ elements
+        column = jax.jit(lambda e: jax.lax.map(lambda c: ravel_pytree(op(unravel(c)))[0], e))
         eye = jnp.eye(size, dtype=x.dtype)
         return {"H": m * jnp.concatenate([column(eye[s:s + 256]) for s in range(0, size, 256)], axis=0)}
     if structure == "diag":
@@ -303,18 +314,21 @@ class PriorFit(NamedTuple):
 
 
 def optimize_prior_precision(post: Posterior, *, method: str = "fixed_point", per_layer: bool = False,
-                             iters: int = 200, tol: float = 1e-10, learning_rate: float = 0.5) -> PriorFit:
+                             iters: int = 200, tol: float | None = None, learning_rate: float = 0.5) -> PriorFit:
     """The ``δ`` that maximizes the evidence, one for every layer (``per_layer=False``) or one each.
 
     ``"fixed_point"``: MacKay's update ``δ ← γ / ‖θ*‖²``, ``γ = P − δ tr Σ`` (summed over the layers for one
     δ); it converges in a few to a few tens of iterations where ``‖θ*‖²`` is not tiny, since ``γ`` moves
     slowly with δ. ``"gradient"``: ascent on ``log δ`` with step ``learning_rate · ∂/∂ log δ / P`` (``P``
     of the δ's layers), slower but monotone for a small enough step. Both stop when ``log δ`` moves by
-    less than ``tol``.
+    less than ``tol`` (default ``1e-10`` for float64 curvature, ``1e-5`` for float32, where the iteration's
+    own rounding moves ``log δ`` by about ``10⁻⁶``).
     """
     if method not in ("fixed_point", "gradient"):
         raise ValueError(f"method must be 'fixed_point' or 'gradient'; got {method!r}.")
     iters = positive_int("iters", iters)
+    if tol is None:
+        tol = 1e-10 if post.log_likelihood.dtype == jnp.float64 else 1e-5
     scope = _scope(post)
     layers = post.net.num_layers
     sizes = np.asarray(_layer_sizes(post.params), float)
@@ -407,7 +421,7 @@ def predict(post: Posterior, x, *, method: str = "probit", samples: int = 1000,
     """
     f, cov = glm_predictive(post, x)
     k = f.shape[-1]
-    noise = _noise(post.loss, k)
+    noise = noise_variance(post.loss, k)
     if noise is not None:
         return f, cov + noise * jnp.eye(k, dtype=f.dtype)
     if not output_curvature(post.loss, post.net.output).at_logits:

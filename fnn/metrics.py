@@ -93,3 +93,49 @@ def format_epoch(record: dict, epochs: int) -> str:
         parts.append(f"ε {record['epsilon']:.3g}")
     parts += [f"{record['samples_per_s']:,.0f} samples/s", f"{record['elapsed']:.1f}s"]
     return "  ".join(parts)
+
+
+def calibration(probs, labels, *, bins: int = 15) -> dict:
+    """How well predicted probabilities match outcomes, on the host in float64.
+
+    ``probs (M, K)``: class probabilities (rows summing to 1, ``K ≥ 2``), or ``(M, 1)``/``(M,)`` for the
+    positive class of a binary task; ``labels (M,)``: integer classes (``0/1`` for a binary task). With
+    the confidence ``c_m = max_k p_mk`` and the prediction ``argmax_k p_mk``:
+
+    - ``nll``: ``−(1/M) Σ_m log p_{m, y_m}`` (probabilities clipped at 10⁻³⁰⁰, so a confident mistake
+      costs at most ≈ 690);
+    - ``ece``: the expected calibration error over ``bins`` equal-width confidence bins
+      ``((b−1)/B, b/B]``, ``Σ_b (|S_b|/M) |acc(S_b) − conf(S_b)|`` (Naeini et al., AAAI 2015; Guo et al.,
+      "On calibration of modern neural networks", ICML 2017);
+    - ``accuracy`` and ``confidence``, the mean of ``c_m``;
+    - ``bins``, the bin count the ECE used.
+    """
+    p = np.asarray(probs, np.float64)
+    y = np.asarray(labels)
+    if p.ndim == 1:
+        p = p[:, None]
+    if p.ndim != 2 or p.shape[0] == 0:
+        raise ValueError(f"probs must be (M, K) class probabilities with M > 0; got shape {p.shape}.")
+    if p.shape[1] == 1:
+        p = np.concatenate([1 - p, p], axis=1)
+    m, k = p.shape
+    if y.shape != (m,) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be ({m},) integers, one class per row of probs; got {y.dtype}{list(y.shape)}.")
+    if y.min() < 0 or y.max() >= k:
+        raise ValueError(f"labels must lie in 0..{k - 1}; got {y.min()}..{y.max()}.")
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or not np.allclose(p.sum(axis=1), 1, atol=1e-4):
+        raise ValueError("probs must be finite, ≥ 0 and sum to 1 over each row (pass probabilities, not logits).")
+    bins = int(bins)
+    if bins < 1:
+        raise ValueError(f"bins must be a positive integer; got {bins}.")
+    conf, pred = p.max(axis=1), p.argmax(axis=1)
+    correct = (pred == y).astype(np.float64)
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
+    nll = -np.mean(np.log(np.maximum(p[np.arange(m), y], 1e-300)))
+    return {"nll": float(nll), "ece": float(ece), "accuracy": float(correct.mean()),
+            "confidence": float(conf.mean()), "bins": bins}

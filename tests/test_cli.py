@@ -31,7 +31,8 @@ def test_help_documents_every_flag():
     done = subprocess.run([sys.executable, "-m", "fnn", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     for flag in ("--dataset", "--data-dir", "--hidden", "--activation", "--loss", "--optimizer", "--lr",
-                 "--batch-size", "--epochs", "--seed", "--grad-source", "--checkpoint-dir", "--resume", "--plot"):
+                 "--batch-size", "--epochs", "--seed", "--grad-source", "--checkpoint-dir", "--resume", "--plot",
+                 "--laplace"):
         assert flag in done.stdout
 
 
@@ -164,6 +165,17 @@ def _file(tmp_path):
     (["--optimizer", "kfac", "--dp-clip", "1", "--dp-lot-size", "64", "--dp-noise", "1"],
      "--dp-clip needs a first-order --optimizer: kfac reads the curvature of the batch"),
     (["--optimizer", "kfac", "--debug-nans"], "--debug-nans replays the step of a first-order --optimizer"),
+    # before: no such flag (the Laplace approximation was library-only)
+    (["--laplace", "kron", "--batch-norm"], "--laplace kron covers networks without batch norm"),
+    (["--laplace", "diag", "--loss", "mae"], "--laplace diag with --loss mae: mae has no curvature .* use --loss mse"),
+    (["--laplace", "kron", "--dp-clip", "1", "--dp-lot-size", "64", "--dp-noise", "1"],
+     r"--laplace kron reads every training example's curvature .* outside the privacy accounting of --dp-clip: .*"
+     r"would break the \(ε, δ\) guarantee"),
+    (["--laplace", "full", "--hidden", "128"],
+     r"--laplace full forms a P × P matrix, and the network \(64, 128, 10\) has P = 9,610 parameters, above the limit "
+     "of 5,000; use --laplace kron"),
+    (["--laplace", "last_layer", "--hidden", "600"], "has P = 6,010 parameters in its output layer, above the limit"),
+    (["--laplace", "block"], "argument --laplace: invalid choice: 'block'"),
     pytest.param(["--loss", "categorical_cross_entropy"], "categorical_cross_entropy reads probabilities",
                  # before: trained on the identity output as if it gave probabilities, exit status 0
                  marks=pytest.mark.skipif(not hasattr(fnn.losses, "check_output"), reason="no check_output yet")),
@@ -388,3 +400,82 @@ def test_kfac_reaches_95_percent_on_digits(tmp_path, capsys):
     printed = float(re.search(r"held-out accuracy ([\d.]+)%", capsys.readouterr().out).group(1))
     accuracy = json.loads(history.read_text())[-1]["held_out_accuracy"]
     assert accuracy >= 0.95 and printed == pytest.approx(100 * accuracy, abs=0.01)
+
+
+# 160 training and 40 held-out blobs with a 2-4-2 network: the Laplace fits compile once for the tests below
+BLOBS = ["--dataset", "blobs", "--hidden", "4", "--batch-size", "16", "--epochs", "2", "--lr", "0.01", "--quiet"]
+
+
+def _z(saved, x):
+    """``x`` z-scored with the statistics of the checkpoint ``saved`` (those of its training split)."""
+    return np.asarray(fnn.data.zscore(fnn.data.Normalizer(*saved.normalizer), x), np.float32)
+
+
+def test_laplace_kron_prints_the_evidence_optimal_beta_and_calibration_and_saves_the_posterior(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert main(BLOBS + ["--l2", "1e-3", "--laplace", "kron", "--checkpoint-dir", str(ck)]) == 0
+    out = capsys.readouterr().out
+    saved = checkpoint.load(checkpoint.latest(ck))
+    ds = fnn.data.blobs()
+    # the posterior refitted here at the saved params, on the z-scored training split, from δ = N·β
+    post = fnn.laplace.fit_laplace(saved.net, saved.params, (_z(saved, ds.x_train), ds.y_train),
+                                   "softmax_cross_entropy", structure="kron", l2=1e-3)
+    best = fnn.laplace.optimize_prior_precision(post)
+    delta = float(best.posterior.prior_precision[0])
+    assert "Laplace (kron) at the trained params, on the training split: N = 160, P = 22;" in out
+    start = re.search(r"log evidence at the training β = 0.001 \(δ = N·β = ([\d.]+)\): (\S+)", out)
+    assert float(start.group(1)) == pytest.approx(0.16)
+    assert float(start.group(2)) == pytest.approx(float(fnn.laplace.log_marginal_likelihood(post)), abs=1e-4)
+    optimum = re.search(r"δ\* = (\S+), β\* = δ\*/N = (\S+): (\S+) \(MacKay's fixed point, (\d+) iterations, "
+                        r"converged\)", out)
+    assert float(optimum.group(1)) == pytest.approx(delta, rel=1e-5)
+    assert float(optimum.group(2)) == pytest.approx(delta / 160, rel=1e-5)
+    assert float(optimum.group(3)) == pytest.approx(best.evidence[-1], abs=1e-4)
+    assert int(optimum.group(4)) == best.iterations
+    # the table's rows: the plain network's softmax, and the probit predictive of the posterior at δ*
+    x_test = _z(saved, ds.x_test)
+    assert "calibration on the 40 held-out samples (ECE over 15 equal-width confidence bins):" in out
+    expected = {"MAP": jax.nn.softmax(saved.net.apply(saved.params, x_test)),
+                "Laplace": fnn.laplace.predict(best.posterior, x_test)}
+    for row, probs in expected.items():
+        printed = re.search(rf"^  {row} +(\S+) +(\S+) +(\S+)% +(\S+)$", out, flags=re.M).groups()
+        ref = fnn.metrics.calibration(probs, ds.y_test, bins=15)
+        assert [float(v) for v in printed] == pytest.approx(
+            [ref["nll"], ref["ece"], 100 * ref["accuracy"], ref["confidence"]], abs=1e-4)
+    # the last checkpoint holds the posterior at δ*, and says so
+    assert f"posterior saved in {ck / 'epoch-000002.npz'}" in out
+    assert (saved.epoch, saved.posterior.structure, saved.posterior.n) == (2, "kron", 160)
+    assert float(saved.posterior.prior_precision[0]) == pytest.approx(delta, rel=1e-6)
+    assert float(fnn.laplace.log_marginal_likelihood(saved.posterior)) == pytest.approx(best.evidence[-1], abs=1e-4)
+    # --resume reads it and trains on, without the posterior
+    assert main(BLOBS + ["--l2", "1e-3", "--epochs", "3", "--checkpoint-dir", str(ck), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert checkpoint.load(checkpoint.latest(ck)).posterior is None
+
+
+def test_laplace_regression_prints_the_held_out_gaussian_nll(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert main(["--dataset", "regression-1d", "--hidden", "4", "--batch-size", "16", "--epochs", "1", "--quiet",
+                 "--laplace", "diag", "--checkpoint-dir", str(ck)]) == 0
+    out = capsys.readouterr().out
+    assert "log evidence at δ = 1 (--l2 0 gives no prior to start from)" in out
+    printed = re.search(r"NLL on the 40 held-out samples \(nats per sample\): MAP \(noise σ² I\) (\S+), Laplace "
+                        r"\(σ² I \+ J Σ Jᵀ\) (\S+)$", out, flags=re.M)
+    saved = checkpoint.load(checkpoint.latest(ck))
+    ds = fnn.data.regression_1d()
+    x = _z(saved, ds.x_test)
+    r = np.asarray(saved.net.apply(saved.params, x), np.float64) - ds.y_test  # (40, 1)
+    # mse is the Gaussian N(y | f, (K/2) I): σ² = 1/2 for one output; Laplace adds J Σ Jᵀ
+    jsj = np.asarray(fnn.laplace.glm_predictive(saved.posterior, x)[1], np.float64)[:, :, 0]
+    for variance, value in ((0.5, printed.group(1)), (0.5 + jsj, printed.group(2))):
+        assert float(value) == pytest.approx(np.mean(0.5 * (np.log(2 * np.pi * variance) + r ** 2 / variance)),
+                                             abs=1e-4)
+
+
+def test_laplace_of_a_non_canonical_pair_prints_the_evidence_only(capsys):
+    assert main(BLOBS + ["--epochs", "0", "--output", "sigmoid", "--loss", "categorical_cross_entropy",
+                         "--laplace", "last_layer"]) == 0
+    out = capsys.readouterr().out
+    assert "(the posterior covers the output layer's 10)" in out and "β* = δ*/N" in out
+    assert "no calibration table: categorical_cross_entropy on a sigmoid output is not a canonical pair" in out
+    assert "train on output softmax for the table" in out and "posterior not saved (no --checkpoint-dir)" in out

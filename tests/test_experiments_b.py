@@ -536,3 +536,62 @@ def test_edge_of_stability(tmp_path, mnist_dir):
         for eta, count in fell.items():  # the summary's counts
             line = next(x for x in blocks[key].splitlines() if x.startswith(f"- η = {eta}: "))
             assert f"the cost fell over the second half in {count} of 3" in line, (key, eta)
+
+
+def test_laplace(tmp_path, mnist_dir):
+    r = run("laplace", tmp_path, "--data-dir", str(mnist_dir))
+    mod = importlib.import_module("laplace")
+    # the helpers, against direct computations: AUROC by counting pairs, a quarter turn by np.rot90
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 40) / 4, rng.integers(0, 5, 30) / 4  # with ties
+    pairs = np.mean([(x > y) + 0.5 * (x == y) for x in a for y in b])
+    assert mod.auroc(a, b) == pytest.approx(pairs, abs=1e-12)
+    img = rng.uniform(size=(3, 784))
+    turned = mod.rotate(img, 90).reshape(3, 28, 28)
+    assert np.allclose(turned, np.rot90(img.reshape(3, 28, 28), k=1, axes=(1, 2)), atol=1e-6) or \
+        np.allclose(turned, np.rot90(img.reshape(3, 28, 28), k=-1, axes=(1, 2)), atol=1e-6)
+    assert np.allclose(mod.rotate(img, 0), img)
+    # (a): the argmaxes and their distance are those of the grid's numbers
+    betas = r["betas"]
+    for run_ in r["runs"]:
+        ev = [g["evidence"]["kron"] for g in run_["grid"]]
+        ll = [g["held_out"]["log_likelihood"] for g in run_["grid"]]
+        assert run_["evidence_argmax"] == betas[int(np.argmax(ev))]
+        assert run_["steps_apart"] == abs(int(np.argmax(ev)) - int(np.argmax(ll)))
+        assert run_["log_likelihood_given_up"] == pytest.approx(max(ll) - ll[int(np.argmax(ev))])
+        rows = run_["calibration"]["rows"]
+        assert set(rows) == {"MAP", *mod.STRUCTURES}
+        for m in (m for by_set in rows.values() for m in by_set.values()):
+            assert 0 < m["confidence"] <= 1
+            if "nll" in m:
+                assert m["bins"] == mod.BINS and 0 <= m["ece"] <= 1 and m["nll"] > 0
+    assert r["verdicts"]["evidence"].startswith("undecided")  # two β's: both argmaxes at an end
+    # the README's blocks (default-mode runs, both seed ranges): the tables' form is a fresh render's, and
+    # the words follow from the numbers they quote
+    results = importlib.import_module("results")
+    fresh = results.render_laplace({**r, "quick": False})
+
+    def table_form(text):
+        return skeleton("\n".join(ln for ln in text.splitlines() if ln.startswith("| ")))
+
+    for key in ("laplace", "laplace@1000"):
+        block = quoted_block(key)
+        assert table_form(block) == table_form(fresh), REGENERATE
+        grid = [float(ln.split(" | ")[0].strip("| ")) for ln in block.splitlines()
+                if ln.startswith("| ") and ln[2].isdigit()]
+        assert tuple(grid) == mod.BETAS
+        seeds = re.findall(r"seed \d+: ([\d.e-]+) against ([\d.e-]+), (\d+) grid steps? apart", block)
+        assert len(seeds) == 3
+        apart = []
+        for ev, ll, steps in seeds:
+            i, j = grid.index(float(ev)), grid.index(float(ll))
+            assert abs(i - j) == int(steps)
+            apart.append((abs(i - j), {i, j} & {0, len(grid) - 1}))
+        verdict = ("undecided (an argmax at the grid's end)" if any(end for _, end in apart) else
+                   "holds" if max(s for s, _ in apart) <= 1 else
+                   "does not hold" if min(s for s, _ in apart) >= 2 else "mixed")
+        assert f"(a) The claim **{verdict}** here." in block
+        kept = re.findall(r"held-out accuracy (not )?kept \(it moves by at most ([\d.]+) points\)", block)
+        assert len(kept) == len(mod.STRUCTURES)
+        for word, moved in kept:
+            assert (float(moved) < 100 * mod.ACCURACY_SLACK) == (word == "")
