@@ -37,6 +37,11 @@ with ``α = 10⁻³``, the same initial parameters everywhere):
   (``curvature``) and **second-order steps** (``second_order``): each quantity on one batch by the
   δ route against its autodiff route and against a plain gradient or an Adam step, with XLA's
   memory analysis of each compiled program; see the functions of each section.
+- **The Laplace posterior** (``laplace``, :func:`bench_laplace`): the kron posterior of
+  ``784-256-256-10`` fitted on 8,000 rows against a gradient epoch over them, its GLM predictive on
+  1,000 images against a gradient over them, and its evidence at a new prior precision against the
+  fit; each beside its autodiff route (the Jacobians by ``vmap(jax.jacrev)``) and beside laplace-torch,
+  an optional extra like torch (left out, with the reason, when it is missing).
 
 Every comparison alternates its contenders (given order in even rounds, reversed in odd ones)
 after ``--warmup`` untimed rounds and reports the median of ``--repeats`` rounds, and the best.
@@ -48,19 +53,22 @@ samples: a smoke test of the code path in seconds, not a result.
 Output: tables on stdout (Markdown) and ``bench.json``. Run it by hand, never as a timed test::
 
     python experiments/bench.py [--repeats 5] [--warmup 1] [--quick] [--no-torch] [--out DIR]
-                                [--sections steps,epochs,gpu,per_example,private,curvature,second_order]
+                                [--sections steps,epochs,gpu,per_example,private,curvature,second_order,laplace]
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
 import math
 import os
 import platform
 import re
+import sys
 import time
 from collections.abc import Callable
+from importlib import metadata
 from typing import NamedTuple
 
 import common  # first: it puts the repository root on sys.path for fnn
@@ -85,7 +93,7 @@ MANUAL_STEP, AUTODIFF_STEP = "step, manual backprop", "step, jax.grad"
 FNN_MANUAL, FNN_AUTODIFF = "fnn.train epoch, manual", "fnn.train epoch, jax.grad"
 FNN_GUARDED = "fnn.train guarded epoch (replay), manual"
 NO_NORM = "fnn, grad_norm=False"
-SECTIONS = ("steps", "epochs", "gpu", "per_example", "private", "curvature", "second_order")
+SECTIONS = ("steps", "epochs", "gpu", "per_example", "private", "curvature", "second_order", "laplace")
 
 
 class Case(NamedTuple):
@@ -302,6 +310,19 @@ def reference_epoch_contender(case: Case, x: jax.Array, y: jax.Array) -> tuple[C
     return epoch_contender(run, state, x, y), seconds
 
 
+def torch_model(torch, params):
+    """The relu MLP of fnn's ``params`` as a ``torch.nn.Sequential`` of ``Linear`` layers, with the same
+    weights (``W (out, in)`` is ``Linear.weight`` as it is)."""
+    layers = []
+    for layer in params:
+        linear = torch.nn.Linear(layer["W"].shape[1], layer["W"].shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(np.array(layer["W"])))
+            linear.bias.copy_(torch.from_numpy(np.array(layer["b"])))
+        layers += [linear, torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
 def torch_contender(torch, case: Case, x: np.ndarray, y: np.ndarray, threads: int,
                     seconds: float) -> Callable[[], float]:
     """A PyTorch eager training loop of the same model: shuffled batches, forward, backward, Adam.
@@ -309,14 +330,7 @@ def torch_contender(torch, case: Case, x: np.ndarray, y: np.ndarray, threads: in
     Each call starts a fresh epoch (``torch.randperm``) and stops after the batch that passes
     ``seconds``, or at the end of the epoch; it returns the samples it trained on.
     """
-    layers = []
-    for layer in fnn_model(case)[3]:
-        linear = torch.nn.Linear(layer["W"].shape[1], layer["W"].shape[0])
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(np.array(layer["W"])))
-            linear.bias.copy_(torch.from_numpy(np.array(layer["b"])))
-        layers += [linear, torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers[:-1])
+    model = torch_model(torch, fnn_model(case)[3])
     opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, betas=(B1, B2), eps=EPS)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
     generator = torch.Generator().manual_seed(0)
@@ -361,6 +375,32 @@ def import_torch(disabled: bool):
         return None, ("left out: torch is not installed (for a CPU build: pip install torch "
                       "--index-url https://download.pytorch.org/whl/cpu)")
     return torch, None
+
+
+def import_laplace_torch(torch, torch_skipped: str | None = None):
+    """``(laplace, None)``, or ``(None, why it is left out)``: laplace-torch, the contender of the ``laplace``
+    section, is an optional extra like torch. This folder's ``laplace.py`` has the same module name, so
+    the package is imported with this folder off ``sys.path`` and ``sys.modules`` put back afterwards
+    (laplace-torch imports its submodules at import time and keeps them)."""
+    if torch is None:
+        return None, f"left out: laplace-torch needs torch ({torch_skipped})"
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = sys.path[:]
+    own = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "laplace" or k.startswith("laplace.")}
+    sys.path[:] = [p for p in path if os.path.abspath(p or os.curdir) != here]
+    try:
+        laplace = importlib.import_module("laplace")
+        importlib.import_module("laplace.curvature")
+    except ImportError:
+        return None, "left out: laplace-torch is not installed (pip install laplace-torch)"
+    except Exception as error:  # a broken install of an optional extra is reported, not fatal
+        return None, f"left out: laplace-torch failed to import ({type(error).__name__}: {error})"
+    finally:
+        sys.path[:] = path
+        for k in [k for k in sys.modules if k == "laplace" or k.startswith("laplace.")]:
+            del sys.modules[k]
+        sys.modules.update(own)
+    return laplace, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,6 +581,23 @@ def per_example_pieces(case: Case) -> dict[str, Callable]:
     }
 
 
+def repeated(call: Callable[[], object], seconds: float, work: float = 1.0) -> Callable[[], float]:
+    """A contender that runs ``call`` as many times as take about ``seconds`` (counted from one call after
+    a first one that compiles) and returns ``work`` per call."""
+    jax.block_until_ready(call())
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    calls = max(1, round(seconds / (time.perf_counter() - start)))
+
+    def contender() -> float:
+        for _ in range(calls):
+            out = call()
+        jax.block_until_ready(out)
+        return calls * work
+
+    return contender
+
+
 def time_pieces(pieces: dict[str, Callable], params, xb, yb, args):
     """Alternated timings (ms per call) of ``(params, x, y) -> result`` functions, each compiled once,
     with the memory of each compiled program (XLA's memory analysis: temporary buffers plus outputs)."""
@@ -549,18 +606,7 @@ def time_pieces(pieces: dict[str, Callable], params, xb, yb, args):
         run = jax.jit(fn).lower(params, xb, yb).compile()
         analysis = run.memory_analysis()
         memory[name] = None if analysis is None else analysis.temp_size_in_bytes + analysis.output_size_in_bytes
-        jax.block_until_ready(run(params, xb, yb))
-        start = time.perf_counter()
-        jax.block_until_ready(run(params, xb, yb))
-        calls = max(1, round(args.per_example_seconds / (time.perf_counter() - start)))  # a timing ≈ that long
-
-        def contender(run=run, calls=calls) -> float:
-            for _ in range(calls):
-                out = run(params, xb, yb)
-            jax.block_until_ready(out)
-            return calls
-
-        contenders[name] = contender
+        contenders[name] = repeated(lambda run=run: run(params, xb, yb), args.per_example_seconds)
     timings = alternate(contenders, args.repeats, args.warmup)
     ms = {name: 1 / rate_summary(t, 1e-3)["median"] for name, t in timings.items()}
     return timings, ms, memory
@@ -726,6 +772,258 @@ def bench_second_order(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
                     for n in names[1:]})
     return {"model": case.name, "batch": case.batch, "ms": ms, "memory_bytes": memory,
             "over_adam": {k: {"median": float(np.median(v)), "rounds": v} for k, v in derived.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Laplace posterior: its fit, its GLM predictive and its evidence, against a gradient, autodiff and
+# laplace-torch.
+
+LAPLACE_CASE = Case((784, 256, 256, 10), 128)
+LAPLACE_ROWS, QUICK_LAPLACE_ROWS = 8000, 512  # the training rows the posterior is fitted on
+LAPLACE_CHUNK, QUICK_LAPLACE_CHUNK = 1024, 256  # rows per pass of the fit (fit_laplace's default batch_size)
+PREDICTIVE_ROWS, QUICK_PREDICTIVE_ROWS = 1000, 64  # the images of the GLM predictive
+JACOBIAN_ROWS, QUICK_JACOBIAN_ROWS = 10, 2  # the images of the routes that form J (K × P per image)
+PRIOR, NEW_PRIOR = 1.0, 2.0  # δ of the fit, and the new δ the evidence is evaluated at
+TORCH_EXACT_ROUNDS = 2  # laplace-torch's default fit takes tens of seconds here: its own, shorter comparison
+KFLR_FIT, KFAC_FIT = "kron fit, KFLR (fit_laplace)", "kron fit, KFAC, 1 sample (fit_laplace)"
+KFLR_JIT, KFAC_JIT = "kron fit, KFLR, jitted chunks", "kron fit, KFAC, 1 sample, jitted chunks"
+KFLR_AUTODIFF = "kron fit, KFLR, jitted chunks, autodiff"
+EVIDENCE, PRIOR_FIT = "evidence at a new δ (log_marginal_likelihood)", "optimize_prior_precision (fixed point)"
+GLM, GLM_AUTODIFF = "GLM predictive (glm_predictive)", "GLM predictive, autodiff"
+TORCH_FIT = "laplace-torch kron fit (default: exact factors)"
+TORCH_EVIDENCE, TORCH_GLM = "laplace-torch evidence at a new δ", "laplace-torch GLM predictive (probit)"
+
+
+def _kron_eigh(sums: list, n: int) -> list:
+    """Per layer ``eigh(A / N)`` and ``eigh(N·G)`` from the sums ``(Σ_x ā ā ᵀ, Σ_x Σ_c Δ_c Δ_cᵀ)``, symmetrized,
+    as :func:`fnn.laplace.fit_laplace` stores the kron posterior."""
+    return [(jnp.linalg.eigh((A + A.T) / (2 * n)), jnp.linalg.eigh((G + G.T) / 2)) for A, G in sums]
+
+
+def _chunked_kron_fit(factor_sums: Callable, x: jax.Array, y: jax.Array, chunk: int,
+                      key: jax.Array | None = None) -> list:
+    """The kron posterior's eigendecompositions from a jitted ``factor_sums(x_c, y_c)`` (per layer the two
+    sums over the chunk's rows; with ``key``, ``factor_sums(x_c, y_c, key_c)``, a key per chunk) called on
+    chunks of ``chunk`` rows, as :func:`fnn.laplace.fit_laplace` loops."""
+    starts = range(0, x.shape[0], chunk)
+    keys = [()] * len(starts) if key is None else [(k,) for k in jax.random.split(key, len(starts))]
+    sums = None
+    for lo, k in zip(starts, keys):
+        part = factor_sums(x[lo:lo + chunk], y[lo:lo + chunk], *k)
+        sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
+    return _kron_eigh(sums, x.shape[0])
+
+
+def laplace_pieces(net, loss) -> dict[str, Callable]:
+    """The jitted routes the ``laplace`` section compares with fnn's:
+
+    - ``"factors"`` ``(params, x_c, y_c)``: the KFLR sums ``m·A^l``, ``m·G^l`` of a chunk of ``m`` rows by
+      :func:`fnn.curvature.kronecker_factors`; ``(params, x_c, y_c, key)``: KFAC's, one sampled column per row;
+    - ``"factors, autodiff"``: the same sums with ``Δ^l_x = ∂z^L/∂z^l = ∂z^L/∂b^l`` from ``vmap(jax.jacrev)``
+      of each sample's logits in the biases and ``H_x`` from ``vmap(jax.hessian)`` of its cost at the logits:
+      ``Σ_x J_xᵀ H_x J_x`` (``A^l`` from the forward pass, as both routes form it);
+    - ``"predictive, autodiff"`` ``(params, layers, δ, x)``: ``J Σ Jᵀ`` with ``J_x (K, P)`` from
+      ``vmap(jax.jacrev)`` of the logits in all the params and ``Σ`` of the kron posterior (``layers`` as
+      :class:`fnn.laplace.Posterior` keeps them: ``(a, Q_A, N g, Q_G)``) applied to it per layer in its
+      eigenbasis, ``Σ_{ij} (Q_Gᵀ J^l_k Q_A)_{ij} (Q_Gᵀ J^l_{k'} Q_A)_{ij} / (N g_i a_j + δ_l)``: the dense
+      Jacobian, without the rank-one structure ``J^l_k = Δ^l_k āᵀ`` that ``glm_predictive`` uses.
+    """
+    def factors(p, x, y, key=None):
+        return [(x.shape[0] * f.A, x.shape[0] * f.G)
+                for f in fnn.curvature.kronecker_factors(net, p, x, y, loss, key=key)]
+
+    def factors_autodiff(p, x, y):
+        def logits(biases, xi):
+            return net.apply([{"W": layer["W"], "b": b} for layer, b in zip(p, biases)], xi[None])[0]
+
+        jac = jax.vmap(jax.jacrev(logits), in_axes=(None, 0))([layer["b"] for layer in p], x)  # (m, K, n_l)
+        acts = net.forward_trace(p, x).acts
+        h = jax.vmap(jax.hessian(lambda z, t: loss(z[None], t[None])))(acts[-1], y)  # (m, K, K)
+        out = []
+        for a, j in zip(acts[:-1], jac):
+            abar = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+            out.append((abar.T @ abar, jnp.einsum("mki,mkl,mlj->ij", j, h, j)))
+        return out
+
+    def predictive_autodiff(p, layers, delta, x):
+        jac = jax.vmap(jax.jacrev(lambda q, xi: net.apply(q, xi[None])[0]), in_axes=(None, 0))(p, x)
+        cov = 0.0
+        for j, (a, qa, g, qg), d in zip(jac, layers, delta):
+            wbar = jnp.concatenate([j["W"], j["b"][..., None]], axis=-1)  # (m, K, n_l, n_{l−1}+1)
+            t = jnp.einsum("ig,mkij,ja->mkga", qg, wbar, qa)
+            cov = cov + jnp.einsum("mkga,mlga,ga->mkl", t, t, 1 / (jnp.outer(g, a) + d))
+        return cov
+
+    return {"factors": jax.jit(factors), "factors, autodiff": jax.jit(factors_autodiff),
+            "predictive, autodiff": jax.jit(predictive_autodiff)}
+
+
+def _relative_error(got, want) -> float:
+    """``max |got − want| / max |want|`` over every leaf."""
+    got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+    return max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(got, want)) / max(
+        float(jnp.max(jnp.abs(w))) for w in want)
+
+
+def _laplace_torch_contenders(lt, torch, net_params, x: np.ndarray, y: np.ndarray, xj: np.ndarray,
+                              chunk: int) -> tuple[Callable, Callable, Callable]:
+    """laplace-torch on the same model, weights and rows, as contenders ``(fit, evidence, predictive)``: its
+    kron fit at its defaults (``Laplace(model, "classification", subset_of_weights="all",
+    hessian_structure="kron")``, the exact GGN's Kronecker factors from curvlinops, weights and biases
+    factored apart) over a ``DataLoader`` of ``chunk`` rows, its evidence at the new δ, and its GLM
+    predictive with the probit link on ``xj``. One fit is done here, so the first timed fit is not its
+    first. Torch threads = the cores, set per call."""
+    cores = os.cpu_count() or 1
+    model = torch_model(torch, net_params)
+    data = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+    loader = torch.utils.data.DataLoader(data, batch_size=chunk)
+    xt = torch.from_numpy(xj)
+
+    fitted = lt.Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
+                        prior_precision=PRIOR)
+    torch.set_num_threads(cores)
+    fitted.fit(loader)
+    new = torch.tensor(NEW_PRIOR)
+
+    def fit() -> float:
+        torch.set_num_threads(cores)
+        fitted.fit(loader)
+        return 1.0
+
+    def evidence() -> float:
+        torch.set_num_threads(cores)
+        fitted.log_marginal_likelihood(prior_precision=new)
+        return 1.0
+
+    def predictive() -> float:
+        torch.set_num_threads(cores)
+        fitted(xt, pred_type="glm", link_approx="probit")
+        return float(xj.shape[0])
+
+    return fit, evidence, predictive
+
+
+def bench_laplace(x: jax.Array, y: jax.Array, args, torch) -> dict:
+    """The kron Laplace posterior (:mod:`fnn.laplace`) of ``784-256-256-10`` (``--quick``: ``784-64-64-10``)
+    at its initial params (the timings do not depend on their values), ``δ = PRIOR``, on the first
+    ``LAPLACE_ROWS`` training rows, in three alternated comparisons:
+
+    - **fit**, against one gradient epoch over the same rows: :func:`fnn.train.make_epoch` as ``fit`` runs
+      it (Adam, ``B = 128``), i.e. what one more epoch of training costs. :func:`fnn.laplace.fit_laplace` as
+      it is called (a Python loop over chunks of ``LAPLACE_CHUNK`` rows, the curvature run op by op, then the
+      eigendecompositions), exact (KFLR) and sampled (KFAC, one column per row); the same fits with each
+      chunk's factors jitted (the same loop and eigendecompositions), by hand and, for KFLR, by autodiff
+      (:func:`laplace_pieces`); on the fitted posterior, the evidence at the new δ ``NEW_PRIOR`` and the
+      optimized δ (fixed point, defaults), against the KFLR fit; laplace-torch's evidence at the new δ;
+    - laplace-torch's default fit against fnn's KFLR fit, over ``TORCH_EXACT_ROUNDS`` rounds (it takes tens of
+      seconds), with no warm-up round of its own: both sides are warm by then;
+    - **predictive**, per image: :func:`fnn.laplace.glm_predictive` on ``PREDICTIVE_ROWS`` images against one
+      gradient (:func:`fnn.backprop`, jitted: a forward and a backward pass) over the same images; the
+      autodiff route and laplace-torch's predictive, which form ``J`` (``K × P`` per image), on the first
+      ``JACOBIAN_ROWS`` of them.
+
+    Every contender is timed after ``--warmup`` untimed rounds, so the op-by-op compilations of the eager
+    calls and the jit compilations are out of the figures: they are the steady state. The autodiff routes
+    are checked against the hand-written ones once (relative errors in ``agreement``).
+    """
+    quick = args.quick
+    case = QUICK_CASES[0] if quick else LAPLACE_CASE
+    net, loss, _, params = fnn_model(case)
+    rows, chunk = (QUICK_LAPLACE_ROWS, QUICK_LAPLACE_CHUNK) if quick else (LAPLACE_ROWS, LAPLACE_CHUNK)
+    m, mj = (QUICK_PREDICTIVE_ROWS, QUICK_JACOBIAN_ROWS) if quick else (PREDICTIVE_ROWS, JACOBIAN_ROWS)
+    xf, yf, xp, yp = x[:rows], y[:rows], x[:m], y[:m]
+    pieces = laplace_pieces(net, loss)
+    lap = fnn.laplace
+
+    def fit(key=None):
+        return lap.fit_laplace(net, params, (xf, yf), loss, structure="kron", prior_precision=PRIOR, key=key,
+                               batch_size=chunk)
+
+    post = fit()
+    layers = post.curvature["layers"]
+    prior_fits = []  # the optimized δ of the last call (--quick: at most 10 iterations, a smoke test)
+
+    def prior_fit() -> float:
+        prior_fits[:] = [lap.optimize_prior_precision(post, **({"iters": 10} if quick else {}))]
+        jax.block_until_ready(prior_fits[0].posterior.prior_precision)
+        return 1.0
+
+    seconds = args.per_example_seconds
+    epoch = fnn_epoch_contender(case, xf, yf)[0]
+    fits = {
+        f"gradient epoch (fnn.train, B={case.batch})": lambda: epoch() / rows,
+        KFLR_FIT: lambda: (jax.block_until_ready(fit().curvature), 1.0)[1],
+        KFAC_FIT: lambda: (jax.block_until_ready(fit(jax.random.PRNGKey(0)).curvature), 1.0)[1],
+        KFLR_JIT: lambda: (jax.block_until_ready(
+            _chunked_kron_fit(functools.partial(pieces["factors"], params), xf, yf, chunk)), 1.0)[1],
+        KFAC_JIT: lambda: (jax.block_until_ready(_chunked_kron_fit(
+            functools.partial(pieces["factors"], params), xf, yf, chunk, jax.random.PRNGKey(0))), 1.0)[1],
+        KFLR_AUTODIFF: lambda: (jax.block_until_ready(
+            _chunked_kron_fit(functools.partial(pieces["factors, autodiff"], params), xf, yf, chunk)), 1.0)[1],
+        EVIDENCE: repeated(lambda: lap.log_marginal_likelihood(post, NEW_PRIOR), seconds),
+        PRIOR_FIT: prior_fit,
+    }
+    grad = jax.jit(lambda p, x, y: fnn.backprop(net, p, x, y, loss))
+    predictive = {
+        f"gradient (fnn.backprop), {m:,} images": repeated(lambda: grad(params, xp, yp), seconds, m),
+        GLM: repeated(lambda: lap.glm_predictive(post, xp), seconds, m),
+        GLM_AUTODIFF: repeated(lambda: pieces["predictive, autodiff"](params, layers, post.prior_precision,
+                                                                      xp[:mj]), seconds, mj),
+    }
+    lt, skipped = import_laplace_torch(torch, args.torch_skipped)
+    torch_fit = None
+    if lt is not None:
+        torch_fit, fits[TORCH_EVIDENCE], predictive[TORCH_GLM] = _laplace_torch_contenders(
+            lt, torch, params, np.array(xf), np.array(yf), np.array(xp[:mj]), chunk)  # writable, for torch
+
+    warmup = 0 if quick else args.warmup  # --quick: every eager op compiles in its first call, a smoke test
+    fit_timings = alternate(fits, args.repeats, warmup)
+    predictive_timings = alternate(predictive, args.repeats, warmup)
+    # both sides are warm: fnn's fit from the rounds above, laplace-torch's from the fit its setup does
+    exact_timings = {} if torch_fit is None else alternate(
+        {KFLR_FIT: fits[KFLR_FIT], TORCH_FIT: torch_fit}, min(args.repeats, TORCH_EXACT_ROUNDS), 0)
+
+    def time_ratio(timings, a: str, b: str) -> dict:  # time of a / time of b = rate of b / rate of a
+        return paired_ratio(timings[b], timings[a])
+
+    epoch_name, grad_name = next(iter(fits)), next(iter(predictive))
+    summaries = {**{k: rate_summary(t) for k, t in fit_timings.items()},
+                 **{k: rate_summary(t) for k, t in predictive_timings.items()}}
+    per_image = {k: 1e3 / summaries[k]["median"] for k in predictive}  # the predictive's work is images
+    ms = {k: 1e3 / s["median"] for k, s in summaries.items()}
+    ms.update({k: v * (mj if k in (GLM_AUTODIFF, TORCH_GLM) else m) for k, v in per_image.items()})
+    ms.update({TORCH_FIT: 1e3 / rate_summary(exact_timings[TORCH_FIT])["median"]} if exact_timings else {})
+    xc, yc, xj = xf[:chunk], yf[:chunk], xp[:mj]
+    agreement = {
+        "factors, autodiff against by hand": _relative_error(pieces["factors, autodiff"](params, xc, yc),
+                                                             pieces["factors"](params, xc, yc)),
+        "predictive, autodiff against glm_predictive": _relative_error(
+            pieces["predictive, autodiff"](params, layers, post.prior_precision, xj), lap.glm_predictive(post, xj)[1]),
+    }
+    return {
+        "model": case.name, "batch": case.batch, "outputs": case.sizes[-1], "rows": rows, "chunk": chunk,
+        "predictive_rows": m, "jacobian_rows": mj, "prior_precision": PRIOR, "new_prior_precision": NEW_PRIOR,
+        "epoch": epoch_name, "gradient": grad_name,
+        "ms": ms, "ms_per_image": per_image,
+        "cpu_per_wall": {k: s["cpu_per_wall"] for k, s in summaries.items()},
+        "fit_over_epoch": {k: time_ratio(fit_timings, k, epoch_name) for k in fits
+                           if k not in (epoch_name, EVIDENCE, PRIOR_FIT, TORCH_EVIDENCE)},
+        "fit_autodiff_over_hand": time_ratio(fit_timings, KFLR_AUTODIFF, KFLR_JIT),
+        "fit_called_over_jitted": {KFLR_FIT: time_ratio(fit_timings, KFLR_FIT, KFLR_JIT),
+                                   KFAC_FIT: time_ratio(fit_timings, KFAC_FIT, KFAC_JIT)},
+        "evidence_over_fit": {k: time_ratio(fit_timings, k, KFLR_FIT) for k in (EVIDENCE, PRIOR_FIT, TORCH_EVIDENCE)
+                              if k in fit_timings},
+        "predictive_over_gradient": {k: time_ratio(predictive_timings, k, grad_name) for k in predictive
+                                     if k != grad_name},
+        "predictive_over_glm": {k: time_ratio(predictive_timings, k, GLM) for k in (GLM_AUTODIFF, TORCH_GLM)
+                                if k in predictive_timings},
+        "torch_exact_over_kflr": time_ratio(exact_timings, TORCH_FIT, KFLR_FIT) if exact_timings else None,
+        "torch_exact_rounds": len(exact_timings.get(TORCH_FIT, [])),
+        "prior_fit": {"iterations": prior_fits[0].iterations, "converged": prior_fits[0].converged,
+                      "prior_precision": np.asarray(prior_fits[0].posterior.prior_precision).tolist()},
+        "agreement": agreement,
+        "laplace_torch": metadata.version("laplace-torch") if lt else None, "laplace_torch_skipped": skipped,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -897,7 +1195,7 @@ def gpu_rows(args, device_platform: str, x_np: np.ndarray, y_np: np.ndarray,
 
 
 def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_example: list[dict] = (),
-            private: dict | None = None, curvature: list[dict] = ()) -> list[dict]:
+            private: dict | None = None, curvature: list[dict] = (), laplace: dict | None = None) -> list[dict]:
     """Each target with its measured value (a median of per-round ratios) and its verdict.
 
     ``met`` is ``None`` where nothing was measured; ``within_noise`` is true when the goal lies
@@ -945,6 +1243,14 @@ def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_exa
                            ("exact GGN diagonal, by hand", c["outputs"] + 1)):
             rows.append((f"{name[: -len(', by hand')]}: time / gradient, {where}", "<=", goal,
                          r[name]["over_gradient"]))
+    if laplace:
+        where = f"{laplace['model']}, {laplace['rows']:,} rows"
+        for name in (KFLR_FIT, KFAC_FIT):
+            rows.append((f"{name}: time / gradient epoch, {where}", "<=", 2, laplace["fit_over_epoch"][name]))
+        rows.append((f"GLM predictive: time / gradient, {laplace['model']}, {laplace['predictive_rows']:,} images",
+                     "<=", laplace["outputs"] + 1, laplace["predictive_over_gradient"][GLM]))
+        rows.append((f"evidence at a new δ: time / KFLR fit, {where}", "<=", 0.01,
+                     laplace["evidence_over_fit"][EVIDENCE]))
     out = []
     for name, sense, goal, ratio in rows:
         row = {"target": name, "goal": f"{sense} {goal}", "value": None, "range": None, "met": None,
@@ -1022,6 +1328,8 @@ def print_tables(results: dict) -> None:
         _print_curvature(results["curvature"])
     if results.get("second_order"):
         _print_second_order(results["second_order"])
+    if results.get("laplace"):
+        _print_laplace(results["laplace"])
     if results["private"]:
         e, s = results["private"]["epochs"], results["private"]["steps"]
         print(f"\nDP-SGD, {e['model']}, lot = batch = {e['batch']}: samples/s "
@@ -1128,6 +1436,35 @@ def _print_second_order(r: dict) -> None:
     print(table(["quantity", "/ Adam step"], [[n, _ratio(v)] for n, v in r["over_adam"].items()]))
 
 
+def _print_laplace(r: dict) -> None:
+    print(f"\nLaplace (kron posterior), {r['model']}: fit on {r['rows']:,} rows in chunks of {r['chunk']:,}, "
+          f"predictive on {r['predictive_rows']:,} images (the routes that form J on {r['jacobian_rows']}); ms per "
+          "call and per image (medians), time over the part's yardstick (paired medians [range])")
+    fits, evidence = r["fit_over_epoch"], r["evidence_over_fit"]
+    notes = {k: f"as called / jitted chunks {_ratio(v)}" for k, v in r["fit_called_over_jitted"].items()}
+    notes |= {KFLR_AUTODIFF: f"autodiff / by hand {_ratio(r['fit_autodiff_over_hand'])}",
+              PRIOR_FIT: f"{r['prior_fit']['iterations']} iterations, converged: {r['prior_fit']['converged']}"}
+    notes.update({k: f"/ glm_predictive {_ratio(v)}" for k, v in r["predictive_over_glm"].items()})
+    if r["torch_exact_over_kflr"] is not None:
+        rounds = r["torch_exact_rounds"]
+        notes[TORCH_FIT] = (f"/ fit_laplace KFLR {_ratio(r['torch_exact_over_kflr'])} "
+                            f"({rounds} round{'s' * (rounds > 1)})")
+    rows = [["fit", r["epoch"], r["ms"][r["epoch"]], None, "(yardstick)", None]]
+    rows += [["fit", k, r["ms"][k], None, _ratio(v), notes.get(k)] for k, v in fits.items()]
+    if TORCH_FIT in r["ms"]:
+        rows.append(["fit", TORCH_FIT, r["ms"][TORCH_FIT], None, None, notes[TORCH_FIT]])
+    rows += [["evidence", k, r["ms"][k], None, f"{_ratio(v)} of the KFLR fit", notes.get(k)]
+             for k, v in evidence.items()]
+    rows.append(["predictive", r["gradient"], r["ms"][r["gradient"]], r["ms_per_image"][r["gradient"]], "(yardstick)",
+                 None])
+    rows += [["predictive", k, r["ms"][k], r["ms_per_image"][k], _ratio(v), notes.get(k)]
+             for k, v in r["predictive_over_gradient"].items()]
+    print(table(["part", "contender", "ms per call", "ms per image", "/ yardstick", "note"], rows))
+    print("agreement (max |difference| / max |value|): "
+          + "; ".join(f"{k} {v:.2g}" for k, v in r["agreement"].items())
+          + f"; laplace-torch: {r['laplace_torch'] or r['laplace_torch_skipped']}")
+
+
 def main(argv=None) -> dict:
     """Run the benchmark (``argv``: the command line); returns the results written to the JSON."""
     def extra(p):
@@ -1162,12 +1499,13 @@ def main(argv=None) -> dict:
     curvature = [bench_curvature(case, x, y, args) for case in cases] if "curvature" in sections else []
     second = bench_second_order(QUICK_CASES[0] if args.quick else SECOND_ORDER_CASE, x, y, args) \
         if "second_order" in sections else None
+    laplace = bench_laplace(x, y, args, torch) if "laplace" in sections else None
     info["load_average_end"] = _load()
     results = {"machine": info, "samples": int(x.shape[0]), "repeats": args.repeats, "warmup": args.warmup,
                "torch_version": torch.__version__ if torch else None, "torch_skipped": args.torch_skipped,
                "steps": steps, "epochs": epochs, "gpu": gpu, "per_example": per, "private": private,
-               "curvature": curvature, "second_order": second,
-               "targets": targets(steps, epochs, info["platform"], per, private, curvature)}
+               "curvature": curvature, "second_order": second, "laplace": laplace,
+               "targets": targets(steps, epochs, info["platform"], per, private, curvature, laplace)}
     print_tables(results)
     path = common.save_json(args, results)
     print(f"\n[bench] wrote {path} in {time.perf_counter() - args.started:.1f}s")

@@ -64,6 +64,7 @@ parameters from the posterior, for a Monte-Carlo predictive through the network 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -168,6 +169,9 @@ def fit_laplace(net: MLP, params: Params, data, loss: Loss | str, *, structure: 
                         f"{'' if not isinstance(data, (tuple, list)) else f' of length {len(data)}'}.")
     x, y = data
     x = jnp.asarray(x)
+    if x.ndim != 2 or x.shape[1] != net.sizes[0]:
+        raise ValueError(f"x must have shape (N, {net.sizes[0]}): one row of {net.sizes[0]} features per training "
+                         f"sample; got shape {tuple(x.shape)}.")
     n = int(x.shape[0])
     if n == 0:
         raise ValueError("data is empty: the Laplace approximation needs the training set.")
@@ -178,35 +182,52 @@ def fit_laplace(net: MLP, params: Params, data, loss: Loss | str, *, structure: 
                              "evidence needs a proper prior.")
         prior_precision = n * float(l2)
     delta = _precisions(prior_precision, net.num_layers)
+    y = jnp.asarray(y)
+    loss.target(jnp.zeros((n, net.sizes[-1]), x.dtype), y)  # the targets' shape and range, checked here, eagerly
+    samples = positive_int("samples", samples)
     keys = None if key is None else jax.random.split(prng_key("key", key), len(_chunks(n, batch_size)))
-    flat, unravel = ravel_pytree(params)
-    loglik, acc = jnp.zeros((), flat.dtype), None
+    size = ravel_pytree(params)[0].size
+    loglik, acc = 0.0, None
     for i, (lo, hi) in enumerate(_chunks(n, batch_size)):
         xc, yc = x[lo:hi], y[lo:hi]
-        m = hi - lo
-        out = net.apply(params, xc)
-        loglik = loglik - m * (loss(out, yc) + _log_normalizer(loss, out.shape[-1]))
         k = None if keys is None else keys[i]
-        part = _curvature_sum(net, params, xc, yc, loss, structure, k, samples, unravel, flat.size)
+        if structure == "full":
+            part = {"H": jnp.concatenate([_full_columns(net, loss, params, xc, yc, s, min(s + 256, size))
+                                          for s in range(0, size, 256)], axis=0)}
+        else:
+            part = _curvature_sum(net, loss, structure, samples, params, xc, yc, k)
+        loglik = loglik + _chunk_log_likelihood(net, loss, params, xc, yc)
         acc = part if acc is None else jax.tree.map(jnp.add, acc, part)
     curv = _finish(structure, acc, n)
     if not all(bool(jnp.all(jnp.isfinite(v))) for v in [loglik, *jax.tree.leaves(curv)]):
         raise FloatingPointError(f"the log-likelihood or the curvature at these params is not finite (log p(D | θ*) "
                                  f"= {float(loglik)}): check the data and params for NaN or inf, and that "
                                  "training converged.")
-    return Posterior(structure, net, loss, params, n, delta, loglik, curv)
+    return Posterior(structure, net, loss, params, n, delta, jnp.asarray(loglik), curv)
 
 
-def _curvature_sum(net, params, x, y, loss, structure, key, samples, unravel, size):
-    """The chunk's share of ``N·G`` in the structure's raw form (sums over its rows)."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _chunk_log_likelihood(net, loss, params, x, y) -> jax.Array:
+    """``Σ_x log p(y_x | θ)`` over the chunk."""
+    out = net.apply(params, x)
+    return -x.shape[0] * (loss(out, y) + _log_normalizer(loss, out.shape[-1]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 5, 6))
+def _full_columns(net, loss, params, x, y, start: int, stop: int) -> jax.Array:
+    """Rows ``start:stop`` of the chunk's share of ``N·G``: ``m · G e_p``, one product per column, in sequence
+    (XLA's CPU backend in jaxlib 0.10 miscompiles the batched float32 form of the softmax curvature's
+    ``u − Σ_k p_k u_k``, with ``p`` broadcast over the columns, beyond 2¹⁵ elements)."""
+    op = curvature.product_operator(net, params, x, y, loss)
+    flat, unravel = ravel_pytree(params)
+    eye = jnp.eye(flat.size, dtype=flat.dtype)[start:stop]
+    return x.shape[0] * jax.lax.map(lambda e: ravel_pytree(op(unravel(e)))[0], eye)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _curvature_sum(net, loss, structure, samples, params, x, y, key) -> dict:
+    """The chunk's share of ``N·G`` in the structure's raw form (sums over its rows), ``"full"`` aside."""
     m = x.shape[0]
-    if structure == "full":
-        op = curvature.product_operator(net, params, x, y, loss)
-        # one product per column, in sequence: XLA's CPU backend (jaxlib 0.10) miscompiles the batched float32
-        # form of the softmax curvature's u − Σ_k p_k u_k, p broadcast over the columns, beyond 2¹⁵ elements
-        column = jax.jit(lambda e: jax.lax.map(lambda c: ravel_pytree(op(unravel(c)))[0], e))
-        eye = jnp.eye(size, dtype=x.dtype)
-        return {"H": m * jnp.concatenate([column(eye[s:s + 256]) for s in range(0, size, 256)], axis=0)}
     if structure == "diag":
         d = (curvature.ggn_diag(net, params, x, y, loss) if key is None else
              curvature.ggn_diag_mc(net, params, x, y, loss, key=key, samples=samples))
@@ -237,7 +258,23 @@ def _finish(structure: str, acc: dict, n: int) -> dict:
 
 def _layer_norms(post: Posterior) -> jax.Array:
     """``‖θ*_l‖²`` per layer (weights and biases)."""
-    return jnp.asarray([sum(jnp.sum(v ** 2) for v in layer.values()) for layer in post.params])
+    return _squared_norms(post.params)
+
+
+@jax.jit
+def _squared_norms(params: Params) -> jax.Array:
+    return jnp.stack([sum(jnp.sum(v ** 2) for v in layer.values()) for layer in params])
+
+
+@jax.jit
+def _kron_logdet_and_trace(layers: list, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``Σ_l Σ_ij log(N g_i a_j + δ_l)`` and ``Σ_ij 1/(N g_i a_j + δ_l)`` per layer: one program for every δ."""
+    logdet, traces = 0.0, []
+    for l, (a, _, g, _) in enumerate(layers):
+        ev = jnp.outer(g, a) + delta[l]
+        logdet = logdet + jnp.sum(jnp.log(ev))
+        traces.append(jnp.sum(1 / ev))
+    return logdet, jnp.stack(traces)
 
 
 def _scope(post: Posterior) -> np.ndarray:
@@ -255,12 +292,7 @@ def _logdet_and_trace(post: Posterior, delta: jax.Array) -> tuple[jax.Array, jax
     """``log det Λ`` and ``tr Σ_l`` per layer (0 outside the posterior's scope)."""
     c, layers = post.curvature, post.net.num_layers
     if post.structure == "kron":
-        logdet, traces = 0.0, []
-        for (a, _, g, _), d in zip(c["layers"], delta):
-            ev = jnp.outer(g, a) + d
-            logdet = logdet + jnp.sum(jnp.log(ev))
-            traces.append(jnp.sum(1 / ev))
-        return logdet, jnp.asarray(traces)
+        return _kron_logdet_and_trace(c["layers"], delta)
     if post.structure == "diag":
         ev = c["h"] + _per_param(post, delta)
         sizes = np.cumsum([0, *_layer_sizes(post.params)])

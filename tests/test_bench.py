@@ -42,7 +42,8 @@ def test_bench_quick(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["quick"] is True and saved["seconds"] > 0
     assert set(returned) <= set(saved)
-    sections = {"machine", "steps", "epochs", "gpu", "per_example", "private", "targets", "samples", "repeats"}
+    sections = {"machine", "steps", "epochs", "gpu", "per_example", "private", "curvature", "second_order", "laplace",
+                "targets", "samples", "repeats"}
     assert sections <= set(saved)
     assert len(saved["per_example"]) == len(saved["steps"]) == 1
     for path, value in numbers(saved):
@@ -123,10 +124,34 @@ def test_bench_quick(tmp_path):
     refreshed = second["over_adam"]["K-FAC step, inverses refreshed (1 in 10) / Adam step"]["rounds"]
     assert all(min(a, b) <= p <= max(a, b) for p, a, b in zip(period, reused, refreshed))
 
+    lap = saved["laplace"]
+    fits = {"kron fit, KFLR (fit_laplace)", "kron fit, KFAC, 1 sample (fit_laplace)", "kron fit, KFLR, jitted chunks",
+            "kron fit, KFAC, 1 sample, jitted chunks", "kron fit, KFLR, jitted chunks, autodiff"}
+    evidence = {"evidence at a new δ (log_marginal_likelihood)", "optimize_prior_precision (fixed point)"}
+    predictive = {"GLM predictive (glm_predictive)", "GLM predictive, autodiff"}
+    torch_rows = {"laplace-torch kron fit (default: exact factors)", "laplace-torch evidence at a new δ",
+                  "laplace-torch GLM predictive (probit)"}
+    assert set(lap["fit_over_epoch"]) == fits and set(lap["predictive_over_gradient"]) >= predictive
+    assert set(lap["evidence_over_fit"]) >= evidence
+    assert set(lap["ms"]) == fits | evidence | predictive | {lap["epoch"], lap["gradient"]} | (
+        torch_rows if lap["laplace_torch"] else set())
+    assert all(positive(v) for v in lap["ms"].values()) and all(positive(v) for v in lap["ms_per_image"].values())
+    ratios = [*lap["fit_over_epoch"].values(), *lap["evidence_over_fit"].values(),
+              *lap["fit_called_over_jitted"].values(), *lap["predictive_over_gradient"].values(),
+              *lap["predictive_over_glm"].values(), lap["fit_autodiff_over_hand"]]
+    assert all(positive(r["median"]) and len(r["rounds"]) == saved["repeats"] for r in ratios)
+    assert all(0 <= err < 1e-4 for err in lap["agreement"].values())  # the autodiff routes compute the same numbers
+    assert lap["prior_fit"]["iterations"] >= 1 and all(positive(d) for d in lap["prior_fit"]["prior_precision"])
+    if lap["laplace_torch"]:
+        assert set(lap["predictive_over_glm"]) == {"GLM predictive, autodiff", "laplace-torch GLM predictive (probit)"}
+        assert positive(lap["torch_exact_over_kflr"]["median"]) and lap["torch_exact_rounds"] >= 1
+    else:  # laplace-torch is an optional extra: its rows are left out, with the reason
+        assert lap["laplace_torch_skipped"].startswith("left out") and lap["torch_exact_over_kflr"] is None
+
     # torch, reference (with and without the norm), matmul; one per step row; five per-example targets; two DP;
-    # five per curvature case
+    # five per curvature case; four Laplace
     assert len(saved["targets"]) == 4 + len(saved["steps"]) + 5 * bool(saved["per_example"]) + 2 + 5 * len(
-        saved["curvature"])
+        saved["curvature"]) + 4
     for target in saved["targets"]:
         assert target["met"] in (True, False, None)
         assert (target["met"] is None) == (target["value"] is None) == (target["range"] is None)

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 from test_curvature import _explicit_ggn
 from test_second_order import _problem as _random_problem
@@ -134,7 +136,8 @@ def _kron_dense(net, params, x, y, loss, delta):
         rows, cols = np.asarray(index[l]["W"], int), b
         # W̄ (row-major) position (i, j) -> flat index
         where = np.concatenate([rows, cols[:, None]], axis=1).ravel()
-        prec[np.ix_(where, where)] = n * np.kron(G, A) + np.broadcast_to(delta, (2,))[l] * np.eye(where.size)
+        d = np.broadcast_to(delta, (net.num_layers,))[l]
+        prec[np.ix_(where, where)] = n * np.kron(G, A) + d * np.eye(where.size)
     return prec
 
 
@@ -293,8 +296,11 @@ def test_bad_input():
     wider = fnn.MLP((x.shape[1], 7, net.sizes[-1]), net.activation, net.output).init(jax.random.PRNGKey(1))
     with pytest.raises(ValueError, match="must have shape"):
         laplace.fit_laplace(net, wider, data, loss, prior_precision=1.0)
-    with pytest.raises(ValueError, match="features per sample"):
-        laplace.fit_laplace(net, params, (x[:, :-1], y), loss, prior_precision=1.0)
+    for bad in (x[:, :-1], x[0]):
+        with pytest.raises(ValueError, match=r"x must have shape \(N, 3\)"):
+            laplace.fit_laplace(net, params, (bad, y), loss, prior_precision=1.0)
+    with pytest.raises(ValueError, match="class labels must lie"):
+        laplace.fit_laplace(net, params, (x, y + 5), loss, prior_precision=1.0)
     for bad in (jnp.full_like(x, jnp.nan), x.at[0, 0].set(jnp.inf)):
         with pytest.raises(FloatingPointError, match="not finite"):
             laplace.fit_laplace(net, params, (bad, y), loss, prior_precision=1.0)
@@ -355,3 +361,53 @@ def test_float32_posteriors_agree_with_float64():
         assert fit32.converged and fit64.converged
         assert rel_err(np.asarray(fit32.posterior.prior_precision, np.float64),
                        np.asarray(fit64.posterior.prior_precision)) <= 1e-4
+
+
+@settings(max_examples=12, deadline=None)
+@given(pair=st.sampled_from(PAIRS), structure=st.sampled_from(laplace.STRUCTURES),
+       hidden=st.lists(st.integers(1, 4), min_size=0, max_size=2), inputs=st.integers(1, 3),
+       outputs=st.integers(1, 3), n=st.integers(1, 7), l2_on=st.booleans(),
+       activation=st.sampled_from(["tanh", "sigmoid", "softplus"]), seed=st.integers(0, 2**16))
+def test_random_configurations_against_dense_oracles(pair, structure, hidden, inputs, outputs, n, l2_on,
+                                                     activation, seed):
+    """Any depth, widths, sample count, structure and accepted loss/output pair, with the prior from the
+    training L2 (δ = Nβ) or given directly: the evidence against slogdet of the dense precision of the same
+    structure, and the GLM variance against J Σ Jᵀ with J from jax.jacfwd."""
+    loss_name, output = pair
+    if output == "softmax" and outputs == 1:
+        outputs = 2  # a softmax over one output is constant
+    sizes = (inputs, *hidden, outputs)
+    net, params, x, y, loss = _random_problem(loss_name, sizes, n, seed, activation, output)
+    layers = net.num_layers
+    beta = 0.3
+    delta = np.full(layers, n * beta) if l2_on else np.linspace(0.5, 2.0, layers)
+    prior = {"l2": beta} if l2_on else {"prior_precision": delta}
+    post = laplace.fit_laplace(net, params, (x, y), loss, structure=structure, **prior)
+    assert np.allclose(np.asarray(post.prior_precision), delta, rtol=1e-12)
+    of = _layer_of(params)
+    G = np.asarray(_explicit_ggn(net, params, x, y, loss, 0.0)[0])
+    if structure == "full":
+        keep, prec = np.ones(G.shape[0], bool), n * G + np.diag(delta[of])
+    elif structure == "diag":
+        keep, prec = np.ones(G.shape[0], bool), np.diag(n * np.diag(G) + delta[of])
+    elif structure == "kron":
+        keep, prec = np.ones(G.shape[0], bool), _kron_dense(net, params, x, y, loss, delta)
+    else:
+        keep = of == layers - 1
+        prec = n * G[np.ix_(keep, keep)] + delta[-1] * np.eye(keep.sum())
+    theta = np.asarray(ravel_pytree(params)[0])[keep]
+    per = delta[of][keep]
+    expect = (-_nll(net, params, x, y, loss) - 0.5 * np.sum(per * theta ** 2) + 0.5 * np.sum(np.log(per))
+              - 0.5 * np.linalg.slogdet(prec)[1])
+    assert abs(float(laplace.log_marginal_likelihood(post)) - expect) <= 1e-8 * max(1.0, abs(expect))
+    at_logits = fnn.losses.output_curvature(loss, net.output).at_logits
+    flat, unravel = ravel_pytree(params)
+
+    def split(t):
+        trace = net.forward_trace(unravel(t), x)
+        return trace.zs[-1] if at_logits else trace.acts[-1]
+
+    J = np.asarray(jax.jacfwd(split)(flat))[:, :, keep]
+    _, cov = laplace.glm_predictive(post, x)
+    want = np.einsum("nkp,pq,nlq->nkl", J, np.linalg.inv(prec), J)
+    assert np.abs(np.asarray(cov) - want).max() <= 1e-8 * max(1.0, np.abs(want).max())
