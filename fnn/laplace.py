@@ -194,12 +194,13 @@ def fit_laplace(net: MLP, params: Params, data, loss: Loss | str, *, structure: 
         if structure == "full":
             part = {"H": jnp.concatenate([_full_columns(net, loss, params, xc, yc, s, min(s + 256, size))
                                           for s in range(0, size, 256)], axis=0)}
+            part_loglik = _chunk_log_likelihood(net, loss, params, xc, yc)
         else:
-            part = _curvature_sum(net, loss, structure, samples, params, xc, yc, k)
-        loglik = loglik + _chunk_log_likelihood(net, loss, params, xc, yc)
-        acc = part if acc is None else jax.tree.map(jnp.add, acc, part)
+            part, part_loglik = _curvature_sum(net, loss, structure, samples, params, xc, yc, k)
+        loglik = loglik + part_loglik
+        acc = part if acc is None else _add(acc, part)
     curv = _finish(structure, acc, n)
-    if not all(bool(jnp.all(jnp.isfinite(v))) for v in [loglik, *jax.tree.leaves(curv)]):
+    if not bool(_all_finite([loglik, curv])):
         raise FloatingPointError(f"the log-likelihood or the curvature at these params is not finite (log p(D | θ*) "
                                  f"= {float(loglik)}): check the data and params for NaN or inf, and that "
                                  "training converged.")
@@ -225,23 +226,37 @@ def _full_columns(net, loss, params, x, y, start: int, stop: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _curvature_sum(net, loss, structure, samples, params, x, y, key) -> dict:
-    """The chunk's share of ``N·G`` in the structure's raw form (sums over its rows), ``"full"`` aside."""
+def _curvature_sum(net, loss, structure, samples, params, x, y, key) -> tuple[dict, jax.Array]:
+    """The chunk's share of ``N·G`` in the structure's raw form (sums over its rows), ``"full"`` aside, and its
+    log-likelihood, in one program (its forward pass is the curvature's)."""
     m = x.shape[0]
+    loglik = _chunk_log_likelihood(net, loss, params, x, y)
     if structure == "diag":
         d = (curvature.ggn_diag(net, params, x, y, loss) if key is None else
              curvature.ggn_diag_mc(net, params, x, y, loss, key=key, samples=samples))
-        return {"h": m * ravel_pytree(d)[0]}
+        return {"h": m * ravel_pytree(d)[0]}, loglik
     if structure == "kron":
         factors = curvature.kronecker_factors(net, params, x, y, loss, key=key, samples=samples)
-        return {"A": [m * f.A for f in factors], "G": [m * f.G for f in factors]}
+        return {"A": [m * f.A for f in factors], "G": [m * f.G for f in factors]}, loglik
     cols = curvature.split_columns(net, params, x, y, loss, key=key, samples=samples)
     d, a = cols.deltas[-1], cols.inputs[-1]  # (C, N, K), (N, n+1)
     per = jnp.einsum("cnk,ni->cnki", d, a).reshape(d.shape[0] * d.shape[1], -1)
-    return {"H": cols.scale * per.T @ per}
+    return {"H": cols.scale * per.T @ per}, loglik
 
 
+@jax.jit
+def _add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(tree)]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def _finish(structure: str, acc: dict, n: int) -> dict:
+    """The curvature as kept: symmetrized, and its eigendecomposition (module docstring)."""
     if structure in ("full", "last_layer"):
         h = (acc["H"] + acc["H"].T) / 2
         lam, vec = jnp.linalg.eigh(h)
