@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import pytest
 
+import fnn
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -135,8 +137,30 @@ def check_laplace(printed, probs, evidence_before, evidence_after):
     assert evidence_after >= evidence_before - 1e-3 * abs(evidence_before)  # at least evidence_before
 
 
+def check_influence(printed, x, y, test, params, scores, helpful, helpful_scores, similar):
+    n = len(x)
+    s = np.asarray(scores, np.float64)
+    assert s.shape == (1, n)
+    np.testing.assert_array_equal(helpful, np.argsort(s[0], kind="stable")[:5])  # the streamed top-5 is the row's
+    np.testing.assert_allclose(helpful_scores, s[0, helpful], rtol=1e-5)
+    assert (np.diff(helpful_scores) >= 0).all() and helpful_scores[0] < 0  # most helpful (most negative) first
+    # the cosines against per-example gradients materialized by vmap(jax.grad), float64
+    net = fnn.MLP((64, 32, 10), "relu", "identity")
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)  # tests run with float64 enabled
+
+    def grad(xi, yi):
+        g = jax.grad(lambda p: fnn.losses.softmax_cross_entropy(net.apply(p, xi[None]), yi[None]))(p64)
+        return np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])
+
+    gt = grad(np.asarray(test[0][0], np.float64), np.asarray(test[1][0]))
+    gx = np.stack([grad(np.asarray(x[i], np.float64), np.asarray(y[i])) for i in range(0, n, 97)])
+    cos = gx @ gt / (np.linalg.norm(gx, axis=1) * np.linalg.norm(gt))
+    np.testing.assert_allclose(np.asarray(similar, np.float64)[0, ::97], cos, rtol=0, atol=1e-3)  # float32 sums
+
+
 CHECKS = {"Example": check_example, "Per-example quantities": check_per_example, "Curvature": check_curvature,
-          "The Laplace approximation and the evidence": check_laplace}
+          "The Laplace approximation and the evidence": check_laplace,
+          "Training-data attribution: which training images made this prediction": check_influence}
 PYTHON = _blocks("python")
 
 
