@@ -42,6 +42,12 @@ with ``α = 10⁻³``, the same initial parameters everywhere):
   1,000 images against a gradient over them, and its evidence at a new prior precision against the
   fit; each beside its autodiff route (the Jacobians by ``vmap(jax.jacrev)``) and beside laplace-torch,
   an optional extra like torch (left out, with the reason, when it is missing).
+- **Training-data attribution** (``influence``, :func:`bench_influence`): all-pairs gradient inner
+  products of 1,000 test × 8,000 training rows on both CPU models by the δ route
+  (:func:`fnn.influence.gradient_inner_products`) against materialized ``vmap(jax.grad)`` gradients and a
+  matmul (timed on a subset and scaled per pair), with XLA's memory analysis of both routes' compiled
+  block programs; EK-FAC's fit and the self-influence of the 8,000 rows against a gradient epoch over
+  them; beside kronfluence, an optional extra like laplace-torch.
 
 Every comparison alternates its contenders (given order in even rounds, reversed in odd ones)
 after ``--warmup`` untimed rounds and reports the median of ``--repeats`` rounds, and the best.
@@ -53,7 +59,8 @@ samples: a smoke test of the code path in seconds, not a result.
 Output: tables on stdout (Markdown) and ``bench.json``. Run it by hand, never as a timed test::
 
     python experiments/bench.py [--repeats 5] [--warmup 1] [--quick] [--no-torch] [--out DIR]
-                                [--sections steps,epochs,gpu,per_example,private,curvature,second_order,laplace]
+                                [--sections steps,epochs,gpu,per_example,private,curvature,second_order,laplace,
+                                            influence]
 """
 
 from __future__ import annotations
@@ -61,12 +68,15 @@ from __future__ import annotations
 import functools
 import importlib
 import itertools
+import logging
 import math
 import os
 import platform
 import re
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from importlib import metadata
 from typing import NamedTuple
@@ -93,7 +103,8 @@ MANUAL_STEP, AUTODIFF_STEP = "step, manual backprop", "step, jax.grad"
 FNN_MANUAL, FNN_AUTODIFF = "fnn.train epoch, manual", "fnn.train epoch, jax.grad"
 FNN_GUARDED = "fnn.train guarded epoch (replay), manual"
 NO_NORM = "fnn, grad_norm=False"
-SECTIONS = ("steps", "epochs", "gpu", "per_example", "private", "curvature", "second_order", "laplace")
+SECTIONS = ("steps", "epochs", "gpu", "per_example", "private", "curvature", "second_order", "laplace",
+            "influence")
 
 
 class Case(NamedTuple):
@@ -1027,6 +1038,336 @@ def bench_laplace(x: jax.Array, y: jax.Array, args, torch) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Training-data attribution: all-pairs gradient inner products by the δ route against materialized
+# gradients, and EK-FAC self-influence against a gradient epoch, beside kronfluence.
+
+INFLUENCE_CASES = (Case((784, 256, 256, 10), 128), Case((784, 1024, 1024, 10), 128))
+INFLUENCE_TRAIN, QUICK_INFLUENCE_TRAIN = 8000, 512  # training rows: the inner products' columns, EK-FAC's fit
+INFLUENCE_TEST, QUICK_INFLUENCE_TEST = 1000, 64  # test rows: the inner products' rows
+INFLUENCE_BLOCK = 1024  # examples per block, gradient_inner_products' default, and the materialized route's
+# (test, training) rows of the materialized route's timed subset per model: its matmul alone does P multiply-adds
+# per pair, 4.3 × 10¹² (784-256-256-10) and 3.0 × 10¹³ (784-1024-1024-10) FLOPs for all pairs
+MATERIALIZED_SUBSET = {"784-256-256-10": (250, 1000), "784-1024-1024-10": (100, 500)}
+QUICK_MATERIALIZED_SUBSET = (32, 256)
+INFLUENCE_DAMPING = 1e-3  # λ of M = G + λI
+# kronfluence beside fnn: its fit, pairwise and self-scores on 8,000 rows took 75, 27 and 143 s in a probe, so
+# it runs on the first 1,000 training rows and 100 test rows, one timed round
+KRONFLUENCE_TRAIN, KRONFLUENCE_TEST = 1000, 100
+DELTA_IP, EKFAC_FIT, EKFAC_SELF = "δ route (gradient_inner_products)", "EK-FAC fit (preconditioner)", "self_influence"
+EKFAC_SAMPLED = "EK-FAC fit, 1 sampled column per row (key=0)"
+FNN_EKFAC = ("fnn: EK-FAC fit", "fnn: influence, EK-FAC", "fnn: self_influence")
+KRON_EKFAC = ("kronfluence: fit_all_factors (EK-FAC)", "kronfluence: compute_pairwise_scores",
+              "kronfluence: compute_self_scores")
+
+
+def import_kronfluence(torch, torch_skipped: str | None = None):
+    """``(kronfluence modules, None)``, or ``(None, why it is left out)``: kronfluence, the contender of the
+    ``influence`` section, is an optional extra like torch and laplace-torch. Install it without its
+    dependencies' CUDA builds (``pip install --no-deps kronfluence accelerate einops einconv opt-einsum``):
+    its plain install pulls a CUDA torch over a CPU one."""
+    if torch is None:
+        return None, f"left out: kronfluence needs torch ({torch_skipped})"
+    try:
+        analyzer = importlib.import_module("kronfluence.analyzer")
+        arguments = importlib.import_module("kronfluence.arguments")
+        task = importlib.import_module("kronfluence.task")
+    except ImportError:
+        return None, "left out: kronfluence is not installed (pip install --no-deps kronfluence accelerate ...)"
+    except Exception as error:  # a broken install of an optional extra is reported, not fatal
+        return None, f"left out: kronfluence failed to import ({type(error).__name__}: {error})"
+    return (analyzer, arguments, task), None
+
+
+def _flat_grads(net, loss) -> Callable:
+    """``(params, x, y) -> (B, P)``: the materialized per-example gradients, ``vmap(jax.grad)`` flattened."""
+    def flat(params, x, y):
+        g = _per_sample_grads(net, loss, params, x, y)
+        return jnp.concatenate([t.reshape(x.shape[0], -1) for t in jax.tree.leaves(g)], axis=1)
+
+    return jax.jit(flat)
+
+
+@jax.jit
+def _gradient_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``(N_a, P) @ (P, N_b)``: the inner products of materialized gradients."""
+    return a @ b.T
+
+
+def _materialized_inner_products(flat: Callable, params, test, train, block: int) -> np.ndarray:
+    """``(N_test, N_train)`` from materialized gradients: the test set's ``(N_test, P)`` once, the training
+    set's in blocks of ``block`` rows, each block's products with the test gradients assembled on the host."""
+    (xt, yt), (x, y) = test, train
+    gt = flat(params, xt, yt)
+    out = np.empty((xt.shape[0], x.shape[0]), np.float32)
+    for lo in range(0, x.shape[0], block):
+        out[:, lo:lo + block] = np.asarray(_gradient_matmul(gt, flat(params, x[lo:lo + block], y[lo:lo + block])))
+    return out
+
+
+def _program_memory(jitted, *args) -> dict:
+    """XLA's memory analysis of ``jitted`` compiled for ``args`` (lowered and compiled, not run): argument,
+    temporary and output bytes."""
+    analysis = jitted.lower(*args).compile().memory_analysis()
+    if analysis is None:
+        return {"argument": None, "temp": None, "output": None}
+    return {"argument": analysis.argument_size_in_bytes, "temp": analysis.temp_size_in_bytes,
+            "output": analysis.output_size_in_bytes}
+
+
+def _influence_memory(net, loss, params, flat, test, train, block: int) -> dict:
+    """The compiled block programs of both routes at the full sizes: the δ route's rows of a block
+    (``fnn.influence._rows``: ``δ^l`` and ``ā^l`` of ``block`` examples) and its ``(N_test, block)`` Gram
+    block (``fnn.influence._gram``); the materialized route's ``(block, P)`` gradients and its
+    ``(N_test, P) @ (P, block)`` matmul."""
+    ifl = fnn.influence
+    (xt, yt), (x, y) = test, train
+    xb, yb = x[:block], y[:block]
+    rows_t, rows_b = ifl._rows(net, loss, params, xt, yt), ifl._rows(net, loss, params, xb, yb)
+    wsq = ifl._weight_sq(params)
+    p = sum(t.size for t in jax.tree.leaves(params))
+    gt = jax.ShapeDtypeStruct((xt.shape[0], p), jnp.float32)
+    gb = jax.ShapeDtypeStruct((xb.shape[0], p), jnp.float32)
+    return {
+        "δ route": {"rows of a block (_rows)": _program_memory(ifl._rows, net, loss, params, xb, yb),
+                    "Gram block (_gram)": _program_memory(ifl._gram, rows_t, rows_b, 0.0, wsq)},
+        "materialized": {"gradients of a block (vmap(grad))": _program_memory(flat, params, xb, yb),
+                         "matmul block": _program_memory(_gradient_matmul, gt, gb)},
+    }
+
+
+def _kronfluence_contenders(kf, torch, net_params, train: tuple, test: tuple, damping: float, chunk: int,
+                            folder: str) -> tuple[dict[str, Callable], Callable[[], dict]]:
+    """kronfluence on the same model, weights and rows: ``Analyzer.fit_all_factors`` with EK-FAC (its
+    defaults: one sampled label per row from the model's softmax, the eigenvalues re-fitted), then
+    ``compute_pairwise_scores`` on ``test`` and ``compute_self_scores`` on ``train`` with damping ``λ``,
+    batches of ``chunk`` rows, in ``folder`` (kronfluence saves every result to disk), in that order;
+    and a function that loads the saved scores. Torch threads = the cores, set per call."""
+    analyzer, arguments, task_module = kf
+    F = torch.nn.functional
+    cores = os.cpu_count() or 1
+
+    class Classification(task_module.Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            inputs, labels = batch
+            logits = model(inputs)
+            if sample:
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return F.cross_entropy(logits, labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            inputs, labels = batch
+            return F.cross_entropy(model(inputs), labels, reduction="sum")
+
+    def dataset(data):
+        x, y = data
+        return torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+
+    task = Classification()
+    model = analyzer.prepare_model(torch_model(torch, net_params).eval(), task)
+    tr, te = dataset(train), dataset(test)
+    an = analyzer.Analyzer(analysis_name="bench", model=model, task=task, output_dir=folder, disable_tqdm=True,
+                           cpu=True, disable_model_save=True)
+    scores = arguments.ScoreArguments(damping_factor=damping)
+
+    def fit() -> float:
+        torch.set_num_threads(cores)
+        an.fit_all_factors(factors_name="ekfac", dataset=tr, per_device_batch_size=chunk,
+                           factor_args=arguments.FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+        return 1.0
+
+    def pairs() -> float:
+        torch.set_num_threads(cores)
+        an.compute_pairwise_scores(scores_name="pairs", factors_name="ekfac", query_dataset=te, train_dataset=tr,
+                                   per_device_query_batch_size=len(te), per_device_train_batch_size=chunk,
+                                   score_args=scores, overwrite_output_dir=True)
+        return 1.0
+
+    def self_scores() -> float:
+        torch.set_num_threads(cores)
+        an.compute_self_scores(scores_name="self", factors_name="ekfac", train_dataset=tr,
+                               per_device_train_batch_size=chunk, score_args=scores, overwrite_output_dir=True)
+        return 1.0
+
+    def scores_saved() -> dict:
+        return {"pairs": an.load_pairwise_scores("pairs")["all_modules"].numpy(),
+                "self": an.load_self_scores("self")["all_modules"].numpy()}
+
+    return dict(zip(KRON_EKFAC, (fit, pairs, self_scores))), scores_saved
+
+
+def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's ρ: Pearson's correlation of the ranks (no ties in continuous scores)."""
+    ra, rb = np.argsort(np.argsort(a.ravel())), np.argsort(np.argsort(b.ravel()))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _warmup(args) -> int:
+    """``--warmup``; none with ``--quick``, a smoke test (each contender compiles in its first call)."""
+    return 0 if args.quick else args.warmup
+
+
+def _inner_products_case(case: Case, x: jax.Array, y: jax.Array, xt: jax.Array, yt: jax.Array, args) -> dict:
+    """All pairs ``⟨g_i, g_j⟩`` of the ``N_test × N_train`` rows by the δ route against the materialized route
+    on the subset of ``MATERIALIZED_SUBSET`` (both timed per pair, alternated in one run), the memory of
+    both routes' compiled block programs, and their agreement on the subset."""
+    net, loss, _, params = fnn_model(case)
+    flat = _flat_grads(net, loss)
+    nt, nb = QUICK_MATERIALIZED_SUBSET if args.quick else MATERIALIZED_SUBSET[case.name]
+    subset = ((xt[:nt], yt[:nt]), (x[:nb], y[:nb]))
+    pairs = xt.shape[0] * x.shape[0]
+    delta_scores = []
+
+    def delta() -> float:
+        delta_scores[:] = [fnn.influence.gradient_inner_products(net, params, (xt, yt), (x, y), loss,
+                                                                 block=INFLUENCE_BLOCK)]
+        return float(pairs)
+
+    materialized_name = f"materialized (vmap(grad), matmul), {nt:,} × {nb:,} subset"
+    timings = alternate({DELTA_IP: delta,
+                         materialized_name: lambda: float(_materialized_inner_products(
+                             flat, params, *subset, INFLUENCE_BLOCK).size)}, args.repeats, _warmup(args))
+    want = _materialized_inner_products(flat, params, *subset, INFLUENCE_BLOCK)
+    summaries = {k: rate_summary(t) for k, t in timings.items()}
+    p = case.params
+    return {
+        "model": case.name, "params": p, "test": int(xt.shape[0]), "train": int(x.shape[0]), "pairs": pairs,
+        "block": INFLUENCE_BLOCK, "materialized": materialized_name, "subset": [nt, nb],
+        "seconds_all_pairs": {k: pairs / s["median"] for k, s in summaries.items()},  # the subset scaled per pair
+        "ns_per_pair": {k: 1e9 / s["median"] for k, s in summaries.items()},
+        "cpu_per_wall": {k: s["cpu_per_wall"] for k, s in summaries.items()},
+        "materialized_over_delta": paired_ratio(timings[DELTA_IP], timings[materialized_name]),
+        "memory_bytes": _influence_memory(net, loss, params, flat, (xt, yt), (x, y), INFLUENCE_BLOCK),
+        "n_times_p_bytes": int(x.shape[0]) * p * 4,
+        "agreement": _relative_error(jnp.asarray(delta_scores[0][:nt, :nb]), jnp.asarray(want)),
+    }
+
+
+def _ekfac_case(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
+    """EK-FAC's fit (:func:`fnn.influence.preconditioner`, exact columns and one sampled column per row) and
+    the self-influence of every training row (:func:`fnn.influence.self_influence`) against one gradient
+    epoch over the same rows, alternated; fit plus self-influence per round over the epoch of that round."""
+    net, loss, _, params = fnn_model(case)
+    epoch_name = f"gradient epoch (fnn.train, B={case.batch})"
+    epoch = fnn_epoch_contender(case, x, y)[0]
+    fitted = []
+
+    def fit(key=None):
+        pre = fnn.influence.preconditioner(net, params, (x, y), loss, method="ekfac", damping=INFLUENCE_DAMPING,
+                                           key=key)
+        jax.block_until_ready(pre.layers)
+        return pre
+
+    def exact() -> float:
+        fitted[:] = [fit()]
+        return 1.0
+
+    def self_scores() -> float:
+        fnn.influence.self_influence(fitted[0])  # a NumPy array: ready when it returns
+        return 1.0
+
+    exact()  # self_influence needs a fitted preconditioner before the first round
+    timings = alternate({epoch_name: lambda: epoch() / x.shape[0], EKFAC_FIT: exact, EKFAC_SELF: self_scores,
+                         EKFAC_SAMPLED: lambda: (fit(0), 1.0)[1]}, args.repeats, _warmup(args))
+    seconds = {k: [t.wall for t in v] for k, v in timings.items()}
+    together = [(f + s) / e for f, s, e in zip(seconds[EKFAC_FIT], seconds[EKFAC_SELF], seconds[epoch_name])]
+    summaries = {k: rate_summary(t) for k, t in timings.items()}
+    return {
+        "model": case.name, "rows": int(x.shape[0]), "batch": case.batch, "damping": INFLUENCE_DAMPING,
+        "epoch": epoch_name, "ms": {k: 1e3 / s["median"] for k, s in summaries.items()},
+        "cpu_per_wall": {k: s["cpu_per_wall"] for k, s in summaries.items()},
+        "over_epoch": {**{k: paired_ratio(timings[epoch_name], timings[k]) for k in (EKFAC_FIT, EKFAC_SELF,
+                                                                                        EKFAC_SAMPLED)},
+                       f"{EKFAC_FIT} + {EKFAC_SELF}": {"median": float(np.median(together)), "rounds": together}},
+    }
+
+
+def _kronfluence_case(case: Case, x: jax.Array, y: jax.Array, xt: jax.Array, yt: jax.Array, args, torch) -> dict:
+    """kronfluence's EK-FAC fit, pairwise scores (test × training rows) and self-scores beside fnn's
+    (:func:`fnn.influence.preconditioner` with one sampled column per row, as kronfluence samples,
+    :func:`fnn.influence.influence`, :func:`fnn.influence.self_influence`) on the first ``KRONFLUENCE_TRAIN``
+    training rows and ``KRONFLUENCE_TEST`` test rows, over one round: fnn's after one untimed pass (its
+    compilations), kronfluence's without one (eager torch, nothing to compile; a pass takes about 30 s).
+    With the rank correlation of the two libraries' scores (the sampled labels differ, so the curvatures
+    differ a little)."""
+    kf, skipped = (None, "left out: --quick (it takes seconds per call even on the small model)") if args.quick \
+        else import_kronfluence(torch, args.torch_skipped)
+    if kf is None:
+        return {"kronfluence": None, "skipped": skipped}
+    net, loss, _, params = fnn_model(case)
+    x, y, test = x[:KRONFLUENCE_TRAIN], y[:KRONFLUENCE_TRAIN], (xt[:KRONFLUENCE_TEST], yt[:KRONFLUENCE_TEST])
+    ours = {}
+
+    def fit() -> float:
+        ours["pre"] = fnn.influence.preconditioner(net, params, (x, y), loss, method="ekfac",
+                                                   damping=INFLUENCE_DAMPING, key=0)
+        jax.block_until_ready(ours["pre"].layers)
+        return 1.0
+
+    def pairs() -> float:
+        ours["pairs"] = fnn.influence.influence(ours["pre"], test)
+        return 1.0
+
+    def self_scores() -> float:
+        ours["self"] = fnn.influence.self_influence(ours["pre"])
+        return 1.0
+
+    mine = dict(zip(FNN_EKFAC, (fit, pairs, self_scores)))
+    for c in mine.values():
+        c()
+    quiet = logging.getLogger()
+    level = quiet.level
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="bench-kronfluence-") as folder:
+        warnings.simplefilter("ignore")
+        quiet.setLevel(logging.WARNING)
+        kron, saved = _kronfluence_contenders(kf, torch, params, (np.array(x), np.array(y)),
+                                              (np.array(test[0]), np.array(test[1])), INFLUENCE_DAMPING,
+                                              INFLUENCE_BLOCK, folder)
+        timings = alternate(mine | kron, 1, 0)
+        kron_scores = saved()
+        quiet.setLevel(level)
+    summaries = {k: rate_summary(t) for k, t in timings.items()}
+    return {
+        "kronfluence": metadata.version("kronfluence"), "skipped": None, "model": case.name,
+        "test": int(test[0].shape[0]),
+        "train": int(x.shape[0]), "rounds": len(timings[FNN_EKFAC[0]]),
+        "ms": {k: 1e3 / s["median"] for k, s in summaries.items()},
+        "cpu_per_wall": {k: s["cpu_per_wall"] for k, s in summaries.items()},
+        "kronfluence_over_fnn": {k: paired_ratio(timings[f], timings[k]) for f, k in zip(FNN_EKFAC, KRON_EKFAC)},
+        # kronfluence scores −I (its sign: positive = helpful) on the summed loss
+        "rank_correlation": {"pairwise": _rank_correlation(-ours["pairs"], kron_scores["pairs"]),
+                             "self": _rank_correlation(ours["self"], kron_scores["self"])},
+    }
+
+
+def bench_influence(x: jax.Array, y: jax.Array, args, torch) -> dict:
+    """Training-data attribution (:mod:`fnn.influence`) at the initial params of each model (the timings do
+    not depend on their values), on the first ``INFLUENCE_TRAIN`` rows as the training set and the next
+    ``INFLUENCE_TEST`` as the test set (``--quick``: ``784-64-64-10`` on 512 and 64 rows):
+
+    - **all-pairs gradient inner products** on ``784-256-256-10`` and ``784-1024-1024-10``
+      (:func:`_inner_products_case`): the δ route against materialized per-example gradients and a matmul,
+      with the compiled block programs' memory against ``N × P`` floats;
+    - **EK-FAC self-influence** of every training row (:func:`_ekfac_case`) on both models, against a
+      gradient epoch over the same rows;
+    - **kronfluence** (:func:`_kronfluence_case`), an optional extra like torch, on ``784-256-256-10``.
+
+    Every comparison of fnn's is timed after ``--warmup`` untimed rounds (one pass beside kronfluence), so
+    the jit compilations are out of the figures. The δ route is checked against the materialized one on
+    the subset (``agreement``: max |difference| / max |value|).
+    """
+    rows, test_rows = (QUICK_INFLUENCE_TRAIN, QUICK_INFLUENCE_TEST) if args.quick else (INFLUENCE_TRAIN,
+                                                                                       INFLUENCE_TEST)
+    cases = QUICK_CASES if args.quick else INFLUENCE_CASES
+    xf, yf, xt, yt = x[:rows], y[:rows], x[rows:rows + test_rows], y[rows:rows + test_rows]
+    return {
+        "inner_products": [_inner_products_case(case, xf, yf, xt, yt, args) for case in cases],
+        "ekfac": [_ekfac_case(case, xf, yf, args) for case in cases],
+        "kronfluence": _kronfluence_case(cases[0], xf, yf, xt, yt, args, torch),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # DP-SGD: the private epoch against the ordinary one, and the δ route against vmap(jax.grad).
 
 PRIVATE_CASE, PRIVATE_STEP_CASE = Case((784, 256, 256, 10), 256), Case((784, 1024, 1024, 10), 256)
@@ -1195,7 +1536,8 @@ def gpu_rows(args, device_platform: str, x_np: np.ndarray, y_np: np.ndarray,
 
 
 def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_example: list[dict] = (),
-            private: dict | None = None, curvature: list[dict] = (), laplace: dict | None = None) -> list[dict]:
+            private: dict | None = None, curvature: list[dict] = (), laplace: dict | None = None,
+            influence: dict | None = None) -> list[dict]:
     """Each target with its measured value (a median of per-round ratios) and its verdict.
 
     ``met`` is ``None`` where nothing was measured; ``within_noise`` is true when the goal lies
@@ -1251,6 +1593,13 @@ def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_exa
                      "<=", laplace["outputs"] + 1, laplace["predictive_over_gradient"][GLM]))
         rows.append((f"evidence at a new δ: time / KFLR fit, {where}", "<=", 0.01,
                      laplace["evidence_over_fit"][EVIDENCE]))
+    if influence:
+        for c in influence["inner_products"]:
+            rows.append((f"inner products: materialized time / δ time per pair, {c['model']}, {c['test']:,} × "
+                         f"{c['train']:,}", ">=", 10, c["materialized_over_delta"]))
+        for e in influence["ekfac"]:
+            rows.append((f"EK-FAC fit + self_influence: time / gradient epoch, {e['model']}, {e['rows']:,} rows", "<=",
+                         3, e["over_epoch"][f"{EKFAC_FIT} + {EKFAC_SELF}"]))
     out = []
     for name, sense, goal, ratio in rows:
         row = {"target": name, "goal": f"{sense} {goal}", "value": None, "range": None, "met": None,
@@ -1330,6 +1679,8 @@ def print_tables(results: dict) -> None:
         _print_second_order(results["second_order"])
     if results.get("laplace"):
         _print_laplace(results["laplace"])
+    if results.get("influence"):
+        _print_influence(results["influence"])
     if results["private"]:
         e, s = results["private"]["epochs"], results["private"]["steps"]
         print(f"\nDP-SGD, {e['model']}, lot = batch = {e['batch']}: samples/s "
@@ -1465,6 +1816,47 @@ def _print_laplace(r: dict) -> None:
           + f"; laplace-torch: {r['laplace_torch'] or r['laplace_torch_skipped']}")
 
 
+def _print_influence(r: dict) -> None:
+    ips = r["inner_products"]
+    print(f"\nGradient inner products, all pairs of {ips[0]['test']:,} test × {ips[0]['train']:,} training rows in "
+          f"blocks of {ips[0]['block']:,}: seconds for all pairs (the materialized route timed on its subset and "
+          "scaled per pair), ns per pair (medians), materialized / δ (paired median per pair [range])")
+    rows = []
+    for c in ips:
+        for name, s in c["seconds_all_pairs"].items():
+            ratio = c["materialized_over_delta"] if name != DELTA_IP else None
+            rows.append([f"{c['model']} (P = {c['params']:,})", name, f"{s:,.2f}", f"{c['ns_per_pair'][name]:.3g}",
+                         None if ratio is None else _ratio(ratio), c["cpu_per_wall"][name]])
+    print(table(["model", "route", "s, all pairs", "ns per pair", "materialized / δ", "cpu/wall"], rows))
+    print("XLA memory of the compiled block programs (arguments + temporaries; outputs apart), MiB, against N × P "
+          "floats")
+    rows = [[c["model"], route, program, f"{(m['argument'] + m['temp']) / 2**20:,.1f}", f"{m['output'] / 2**20:,.1f}",
+             f"{c['n_times_p_bytes'] / 2**20:,.0f}"]
+            for c in ips for route, programs in c["memory_bytes"].items() for program, m in programs.items()
+            if m["temp"] is not None]
+    print(table(["model", "route", "program", "args + temp", "output", "N × P floats"], rows))
+    print("agreement, δ route against materialized (max |difference| / max |value|): "
+          + "; ".join(f"{c['model']} {c['agreement']:.2g}" for c in ips))
+    print(f"\nEK-FAC (λ = {r['ekfac'][0]['damping']}) on {r['ekfac'][0]['rows']:,} training rows: ms per call "
+          "(median), time / gradient epoch (paired medians [range])")
+    rows = [[e["model"], k, e["ms"][k] if k in e["ms"] else None, _ratio(v) if k != e["epoch"] else None,
+             e["cpu_per_wall"].get(k)]
+            for e in r["ekfac"] for k, v in {e["epoch"]: None, **e["over_epoch"]}.items()]
+    print(table(["model", "contender", "ms", "/ epoch", "cpu/wall"], rows))
+    k = r["kronfluence"]
+    if k["kronfluence"] is None:
+        print(f"kronfluence: {k['skipped']}")
+        return
+    print(f"\nkronfluence {k['kronfluence']} beside fnn, {k['model']}: EK-FAC fit on {k['train']:,} rows, pairwise "
+          f"scores of {k['test']} test × {k['train']:,} training rows, self-scores; ms per call (median of "
+          f"{k['rounds']} rounds), kronfluence / fnn (paired)")
+    print(table(["step", "fnn ms", "kronfluence ms", "kronfluence / fnn"],
+                [[f.split(": ", 1)[1], k["ms"][f], k["ms"][g], _ratio(k["kronfluence_over_fnn"][g])]
+                 for f, g in zip(FNN_EKFAC, KRON_EKFAC)]))
+    print("rank correlation of the scores, fnn against kronfluence: "
+          + ", ".join(f"{n} {v:.3f}" for n, v in k["rank_correlation"].items()))
+
+
 def main(argv=None) -> dict:
     """Run the benchmark (``argv``: the command line); returns the results written to the JSON."""
     def extra(p):
@@ -1500,12 +1892,14 @@ def main(argv=None) -> dict:
     second = bench_second_order(QUICK_CASES[0] if args.quick else SECOND_ORDER_CASE, x, y, args) \
         if "second_order" in sections else None
     laplace = bench_laplace(x, y, args, torch) if "laplace" in sections else None
+    influence = bench_influence(x, y, args, torch) if "influence" in sections else None
     info["load_average_end"] = _load()
     results = {"machine": info, "samples": int(x.shape[0]), "repeats": args.repeats, "warmup": args.warmup,
                "torch_version": torch.__version__ if torch else None, "torch_skipped": args.torch_skipped,
                "steps": steps, "epochs": epochs, "gpu": gpu, "per_example": per, "private": private,
                "curvature": curvature, "second_order": second, "laplace": laplace,
-               "targets": targets(steps, epochs, info["platform"], per, private, curvature, laplace)}
+               "influence": influence,
+               "targets": targets(steps, epochs, info["platform"], per, private, curvature, laplace, influence)}
     print_tables(results)
     path = common.save_json(args, results)
     print(f"\n[bench] wrote {path} in {time.perf_counter() - args.started:.1f}s")

@@ -43,7 +43,7 @@ def test_bench_quick(tmp_path):
     assert saved["quick"] is True and saved["seconds"] > 0
     assert set(returned) <= set(saved)
     sections = {"machine", "steps", "epochs", "gpu", "per_example", "private", "curvature", "second_order", "laplace",
-                "targets", "samples", "repeats"}
+                "influence", "targets", "samples", "repeats"}
     assert sections <= set(saved)
     assert len(saved["per_example"]) == len(saved["steps"]) == 1
     for path, value in numbers(saved):
@@ -148,10 +148,33 @@ def test_bench_quick(tmp_path):
     else:  # laplace-torch is an optional extra: its rows are left out, with the reason
         assert lap["laplace_torch_skipped"].startswith("left out") and lap["torch_exact_over_kflr"] is None
 
+    inf = saved["influence"]
+    assert len(inf["inner_products"]) == len(inf["ekfac"]) == 1
+    for c in inf["inner_products"]:
+        assert set(c["seconds_all_pairs"]) == set(c["ns_per_pair"]) == {"δ route (gradient_inner_products)",
+                                                                        c["materialized"]}
+        assert all(positive(v) for v in c["seconds_all_pairs"].values()) and c["pairs"] == c["test"] * c["train"]
+        ratio = c["materialized_over_delta"]
+        assert positive(ratio["median"]) and len(ratio["rounds"]) == saved["repeats"]
+        assert 0 <= c["agreement"] < 1e-4  # both routes compute the same inner products
+        for programs in c["memory_bytes"].values():
+            assert len(programs) == 2 and all(m["temp"] is None or m["argument"] > 0 for m in programs.values())
+        # the materialized matmul takes a block of (block, P) gradients; the δ route's programs hold rows of the net
+        matmul = c["memory_bytes"]["materialized"]["matmul block"]
+        if matmul["temp"] is not None:
+            assert matmul["argument"] >= min(c["block"], c["train"]) * c["params"] * 4
+            assert all(m["argument"] + m["temp"] < matmul["argument"] for m in c["memory_bytes"]["δ route"].values())
+    for e in inf["ekfac"]:
+        assert set(e["ms"]) == {e["epoch"], "EK-FAC fit (preconditioner)", "self_influence",
+                                "EK-FAC fit, 1 sampled column per row (key=0)"}
+        assert all(positive(v) for v in e["ms"].values())
+        assert all(positive(r["median"]) and len(r["rounds"]) == saved["repeats"] for r in e["over_epoch"].values())
+    assert inf["kronfluence"]["kronfluence"] is None and "--quick" in inf["kronfluence"]["skipped"]
+
     # torch, reference (with and without the norm), matmul; one per step row; five per-example targets; two DP;
-    # five per curvature case; four Laplace
+    # five per curvature case; four Laplace; two influence
     assert len(saved["targets"]) == 4 + len(saved["steps"]) + 5 * bool(saved["per_example"]) + 2 + 5 * len(
-        saved["curvature"]) + 4
+        saved["curvature"]) + 4 + 2
     for target in saved["targets"]:
         assert target["met"] in (True, False, None)
         assert (target["met"] is None) == (target["value"] is None) == (target["range"] is None)
