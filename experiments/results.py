@@ -703,6 +703,57 @@ def render_laplace(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_influence(r: dict) -> str:
+    """The default-mode run: per ranking the flipped labels found after inspecting 10, 20 and 30 % of the
+    training set and the area under the curve, per seed and over the seeds, the damping's effect, and the
+    verdicts (a quick run has fewer images, epochs and seeds, so the test checks this block's form against a
+    fresh quick run's and that every verdict follows from the per-seed numbers the block quotes)."""
+    _default_run(r, "influence")
+    runs, s, v, at = r["runs"], r["summary"], r["verdicts"], r["at"]
+    flipped = runs[0]["flipped"]
+    after = [f"after {100 * p:g} %" for p in at]
+    rule = "| --- | --- | " + " | ".join("---" for _ in at) + " |"
+    lines = [f"- mnist-10k, N = {r['n']:,} training images, {flipped:,} labels flipped ({100 * r['flip']:g} %) per "
+             f"seed; `{'-'.join(map(str, r['sizes']))}` relu, Adam α = {r['lr']:g} for {r['epochs']} epochs of "
+             f"batches of {r['batch']}, β = {r['beta']:g}; EK-FAC with λ = {r['damping_fraction']:g} × the mean "
+             f"eigenvalue of its Gauss-Newton matrix (λ = {_span([run['damping'] for run in runs], '.2g')}); TracIn "
+             f"over the {r['epochs']} end-of-epoch checkpoints; {_seed_range(r, r['seeds'])}; mean [min–max] over "
+             "the seeds.", "",
+             f"| ranking | flipped labels found {after[0]} inspected | {' | '.join(after[1:])} "
+             "| area under the curve |", rule]
+    for m, row in s.items():
+        cells = [_spread({k: row[f"found {p:g}"][k] for k in ("min", "mean", "max")}, ".1f", 100 / flipped)
+                 for p in at]
+        lines.append(f"| {m} | " + " | ".join(f"{c} %" for c in cells) + f" | {_spread(row['area'], '.3f')} |")
+    lines += ["| random, expected | " + " | ".join(f"{100 * p:g} %" for p in at) + " | 0.5 |", "",
+              f"| seed | ranking | found {after[0]} | {' | '.join(after[1:])} | area |", "| --- " + rule]
+    for run in runs:
+        for m, k in run["rankings"].items():
+            found = " | ".join(f"{k['found'][f'{p:g}']:,} of {run['flipped']:,}" for p in at)
+            lines.append(f"| {run['seed']} | {m} | {found} | {k['area']:.4f} |")
+    fit = [run["fitted"][-1] for run in runs]
+    lines += ["", f"- after the last epoch: {_span([100 * f['flipped'] for f in fit], '.1f')} % of the flipped "
+                  f"examples predicted as their flipped label, {_span([100 * f['clean'] for f in fit], '.1f')} % of "
+                  "the clean ones as theirs; held-out accuracy "
+                  f"{_span([100 * run['held_out_accuracy'] for run in runs], '.1f')} % (true labels).",
+              "- EK-FAC's area with λ = " + "; ".join(
+                  f"{float(f):g} × the mean eigenvalue: {_span([run['damping_areas'][f] for run in runs], '.3f')}"
+                  for f in runs[0]["damping_areas"]) + "."]
+    expected = " and ".join(f"{p * flipped:g} after {100 * p:g} %" for p in at[:2])
+    above = {m: v[f"{m} above random"] for m in ("EK-FAC", "TracIn")}
+    claims = "; ".join(f"{m}: verdict **{w['verdict']}** ({sum(w['per_seed'])} of {len(runs)} seeds)"
+                       for m, w in above.items())
+    lines.append(f"- (a) more flipped labels found than random inspection finds in expectation ({expected}), in "
+                 f"every seed: {claims}.")
+    w = v["EK-FAC above training loss"]
+    lines.append(f"- (b) Koh & Liang: EK-FAC's area above the training loss's in every seed: verdict "
+                 f"**{w['verdict']}** ({sum(w['per_seed'])} of {len(runs)} seeds).")
+    w = v["TracIn above EK-FAC and training loss"]
+    lines.append(f"- (c) Pruthi et al.: TracIn's area above both EK-FAC's and the training loss's in every seed: "
+                 f"verdict **{w['verdict']}** ({sum(w['per_seed'])} of {len(runs)} seeds).")
+    return "\n".join(lines) + "\n"
+
+
 RENDER = {"autodiff_graphs": render_autodiff_graphs, "optimizers": render_optimizers,
           "initialization": render_initialization, "xor": render_xor,
           "universal_approximation": render_universal_approximation, "capacity": render_capacity,
@@ -711,7 +762,8 @@ RENDER = {"autodiff_graphs": render_autodiff_graphs, "optimizers": render_optimi
           "edge_of_stability": render_edge_of_stability, "perceptron": render_perceptron,
           "gradient_noise": render_gradient_noise, "mnist": render_mnist,
           "gradient_agreement": render_gradient_agreement, "private_mnist": render_private_mnist,
-          "second_order": render_second_order, "laplace": render_laplace}
+          "second_order": render_second_order, "laplace": render_laplace,
+          "influence": render_influence}
 
 
 def blocks(text: str) -> dict[str, str]:
