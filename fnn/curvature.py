@@ -408,8 +408,28 @@ def kronecker_factors(net: MLP, params: Params, x, y, loss: Loss | str, key: jax
         a = f.acts[l]
         abar = jnp.concatenate([a, jnp.ones((n, 1), a.dtype)], axis=1)
         rows = delta.reshape(-1, delta.shape[-1])
-        out.append(Kronecker(net.matmul(abar.T, abar) / n, net.matmul(rows.T, rows) * (scale / n)))
+        out.append(Kronecker(gram(net, abar) / n, gram(net, rows) * (scale / n)))
     return out
+
+
+GRAM_BLOCK = 384  # columns per block of a wide Gram matrix
+
+
+def gram(net: MLP, a: jax.Array) -> jax.Array:
+    """``aᵀ a`` ``(n, n)`` for ``a`` ``(M, n)``, exactly symmetric, in ``net``'s matmul precision.
+
+    Up to ``GRAM_BLOCK`` columns: one matmul. Wider: the columns in ``b = ⌈n / GRAM_BLOCK⌉`` equal blocks,
+    the ``b (b + 1) / 2`` upper blocks ``a_iᵀ a_j`` (``i ≤ j``) multiplied and the lower ones mirrored,
+    ``(b + 1) / (2b)`` of the multiply-adds (5/8 … 3/4 for the input factor of a 784-input network).
+    """
+    n = a.shape[1]
+    if n <= GRAM_BLOCK:
+        return net.matmul(a.T, a)
+    width = -(-n // -(-n // GRAM_BLOCK))
+    parts = [a[:, i:i + width] for i in range(0, n, width)]
+    upper = {(i, j): net.matmul(parts[i].T, parts[j]) for i in range(len(parts)) for j in range(i, len(parts))}
+    return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(len(parts))]
+                      for i in range(len(parts))])
 
 
 def sharpness(net: MLP, params: Params, x, y, loss: Loss | str, l2: float = 0.0, *, matrix: str = "hessian",

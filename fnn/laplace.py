@@ -186,19 +186,17 @@ def fit_laplace(net: MLP, params: Params, data, loss: Loss | str, *, structure: 
     loss.target(jnp.zeros((n, net.sizes[-1]), x.dtype), y)  # the targets' shape and range, checked here, eagerly
     samples = positive_int("samples", samples)
     keys = None if key is None else jax.random.split(prng_key("key", key), len(_chunks(n, batch_size)))
-    size = ravel_pytree(params)[0].size
-    loglik, acc = 0.0, None
-    for i, (lo, hi) in enumerate(_chunks(n, batch_size)):
-        xc, yc = x[lo:hi], y[lo:hi]
-        k = None if keys is None else keys[i]
-        if structure == "full":
+    if structure == "full":
+        size = ravel_pytree(params)[0].size
+        loglik, acc = 0.0, None
+        for lo, hi in _chunks(n, batch_size):
+            xc, yc = x[lo:hi], y[lo:hi]
             part = {"H": jnp.concatenate([_full_columns(net, loss, params, xc, yc, s, min(s + 256, size))
                                           for s in range(0, size, 256)], axis=0)}
-            part_loglik = _chunk_log_likelihood(net, loss, params, xc, yc)
-        else:
-            part, part_loglik = _curvature_sum(net, loss, structure, samples, params, xc, yc, k)
-        loglik = loglik + part_loglik
-        acc = part if acc is None else _add(acc, part)
+            loglik = loglik + _chunk_log_likelihood(net, loss, params, xc, yc)
+            acc = part if acc is None else _add(acc, part)
+    else:
+        acc, loglik = _curvature_total(net, loss, structure, samples, min(batch_size, n), params, x, y, keys)
     curv = _finish(structure, acc, n)
     if not bool(_all_finite([loglik, curv])):
         raise FloatingPointError(f"the log-likelihood or the curvature at these params is not finite (log p(D | θ*) "
@@ -242,6 +240,27 @@ def _curvature_sum(net, loss, structure, samples, params, x, y, key) -> tuple[di
     d, a = cols.deltas[-1], cols.inputs[-1]  # (C, N, K), (N, n+1)
     per = jnp.einsum("cnk,ni->cnki", d, a).reshape(d.shape[0] * d.shape[1], -1)
     return {"H": cols.scale * per.T @ per}, loglik
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _curvature_total(net, loss, structure, samples, size, params, x, y, keys) -> tuple[dict, jax.Array]:
+    """:func:`_curvature_sum` over the chunks of ``size`` rows in order, summed, in one program: a loop over
+    the whole chunks, then the last, shorter one (``keys``: one per chunk, or ``None``)."""
+    n = x.shape[0]
+    whole = n // size
+
+    def part(x, y, i):
+        return _curvature_sum.__wrapped__(net, loss, structure, samples, params, x, y,
+                                          None if keys is None else keys[i])
+
+    def body(i, acc):
+        rows = (jax.lax.dynamic_slice_in_dim(x, i * size, size), jax.lax.dynamic_slice_in_dim(y, i * size, size))
+        return jax.tree.map(jnp.add, acc, part(*rows, i))
+
+    acc = jax.lax.fori_loop(1, whole, body, part(x[:size], y[:size], 0))
+    if n % size:
+        acc = jax.tree.map(jnp.add, acc, part(x[whole * size:], y[whole * size:], whole))
+    return acc
 
 
 @jax.jit

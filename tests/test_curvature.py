@@ -516,3 +516,14 @@ def test_bad_input():
         cv.ggn_vp(bn, p, x, y, loss, p, state=s, train=True)
     with pytest.raises(ValueError, match="batch norm"):
         cv.kronecker_factors(bn, p, x, y, loss)
+
+
+@settings(max_examples=6, deadline=None)
+@given(width=st.sampled_from([1, 7, cv.GRAM_BLOCK, cv.GRAM_BLOCK + 1, 2 * cv.GRAM_BLOCK + 17, 3 * cv.GRAM_BLOCK + 2]),
+       rows=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_gram_equals_the_dense_product_and_is_symmetric(width, rows, seed):
+    """aᵀa from the upper blocks, mirrored, against NumPy's float64 product; exactly symmetric."""
+    a = np.random.default_rng(seed).normal(size=(rows, width))
+    got = np.asarray(cv.gram(fnn.MLP((2, 2)), jnp.asarray(a)))
+    assert got.shape == (width, width) and np.array_equal(got, got.T)
+    assert rel_err(got, a.T @ a) <= 1e-12
