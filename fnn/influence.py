@@ -165,8 +165,18 @@ def _data(name: str, net: MLP, params: Params, loss: Loss, data) -> tuple[jax.Ar
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(f"the {name} set must be the pair (x, y) of inputs (N, {net.sizes[0]}) and targets; got "
                         f"{type(data).__name__}{f' of length {len(data)}' if isinstance(data, (tuple, list)) else ''}.")
-    x, y, _ = checks.data_set(name, net, params, loss, *data)
+    x, y, _ = checks.data_set(name, net, params, loss, *data, finite=True)
     return x, y
+
+
+def _finite(net: MLP, params: Params, what: str = "params") -> None:
+    """Refuse params with NaN or inf: every score would be NaN (or, through a ReLU, silently finite)."""
+    net.check_params(params, what)
+    if not bool(checks.all_finite(params)):
+        bad = [f"layer {l} {k}" for l, layer in enumerate(params, 1) for k, v in layer.items()
+               if not bool(jnp.all(jnp.isfinite(v)))]
+        raise ValueError(f"{what}: non-finite values in {', '.join(bad)}; attribution needs the trained, "
+                         "finite params: check that training converged, or pass an earlier checkpoint.")
 
 
 def _block(block) -> int:
@@ -177,16 +187,34 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+class Rows(NamedTuple):
+    """The factors of a block of ``B`` per-example gradients (:func:`gradient_rows`): per layer
+    ``layers[l] = (δ (B, n_l), ā (B, n_{l−1}+1))``, example ``x``'s gradient for ``W̄ = [W | b]`` being
+    ``δ_x ā_xᵀ`` (plus ``β[W | 0]`` with L2), and ``cross = Σ_l δ·h`` ``(B,)``, the L2 cross term."""
+
+    layers: list
+    cross: jax.Array
+
+
+def gradient_rows(net: MLP, params: Params, x, y, loss: Loss | str) -> Rows:
+    """:class:`Rows` of the examples ``(x, y)`` from one backprop (no per-example gradient is formed):
+    ``B·Σ_l (n_l + n_{l−1} + 1)`` numbers instead of ``B·P``. Jit-compatible; no checks on the values."""
+    return _rows(net, resolve(loss), params, x, y)
+
+
+def rows_inner_products(rows_a: Rows, rows_b: Rows, params: Params, l2: float = 0.0) -> jax.Array:
+    """``⟨g_i, g_j⟩`` ``(B_a, B_b)`` of two blocks of :func:`gradient_rows` at ``params`` (module docstring:
+    two ``(B_a, n) @ (n, B_b)`` matmuls per layer); ``l2 = β`` includes ``βW`` in every gradient."""
+    return _gram(rows_a, rows_b, l2, _weight_sq(params))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _rows(net: MLP, loss: Loss, params: Params, x, y):
-    """Per layer ``(δ (B, n_l), ā (B, n_{l−1}+1))`` of the loss gradients ``δ ā_xᵀ``, and ``Σ_l δ·h`` ``(B,)``
-    (the L2 cross term), from one backprop."""
+def _rows(net: MLP, loss: Loss, params: Params, x, y) -> Rows:
     _, _, _, trace = backprop_trace(net, params, x, y, loss)
     f = trace.forward
     ones = jnp.ones((x.shape[0], 1), x.dtype)
     layers = [(d, jnp.concatenate([a, ones], axis=1)) for d, a in zip(trace.weight_deltas, f.acts[:-1])]
-    dh = sum(jnp.sum(d * h, axis=1) for d, h in zip(trace.weight_deltas, f.hs))
-    return layers, dh
+    return Rows(layers, sum(jnp.sum(d * h, axis=1) for d, h in zip(trace.weight_deltas, f.hs)))
 
 
 def _weight_sq(params: Params) -> jax.Array:
@@ -194,8 +222,7 @@ def _weight_sq(params: Params) -> jax.Array:
 
 
 @jax.jit
-def _gram(rows_a, rows_b, l2, wsq):
-    """``⟨g_i, g_j⟩`` of two blocks ``(B_a, B_b)`` (module docstring)."""
+def _gram(rows_a: Rows, rows_b: Rows, l2, wsq):
     (la, ca), (lb, cb) = rows_a, rows_b
     k = sum((da @ db.T) * (aa @ ab.T) for (da, aa), (db, ab) in zip(la, lb))
     return k + l2 * (ca[:, None] + cb[None, :]) + l2 * l2 * wsq
@@ -203,7 +230,7 @@ def _gram(rows_a, rows_b, l2, wsq):
 
 @jax.jit
 def _sq_norms(rows, l2, wsq):
-    """``‖g_x‖²`` ``(B,)``, the diagonal of :func:`_gram`."""
+    """``‖g_x‖²`` ``(B,)``, the diagonal of :func:`rows_inner_products`."""
     layers, c = rows
     return sum(jnp.sum(d * d, axis=1) * jnp.sum(a * a, axis=1) for d, a in layers) + 2 * l2 * c + l2 * l2 * wsq
 
@@ -294,7 +321,7 @@ def gradient_inner_products(net: MLP, params: Params, a_data, b_data, loss: Loss
       ``(N_a, N_b)`` NumPy array in the params' dtype (or a :class:`Ranking`).
     """
     loss = _check_net(net, loss, "gradient_inner_products")
-    net.check_params(params)
+    _finite(net, params)
     xa, ya = _data("a", net, params, loss, a_data)
     xb, yb = _data("b", net, params, loss, b_data)
     l2, block = real_in("l2", l2, 0.0), _block(block)
@@ -327,7 +354,7 @@ def _trajectory(net: MLP, params_list, learning_rates) -> tuple[list, np.ndarray
         raise ValueError("params_list must be a non-empty list of the checkpoints' params (θ_1, ..., θ_T); got "
                          f"{type(params_list).__name__}{' (empty)' if isinstance(params_list, (list, tuple)) else ''}.")
     for t, p in enumerate(params_list):
-        net.check_params(p, f"params_list[{t}]")
+        _finite(net, p, f"params_list[{t}]")
     rates = np.asarray(learning_rates, np.float64)
     if rates.shape != (len(params_list),):
         raise ValueError(f"learning_rates must give one rate per checkpoint, shape ({len(params_list)},); got "
@@ -459,7 +486,7 @@ def preconditioner(net: MLP, params: Params, train, loss: Loss | str, *, method:
         whole training set at once (memory about that of a gradient of it).
     """
     loss = _check_net(net, loss, "influence")
-    net.check_params(params)
+    _finite(net, params)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
     output_curvature(loss, net.output)  # refuses a loss without a known second derivative

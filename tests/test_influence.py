@@ -111,6 +111,11 @@ def test_inner_products_and_tracin_equal_materialized_gradients(loss_name, outpu
     dots = g_te @ g_tr.T
     got = inf.gradient_inner_products(net, params, test, train, loss, l2=l2)
     assert got.shape == (N_TEST, N_TRAIN) and rel_err(got, dots) <= 1e-10
+    rows = [jax.jit(inf.gradient_rows, static_argnums=(0, 4))(net, params, *d, loss) for d in (test, train)]
+    plain = _grads(net, params, train, loss)  # without L2, the gradient of W̄ = [W | b] is δ_x ā_xᵀ
+    for where, (d, a) in zip(_wbar_index(params), rows[1].layers):
+        assert rel_err(np.einsum("bi,bj->bij", d, a).reshape(len(d), -1), plain[:, where]) <= 1e-10
+    assert rel_err(inf.rows_inner_products(*rows, params, l2), dots) <= 1e-10  # the building blocks, public
     cos = dots / np.outer(np.linalg.norm(g_te, axis=1), np.linalg.norm(g_tr, axis=1))
     assert rel_err(inf.gradient_inner_products(net, params, test, train, loss, l2=l2, cosine=True), cos) <= 1e-10
     other = jax.tree.map(lambda p: 0.8 * p, params)
@@ -320,6 +325,36 @@ def test_bad_inputs_are_refused():
         inf.top_k(np.zeros((2, 3)), 1, helpful="up")
     with pytest.raises(ValueError, match="2-d"):
         inf.top_k(np.zeros(3), 1)
+
+
+@pytest.mark.parametrize("where", ["x", "targets", "params"])
+def test_non_finite_inputs_are_refused_by_every_entry_point(where):
+    """NaN or inf in the data or the params would give NaN scores (or, through a ReLU, finite wrong ones):
+    every entry point refuses them, naming what is not finite and where."""
+    net, params, train, test, loss = _problem("mse")  # float targets, which can hold a NaN
+    (x, y), good = train, params
+    where_first = r"has non-finite values in 1 sample\(s\) \(the first is sample {}\)"
+    if where == "x":
+        train, match = (x.at[2, 1].set(jnp.nan), y), "x " + where_first.format(2)
+    elif where == "targets":
+        train, match = (x, y.at[4, 0].set(jnp.nan)), "targets " + where_first.format(4)
+    else:
+        params = [dict(layer) for layer in params]
+        params[-1]["b"] = params[-1]["b"].at[0].set(jnp.inf)
+        match = r"params.*: non-finite values in layer 2 b; .*converged"
+    calls = [lambda: inf.gradient_inner_products(net, params, test, train, loss),
+             lambda: inf.gradient_inner_products(net, params, train, test, loss),
+             lambda: inf.tracin(net, [good, params], [1.0, 1.0], train, test, loss),
+             lambda: inf.tracin(net, [good, params], [1.0, 1.0], test, train, loss),
+             lambda: inf.tracin_self(net, [good, params], [1.0, 1.0], train, loss)]
+    calls += [lambda: inf.preconditioner(net, params, train, loss, method=m, damping=1.0) for m in inf.METHODS]
+    if where != "params":  # a finite preconditioner, then non-finite points to score
+        pre = inf.preconditioner(net, good, (x, y), loss, method="kfac", damping=1.0)
+        calls += [lambda: inf.influence(pre, train), lambda: inf.influence(pre, test, train),
+                  lambda: inf.self_influence(pre, train)]
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
 def test_runs_without_autodiff(trap_autodiff):  # noqa: F811 (the fixture)
