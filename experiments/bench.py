@@ -1055,6 +1055,8 @@ INFLUENCE_DAMPING = 1e-3  # λ of M = G + λI
 KRONFLUENCE_TRAIN, KRONFLUENCE_TEST = 1000, 100
 DELTA_IP, EKFAC_FIT, EKFAC_SELF = "δ route (gradient_inner_products)", "EK-FAC fit (preconditioner)", "self_influence"
 EKFAC_SAMPLED = "EK-FAC fit, 1 sampled column per row (key=0)"
+FIT_SUBSET, QUICK_FIT_SUBSET = 1000, 128  # rows the subset preconditioner is fitted on
+EKFAC_SUBSET = "EK-FAC fit on a subset (1 sampled column per row) + self_influence of every row"
 FNN_EKFAC = ("fnn: EK-FAC fit", "fnn: influence, EK-FAC", "fnn: self_influence")
 KRON_EKFAC = ("kronfluence: fit_all_factors (EK-FAC)", "kronfluence: compute_pairwise_scores",
               "kronfluence: compute_self_scores")
@@ -1116,20 +1118,21 @@ def _program_memory(jitted, *args) -> dict:
 
 def _influence_memory(net, loss, params, flat, test, train, block: int) -> dict:
     """The compiled block programs of both routes at the full sizes: the δ route's rows of a block
-    (``fnn.influence._rows``: ``δ^l`` and ``ā^l`` of ``block`` examples) and its ``(N_test, block)`` Gram
-    block (``fnn.influence._gram``); the materialized route's ``(block, P)`` gradients and its
-    ``(N_test, P) @ (P, block)`` matmul."""
+    (:func:`fnn.influence.gradient_rows`: ``δ^l`` and ``ā^l`` of ``block`` examples) and its
+    ``(N_test, block)`` Gram block (:func:`fnn.influence.rows_inner_products`); the materialized route's
+    ``(block, P)`` gradients and its ``(N_test, P) @ (P, block)`` matmul."""
     ifl = fnn.influence
     (xt, yt), (x, y) = test, train
     xb, yb = x[:block], y[:block]
-    rows_t, rows_b = ifl._rows(net, loss, params, xt, yt), ifl._rows(net, loss, params, xb, yb)
-    wsq = ifl._weight_sq(params)
+    rows = jax.jit(ifl.gradient_rows, static_argnums=(0, 4))
+    gram = jax.jit(ifl.rows_inner_products)
+    rows_t, rows_b = rows(net, params, xt, yt, loss), rows(net, params, xb, yb, loss)
     p = sum(t.size for t in jax.tree.leaves(params))
     gt = jax.ShapeDtypeStruct((xt.shape[0], p), jnp.float32)
     gb = jax.ShapeDtypeStruct((xb.shape[0], p), jnp.float32)
     return {
-        "δ route": {"rows of a block (_rows)": _program_memory(ifl._rows, net, loss, params, xb, yb),
-                    "Gram block (_gram)": _program_memory(ifl._gram, rows_t, rows_b, 0.0, wsq)},
+        "δ route": {"rows of a block (gradient_rows)": _program_memory(rows, net, params, xb, yb, loss),
+                    "Gram block (rows_inner_products)": _program_memory(gram, rows_t, rows_b, params)},
         "materialized": {"gradients of a block (vmap(grad))": _program_memory(flat, params, xb, yb),
                          "matmul block": _program_memory(_gradient_matmul, gt, gb)},
     }
@@ -1262,13 +1265,23 @@ def _ekfac_case(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
         fitted[:] = [fit()]
         return 1.0
 
+    scores = {}
+    sub = QUICK_FIT_SUBSET if args.quick else FIT_SUBSET
+
     def self_scores() -> float:
-        fnn.influence.self_influence(fitted[0])  # a NumPy array: ready when it returns
+        scores["full"] = fnn.influence.self_influence(fitted[0])  # a NumPy array: ready when it returns
+        return 1.0
+
+    def subset() -> float:  # the factors and eigenvalues of `sub` rows; every row scored
+        pre = fnn.influence.preconditioner(net, params, (x[:sub], y[:sub]), loss, method="ekfac",
+                                           damping=INFLUENCE_DAMPING, key=0)
+        scores["subset"] = fnn.influence.self_influence(pre, (x, y))
         return 1.0
 
     exact()  # self_influence needs a fitted preconditioner before the first round
     timings = alternate({epoch_name: lambda: epoch() / x.shape[0], EKFAC_FIT: exact, EKFAC_SELF: self_scores,
-                         EKFAC_SAMPLED: lambda: (fit(0), 1.0)[1]}, args.repeats, _warmup(args))
+                         EKFAC_SAMPLED: lambda: (fit(0), 1.0)[1], EKFAC_SUBSET: subset}, args.repeats,
+                        _warmup(args))
     seconds = {k: [t.wall for t in v] for k, v in timings.items()}
     together = [(f + s) / e for f, s, e in zip(seconds[EKFAC_FIT], seconds[EKFAC_SELF], seconds[epoch_name])]
     summaries = {k: rate_summary(t) for k, t in timings.items()}
@@ -1277,9 +1290,19 @@ def _ekfac_case(case: Case, x: jax.Array, y: jax.Array, args) -> dict:
         "epoch": epoch_name, "ms": {k: 1e3 / s["median"] for k, s in summaries.items()},
         "cpu_per_wall": {k: s["cpu_per_wall"] for k, s in summaries.items()},
         "over_epoch": {**{k: paired_ratio(timings[epoch_name], timings[k]) for k in (EKFAC_FIT, EKFAC_SELF,
-                                                                                        EKFAC_SAMPLED)},
+                                                                                        EKFAC_SAMPLED,
+                                                                                        EKFAC_SUBSET)},
                        f"{EKFAC_FIT} + {EKFAC_SELF}": {"median": float(np.median(together)), "rounds": together}},
+        "subset_rows": sub,
+        "subset_against_full": {"spearman": _rank_correlation(scores["subset"], scores["full"]),
+                                "top_decile_overlap": _top_overlap(scores["subset"], scores["full"], 0.1)},
     }
+
+
+def _top_overlap(a: np.ndarray, b: np.ndarray, fraction: float) -> float:
+    """The share of ``b``'s top ``fraction`` of rows that are in ``a``'s top ``fraction`` too."""
+    k = max(1, int(round(fraction * a.size)))
+    return len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k
 
 
 def _kronfluence_case(case: Case, x: jax.Array, y: jax.Array, xt: jax.Array, yt: jax.Array, args, torch) -> dict:
@@ -1600,6 +1623,8 @@ def targets(steps: list[dict], epochs: list[dict], device_platform: str, per_exa
         for e in influence["ekfac"]:
             rows.append((f"EK-FAC fit + self_influence: time / gradient epoch, {e['model']}, {e['rows']:,} rows", "<=",
                          3, e["over_epoch"][f"{EKFAC_FIT} + {EKFAC_SELF}"]))
+            rows.append((f"EK-FAC fit on {e['subset_rows']:,} rows + self_influence of all: time / gradient epoch, "
+                         f"{e['model']}, {e['rows']:,} rows", "<=", 3, e["over_epoch"][EKFAC_SUBSET]))
     out = []
     for name, sense, goal, ratio in rows:
         row = {"target": name, "goal": f"{sense} {goal}", "value": None, "range": None, "met": None,
@@ -1843,6 +1868,9 @@ def _print_influence(r: dict) -> None:
              e["cpu_per_wall"].get(k)]
             for e in r["ekfac"] for k, v in {e["epoch"]: None, **e["over_epoch"]}.items()]
     print(table(["model", "contender", "ms", "/ epoch", "cpu/wall"], rows))
+    print("self-influence with the subset's preconditioner against the full exact fit's: "
+          + "; ".join(f"{e['model']} ({e['subset_rows']:,} rows) Spearman {e['subset_against_full']['spearman']:.3f}, "
+                      f"top-decile overlap {e['subset_against_full']['top_decile_overlap']:.2f}" for e in r["ekfac"]))
     k = r["kronfluence"]
     if k["kronfluence"] is None:
         print(f"kronfluence: {k['skipped']}")

@@ -166,15 +166,18 @@ def test_bench_quick(tmp_path):
             assert all(m["argument"] + m["temp"] < matmul["argument"] for m in c["memory_bytes"]["δ route"].values())
     for e in inf["ekfac"]:
         assert set(e["ms"]) == {e["epoch"], "EK-FAC fit (preconditioner)", "self_influence",
-                                "EK-FAC fit, 1 sampled column per row (key=0)"}
+                                "EK-FAC fit, 1 sampled column per row (key=0)",
+                                "EK-FAC fit on a subset (1 sampled column per row) + self_influence of every row"}
         assert all(positive(v) for v in e["ms"].values())
+        agree = e["subset_against_full"]  # the subset's self-influence ranks the rows like the full fit's
+        assert -1 <= agree["spearman"] <= 1 and 0 <= agree["top_decile_overlap"] <= 1 and e["subset_rows"] < e["rows"]
         assert all(positive(r["median"]) and len(r["rounds"]) == saved["repeats"] for r in e["over_epoch"].values())
     assert inf["kronfluence"]["kronfluence"] is None and "--quick" in inf["kronfluence"]["skipped"]
 
     # torch, reference (with and without the norm), matmul; one per step row; five per-example targets; two DP;
-    # five per curvature case; four Laplace; two influence
+    # five per curvature case; four Laplace; three influence
     assert len(saved["targets"]) == 4 + len(saved["steps"]) + 5 * bool(saved["per_example"]) + 2 + 5 * len(
-        saved["curvature"]) + 4 + 2
+        saved["curvature"]) + 4 + 3
     for target in saved["targets"]:
         assert target["met"] in (True, False, None)
         assert (target["met"] is None) == (target["value"] is None) == (target["range"] is None)
