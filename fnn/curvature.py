@@ -412,6 +412,31 @@ def kronecker_factors(net: MLP, params: Params, x, y, loss: Loss | str, key: jax
     return out
 
 
+def sum_over_chunks(part: Callable, size: int, x: jax.Array, y: jax.Array, keys: jax.Array | None = None):
+    """``Σ_c part(x_c, y_c, k_c)`` over the chunks of ``size`` rows of ``(x, y)``, in order, for use inside a
+    jitted caller: a loop over the whole chunks (one compiled body), then the last, shorter chunk.
+
+    ``part`` returns a pytree of sums over its rows (curvature sums, log-likelihoods); ``keys`` holds one
+    PRNG key per chunk (``⌈N / size⌉``), or is ``None`` (``part`` gets ``None``). The result equals a Python
+    loop over the same chunks to rounding, at the memory of one chunk.
+    """
+    n = x.shape[0]
+    size = min(size, n)
+    whole = n // size
+
+    def key(i):
+        return None if keys is None else keys[i]
+
+    def body(i, acc):
+        rows = (lax.dynamic_slice_in_dim(x, i * size, size), lax.dynamic_slice_in_dim(y, i * size, size))
+        return jax.tree.map(jnp.add, acc, part(*rows, key(i)))
+
+    acc = lax.fori_loop(1, whole, body, part(x[:size], y[:size], key(0)))
+    if n % size:
+        acc = jax.tree.map(jnp.add, acc, part(x[whole * size:], y[whole * size:], key(whole)))
+    return acc
+
+
 GRAM_BLOCK = 384  # columns per block of a wide Gram matrix
 
 

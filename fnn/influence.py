@@ -78,6 +78,8 @@ product of materialized gradients would, but memory ``B·n`` instead of ``B·P``
 Usage::
 
     sims = fnn.influence.gradient_inner_products(net, params, (x_test, y_test), (x, y), loss, cosine=True)
+    rows = fnn.influence.gradient_rows(net, params, x, y, loss)             # δ^l, ā^l per example: jit-able
+    gram = fnn.influence.rows_inner_products(rows, rows, params)            # (N, N), one block
     pre = fnn.influence.preconditioner(net, params, (x, y), loss, method="ekfac", damping=1e-3)
     scores = fnn.influence.influence(pre, (x_test, y_test))                    # (N_test, N), Koh & Liang's sign
     ranks = fnn.influence.influence(pre, (x_test, y_test), top=10)             # .helpful, .harmful (N_test, 10)
@@ -506,33 +508,37 @@ def preconditioner(net: MLP, params: Params, train, loss: Loss | str, *, method:
     return Preconditioner(method, net, loss, params, damping, l2, layers, (x, y), matrix, cg_iters)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _factor_sums(net, loss, samples, params, x, y, key):
-    """``(B·A^l, B·G^l)`` per layer of one block (``key=None``: exact columns)."""
-    factors = curvature.kronecker_factors(net, params, x, y, loss, key=key, samples=samples)
-    return [(x.shape[0] * f.A, x.shape[0] * f.G) for f in factors]
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _factor_sums(net, loss, samples, block, params, x, y, keys):
+    """``(N·A^l, N·G^l)`` per layer, over the blocks of ``block`` rows in one program (``keys=None``: exact
+    columns)."""
+    def part(x, y, key):
+        factors = curvature.kronecker_factors(net, params, x, y, loss, key=key, samples=samples)
+        return [(x.shape[0] * f.A, x.shape[0] * f.G) for f in factors]
+
+    return curvature.sum_over_chunks(part, block, x, y, keys)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _eigen_sums(net, loss, samples, params, x, y, key, bases):
-    """``N·Λ`` of one block: ``s Σ_x Σ_c (Q_Gᵀ Δ_{x,c})² ⊗ (Q_Aᵀ ā_x)²`` per layer (module docstring)."""
-    cols = curvature.split_columns(net, params, x, y, loss, key=key, samples=samples)
-    out = []
-    for (qg, qa), d, a in zip(bases, cols.deltas, cols.inputs):
-        u = (d @ qg) ** 2  # (C, B, n_l)
-        out.append(cols.scale * jnp.einsum("cbi,bj->ij", u, (a @ qa) ** 2))
-    return out
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _eigen_sums(net, loss, samples, block, params, x, y, keys, bases):
+    """``N·Λ``: ``s Σ_x Σ_c (Q_Gᵀ Δ_{x,c})² ⊗ (Q_Aᵀ ā_x)²`` per layer (module docstring), over the blocks of
+    ``block`` rows in one program."""
+    def part(x, y, key):
+        cols = curvature.split_columns(net, params, x, y, loss, key=key, samples=samples)
+        out = []
+        for (qg, qa), d, a in zip(bases, cols.deltas, cols.inputs):
+            u = (d @ qg) ** 2  # (C, B, n_l)
+            out.append(cols.scale * jnp.einsum("cbi,bj->ij", u, (a @ qa) ** 2))
+        return out
+
+    return curvature.sum_over_chunks(part, block, x, y, keys)
 
 
 def _kronecker(net, loss, params, x, y, refit: bool, key, samples: int, block: int, shift: float) -> list:
     """Per layer ``(Q_G, Q_A, Λ̃)``, two passes over the data for EK-FAC (factors, then eigenvalues)."""
     n = x.shape[0]
-    chunks = _chunks(n, block)
-    keys = [None] * len(chunks) if key is None else list(jax.random.split(prng_key("key", key), len(chunks)))
-    sums = None
-    for (lo, hi), k in zip(chunks, keys):
-        part = _factor_sums(net, loss, samples, params, x[lo:hi], y[lo:hi], k)
-        sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
+    keys = None if key is None else jax.random.split(prng_key("key", key), len(_chunks(n, block)))
+    sums = _factor_sums(net, loss, samples, block, params, x, y, keys)
     bases, eigs = [], []
     for A, G in sums:
         a, qa = jnp.linalg.eigh((A + A.T) / (2 * n))
@@ -540,11 +546,7 @@ def _kronecker(net, loss, params, x, y, refit: bool, key, samples: int, block: i
         bases.append((qg, qa))
         eigs.append(jnp.outer(jnp.maximum(g, 0), jnp.maximum(a, 0)))
     if refit:
-        eigs = None
-        for (lo, hi), k in zip(chunks, keys):
-            part = _eigen_sums(net, loss, samples, params, x[lo:hi], y[lo:hi], k, bases)
-            eigs = part if eigs is None else jax.tree.map(jnp.add, eigs, part)
-        eigs = [e / n for e in eigs]
+        eigs = [e / n for e in _eigen_sums(net, loss, samples, block, params, x, y, keys, bases)]
     return [(qg, qa, lam + shift) for (qg, qa), lam in zip(bases, eigs)]
 
 

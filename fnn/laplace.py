@@ -196,7 +196,7 @@ def fit_laplace(net: MLP, params: Params, data, loss: Loss | str, *, structure: 
             loglik = loglik + _chunk_log_likelihood(net, loss, params, xc, yc)
             acc = part if acc is None else _add(acc, part)
     else:
-        acc, loglik = _curvature_total(net, loss, structure, samples, min(batch_size, n), params, x, y, keys)
+        acc, loglik = _curvature_total(net, loss, structure, samples, batch_size, params, x, y, keys)
     curv = _finish(structure, acc, n)
     if not bool(_all_finite([loglik, curv])):
         raise FloatingPointError(f"the log-likelihood or the curvature at these params is not finite (log p(D | θ*) "
@@ -244,23 +244,9 @@ def _curvature_sum(net, loss, structure, samples, params, x, y, key) -> tuple[di
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _curvature_total(net, loss, structure, samples, size, params, x, y, keys) -> tuple[dict, jax.Array]:
-    """:func:`_curvature_sum` over the chunks of ``size`` rows in order, summed, in one program: a loop over
-    the whole chunks, then the last, shorter one (``keys``: one per chunk, or ``None``)."""
-    n = x.shape[0]
-    whole = n // size
-
-    def part(x, y, i):
-        return _curvature_sum.__wrapped__(net, loss, structure, samples, params, x, y,
-                                          None if keys is None else keys[i])
-
-    def body(i, acc):
-        rows = (jax.lax.dynamic_slice_in_dim(x, i * size, size), jax.lax.dynamic_slice_in_dim(y, i * size, size))
-        return jax.tree.map(jnp.add, acc, part(*rows, i))
-
-    acc = jax.lax.fori_loop(1, whole, body, part(x[:size], y[:size], 0))
-    if n % size:
-        acc = jax.tree.map(jnp.add, acc, part(x[whole * size:], y[whole * size:], whole))
-    return acc
+    """:func:`_curvature_sum` over the chunks of ``size`` rows, summed in one program."""
+    return curvature.sum_over_chunks(functools.partial(_curvature_sum.__wrapped__, net, loss, structure, samples,
+                                                       params), size, x, y, keys)
 
 
 @jax.jit

@@ -527,3 +527,24 @@ def test_gram_equals_the_dense_product_and_is_symmetric(width, rows, seed):
     got = np.asarray(cv.gram(fnn.MLP((2, 2)), jnp.asarray(a)))
     assert got.shape == (width, width) and np.array_equal(got, got.T)
     assert rel_err(got, a.T @ a) <= 1e-12
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 13), size=st.integers(1, 16), keyed=st.booleans())
+def test_sum_over_chunks_visits_every_row_once_in_order(n, size, keyed):
+    """Σ over the chunks of a per-chunk sum, against NumPy; each chunk gets its own key, in order."""
+    x = np.arange(n * 2, dtype=np.float64).reshape(n, 2) ** 1.5
+    y = np.arange(n)
+    chunks = -(-n // min(size, n))
+    keys = jax.random.split(jax.random.PRNGKey(n), chunks) if keyed else None
+
+    def part(xc, yc, key):  # "k": the chunk's key times (its first row + 1), so a key given to another chunk shows
+        k = jnp.zeros(()) if key is None else jax.random.uniform(key, dtype=jnp.float64) * (yc[0] + 1)
+        return {"x": jnp.sum(xc, axis=0), "rows": jnp.asarray(xc.shape[0]), "y2": jnp.sum(yc ** 2), "k": k}
+
+    got = jax.jit(lambda x, y, k: cv.sum_over_chunks(part, size, x, y, k))(jnp.asarray(x), jnp.asarray(y), keys)
+    assert rel_err(got["x"], x.sum(axis=0)) <= 1e-15 and int(got["rows"]) == n and int(got["y2"]) == (y ** 2).sum()
+    step = min(size, n)
+    want = sum(float(jax.random.uniform(keys[i], dtype=jnp.float64)) * (i * step + 1) for i in range(chunks)) \
+        if keyed else 0.0
+    assert abs(float(got["k"]) - want) <= 1e-12
