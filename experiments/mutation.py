@@ -691,6 +691,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "ece += inside.mean() * abs(", "ece += abs(",
            _ids("test_metrics.py::test_calibration_of_known_cases"),
            "the ECE sums the bins' gaps without weighting them by their share of the samples"),
+    Mutant("gram-lower-blocks-not-transposed", CURV, "fnn/curvature.py",
+           "upper[i, j] if i <= j else upper[j, i].T", "upper[i, j] if i <= j else upper[j, i]",
+           _ids("test_curvature.py::test_gram_equals_the_dense_product_and_is_symmetric"),
+           "a wide Gram matrix mirrors its upper blocks below the diagonal without transposing them"),
+    Mutant("chunks-first-counted-twice", CURV, "fnn/curvature.py",
+           "acc = lax.fori_loop(1, whole, body,", "acc = lax.fori_loop(0, whole, body,",
+           _ids("test_curvature.py::test_sum_over_chunks_visits_every_row_once_in_order",
+                "test_influence.py::test_block_size_does_not_matter"),
+           "the loop over the chunks adds the first chunk a second time"),
+    Mutant("influence-non-finite-data-kept", "influence", "fnn/influence.py",
+           "*data, finite=True)", "*data)",
+           _ids("test_influence.py::test_non_finite_inputs_are_refused_by_every_entry_point"),
+           "attribution scores data with NaN or inf in it (NaN scores, or finite wrong ones through a ReLU)"),
 )
 
 # A plugin for the pytest run in the copy: refuse to run against any fnn but the copy's, and do
