@@ -696,7 +696,7 @@ MUTANTS: tuple[Mutant, ...] = (
            _ids("test_curvature.py::test_gram_equals_the_dense_product_and_is_symmetric"),
            "a wide Gram matrix mirrors its upper blocks below the diagonal without transposing them"),
     Mutant("chunks-first-counted-twice", CURV, "fnn/curvature.py",
-           "acc = lax.fori_loop(1, whole, body,", "acc = lax.fori_loop(0, whole, body,",
+           "acc = lax.fori_loop(1, whole, body, acc)", "acc = lax.fori_loop(0, whole, body, acc)",
            _ids("test_curvature.py::test_sum_over_chunks_visits_every_row_once_in_order",
                 "test_influence.py::test_block_size_does_not_matter"),
            "the loop over the chunks adds the first chunk a second time"),
