@@ -534,17 +534,23 @@ def _eigen_sums(net, loss, samples, block, params, x, y, keys, bases):
     return curvature.sum_over_chunks(part, block, x, y, keys)
 
 
-def _kronecker(net, loss, params, x, y, refit: bool, key, samples: int, block: int, shift: float) -> list:
-    """Per layer ``(Q_G, Q_A, Λ̃)``, two passes over the data for EK-FAC (factors, then eigenvalues)."""
-    n = x.shape[0]
-    keys = None if key is None else jax.random.split(prng_key("key", key), len(_chunks(n, block)))
-    sums = _factor_sums(net, loss, samples, block, params, x, y, keys)
+@functools.partial(jax.jit, static_argnums=(1,))
+def _eigenbases(sums, n: int) -> tuple[list, list]:
+    """Per layer ``(Q_G, Q_A)`` of the factors ``A = (N·A)/N``, ``G = (N·G)/N``, and ``g_i a_j`` ``(n_l, m)``."""
     bases, eigs = [], []
     for A, G in sums:
         a, qa = jnp.linalg.eigh((A + A.T) / (2 * n))
         g, qg = jnp.linalg.eigh((G + G.T) / (2 * n))
         bases.append((qg, qa))
         eigs.append(jnp.outer(jnp.maximum(g, 0), jnp.maximum(a, 0)))
+    return bases, eigs
+
+
+def _kronecker(net, loss, params, x, y, refit: bool, key, samples: int, block: int, shift: float) -> list:
+    """Per layer ``(Q_G, Q_A, Λ̃)``, two passes over the data for EK-FAC (factors, then eigenvalues)."""
+    n = x.shape[0]
+    keys = None if key is None else jax.random.split(prng_key("key", key), len(_chunks(n, block)))
+    bases, eigs = _eigenbases(_factor_sums(net, loss, samples, block, params, x, y, keys), n)
     if refit:
         eigs = [e / n for e in _eigen_sums(net, loss, samples, block, params, x, y, keys, bases)]
     return [(qg, qa, lam + shift) for (qg, qa), lam in zip(bases, eigs)]
@@ -555,6 +561,7 @@ def _bases(pre: Preconditioner) -> list:
     return [(qg, qa) for qg, qa, _ in pre.layers] if pre.layers else [None] * pre.net.num_layers
 
 
+@jax.jit
 def _rotated(rows, bases) -> list:
     """Per layer ``(u, v) = (δ Q_G, ā Q_A)``."""
     return [(d, a) if b is None else (d @ b[0], a @ b[1]) for (d, a), b in zip(rows[0], bases)]
@@ -644,8 +651,10 @@ def influence(pre: Preconditioner, test, train=None, *, block: int = 1024, top: 
     return _collect(blocks(), xte.shape[0], xtr.shape[0], top, "low")
 
 
-@jax.jit
-def _kron_self(rotated, eigs):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _kron_self(net, loss, params, x, y, bases, eigs):
+    """``Σ_l Σ_{i,j} u_i² v_j² / Λ̃_ij`` ``(B,)`` of a block, from its rows, in one program."""
+    rotated = _rotated(_rows(net, loss, params, x, y), bases)
     return sum(jnp.einsum("bi,ij,bj->b", u * u, 1 / lam, v * v) for (u, v), lam in zip(rotated, eigs))
 
 
@@ -662,9 +671,10 @@ def self_influence(pre: Preconditioner, train=None, *, block: int = 1024) -> np.
     block = _block(block)
     out = []
     for lo, hi in _chunks(x.shape[0], block):
-        rows = _rows(pre.net, pre.loss, pre.params, x[lo:hi], y[lo:hi])
         if pre.method == "cg":
+            rows = _rows(pre.net, pre.loss, pre.params, x[lo:hi], y[lo:hi])
             out.append(_cg_self(_solved(pre, rows), rows))
         else:
-            out.append(_kron_self(_rotated(rows, _bases(pre)), [lam for _, _, lam in pre.layers]))
+            out.append(_kron_self(pre.net, pre.loss, pre.params, x[lo:hi], y[lo:hi], _bases(pre),
+                                  [lam for _, _, lam in pre.layers]))
     return np.concatenate([np.asarray(o) for o in out])
