@@ -56,6 +56,10 @@ timing records the process CPU time too: ``cpu/wall`` is the number of cores a c
 below the thread count when other jobs share the machine. ``--quick`` runs one small model on 2,048
 samples: a smoke test of the code path in seconds, not a result.
 
+Run as a script, it pins LAPACK (OpenBLAS) to one thread unless ``OPENBLAS_NUM_THREADS`` is set
+(:func:`_pin_lapack_threads`): OpenBLAS's idle threads spin after every eigendecomposition and slow the
+next XLA program on a few cores. BENCH.md gives the setting of each section's figures.
+
 Output: tables on stdout (Markdown) and ``bench.json``. Run it by hand, never as a timed test::
 
     python experiments/bench.py [--repeats 5] [--warmup 1] [--quick] [--no-torch] [--out DIR]
@@ -1665,7 +1669,8 @@ def machine() -> dict:
     device = jax.devices()[0]
     return {"cpu": model, "cores": os.cpu_count(), "platform": device.platform, "device": device.device_kind,
             "jax": jax.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_start": _load()}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+            "load_average_start": _load()}
 
 
 def _load() -> list[float] | None:
@@ -1686,7 +1691,8 @@ def _ratio(ratio: dict) -> str:
 def print_tables(results: dict) -> None:
     m = results["machine"]
     print(f"{m['cpu']}, {m['cores']} cores; jax {m['jax']} on {m['platform']} ({m['device']}); torch "
-          f"{results['torch_version'] or results['torch_skipped']}; XLA_FLAGS={m['xla_flags']!r}; load average "
+          f"{results['torch_version'] or results['torch_skipped']}; XLA_FLAGS={m['xla_flags']!r}; "
+          f"OPENBLAS_NUM_THREADS={m.get('openblas_threads')}; load average "
           f"(1, 5, 15 min) {m['load_average_start']} at the start, {m['load_average_end']} at the end")
 
     steps = results["steps"]
@@ -1934,5 +1940,18 @@ def main(argv=None) -> dict:
     return results
 
 
+def _pin_lapack_threads() -> None:
+    """Run again with ``OPENBLAS_NUM_THREADS=1`` unless it is set. XLA:CPU calls LAPACK (OpenBLAS) for its
+    eigendecompositions and factorizations; after each call OpenBLAS's threads spin for about 0.1 s before
+    they sleep, and on a few cores they take the cores from XLA's own thread pool: the next program runs
+    slower (a gradient epoch right after a 785 × 785 ``eigh``: 215–250 ms against 191 ms). With one LAPACK
+    thread nothing spins; the ``eigh`` itself is slower (87 ms against 63 ms). OpenBLAS reads the variable
+    when it loads, so it is set before the process starts; ``OPENBLAS_NUM_THREADS`` given by the caller
+    is kept."""
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+
+
 if __name__ == "__main__":
+    _pin_lapack_threads()
     main()
