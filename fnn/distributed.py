@@ -6,7 +6,10 @@ rest. The manual backprop's batch reductions (``δᵀ a / N`` and ``Σ δ / N`` 
 batch mean and variance of batch normalization) are sums over the sharded axis, so the partitioner
 turns them into all-reduces: the gradients are averaged across devices without a hand-written
 ``psum``, and the result is the single-device computation (up to the order of floating-point sums).
-The same code then runs on one device, on the GPUs of one machine, and across hosts.
+The same code then runs on one device, on the GPUs of one machine, and across hosts. The DP-SGD
+step splits every piece of its Poisson lot the same way (:func:`fnn.privacy.private_gradient`), and
+the optimizers that read the batch (K-FAC's factors, the Gauss-Newton products of Hessian-free) get
+it sharded, so their batch sums are all-reduced too.
 
 Single process, N devices::
 
@@ -44,6 +47,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """Split along the first (sample) axis over the mesh axis ``"data"``."""
     return NamedSharding(mesh, PartitionSpec(AXIS))
+
+
+def devices(mesh: Mesh | None) -> int:
+    """How many devices ``mesh`` holds (1 without a mesh): the number of shards a batch splits into."""
+    return 1 if mesh is None else int(mesh.devices.size)
+
+
+def shard_rows(mesh: Mesh | None, *arrays) -> tuple:
+    """``arrays`` constrained, inside a compiled function, to be split by sample over ``mesh``'s axis
+    ``"data"`` (as they are without a mesh): what is computed per sample from them then runs on each
+    device's rows, and a sum over the samples becomes per-device sums and an all-reduce."""
+    if mesh is None:
+        return arrays
+    return tuple(jax.lax.with_sharding_constraint(a, batch_sharded(mesh)) for a in arrays)
 
 
 def global_batch_arrays(mesh: Mesh, *local_arrays):

@@ -400,7 +400,9 @@ def observer(net: MLP, names, l2, width: int, population: int | None = None) -> 
     """The training observer (:mod:`fnn.epoch`) of the statistics ``names`` (some of
     :data:`STATISTICS`) of every step, from the step's trace: :func:`step_statistics` per step,
     :func:`epoch_statistics` in the history. ``width``: the largest batch; ``population``: the size of
-    the training set the batches are drawn from without replacement (:func:`noise_scale`)."""
+    the training set the batches are drawn from without replacement (:func:`noise_scale`). With a mesh
+    (``fit(..., per_example=..., mesh=...)``) the step's trace is sharded by sample: each device takes
+    the norms of its rows and the noise scale's sums are all-reduced, equal to one device's to rounding."""
     names = tuple(names)
     return Observer("per_example",
                     lambda s: step_statistics(net, s.params, s.gradient.trace, l2, names, width, population),

@@ -25,6 +25,11 @@ and its resumes, a failed epoch's steps included), so no draw is ever used twice
 refused unless asked for, and so is any optimizer that reads the data beyond the clipped gradient
 (K-FAC, Hessian-free, Newton's step on a training objective).
 
+Data-parallel over a device mesh (``fit(..., privacy=..., mesh=...)``, :func:`private_gradient`): the
+lot is drawn once, globally, from the step's key; each device clips and sums its share of it; the
+sums are all-reduced and the noise, drawn from the same key on every device, is added once. The
+plan and the accounting do not depend on the mesh.
+
 The step's running time depends on the lot's size (through the padded size), as with any
 Poisson-sampled DP-SGD; the guarantee covers the released parameters, not that timing (nor the
 :class:`PrivateStats`).
@@ -61,8 +66,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from fnn import noise, optim, per_example
+from fnn import distributed, noise, optim, per_example
 from fnn.backprop import backprop_trace
 from fnn.checks import nonempty, positive_int, prng_key, real_in
 from fnn.epoch import Batches, BatchGradient
@@ -297,23 +303,30 @@ def lot_sizes(num_samples: int, q: float) -> tuple[int, ...]:
     return tuple(sorted({min(n, grain * k) for k in range(first, last + 1)}))
 
 
-def lot_sum(key: jax.Array, num_samples: int, q: float, rows_sum, start, *, chunk: int):
+def lot_sum(key: jax.Array, num_samples: int, q: float, rows_sum, start, *, chunk: int, shards: int = 1):
     """``(start + Σ_{pieces} rows_sum(rows), |lot|)`` over a Poisson lot drawn by :func:`poisson_lot` from ``key``.
 
     The lot's indices are padded with ``N`` (no example) to the smallest of :func:`lot_sizes` that
     holds them, and that padded lot, of static size ``m``, is cut into ``k = ⌈m/chunk⌉`` pieces
-    of ``⌈m/k⌉`` indices (the last padded too); a ``lax.switch`` picks the compiled size and a
-    ``fori_loop`` runs the pieces. A lot larger than every size runs in as many pieces of the
-    largest size's piece as it needs. ``rows_sum(rows (p,) int32) -> pytree like start`` must give
-    padding rows (``rows == N``) no weight. Nothing is capped or truncated: every member of the
-    lot is in some piece, so the sampling is exactly Poisson whatever the padding.
+    of ``⌈m/k⌉`` indices, rounded up to a multiple of ``shards`` (the last piece padded too); a
+    ``lax.switch`` picks the compiled size and a ``fori_loop`` runs the pieces. A lot larger than
+    every size runs in as many pieces of the largest size's piece as it needs.
+    ``rows_sum(rows (p,) int32) -> pytree like start`` must give padding rows (``rows == N``) no
+    weight. Nothing is capped or truncated: every member of the lot is in some piece, so the
+    sampling is exactly Poisson whatever the padding. ``shards``: the devices a piece is split over
+    (:func:`private_gradient` on a mesh), so that each holds ``p/shards`` rows; ``chunk`` must be a
+    multiple of it, and a piece then still holds at most ``chunk`` rows.
     """
     n = positive_int("num_samples", num_samples)
     chunk = positive_int("chunk", chunk)
+    shards = positive_int("shards", shards)
+    if chunk % shards:
+        raise ValueError(f"pieces of at most chunk={chunk} rows cannot split into shards={shards} equal parts; use "
+                         f"a chunk divisible by {shards}.")
     order, count = poisson_lot(key, n, q)
     sizes = lot_sizes(n, q)
     pieces = [-(-m // chunk) for m in sizes]
-    piece = [-(-m // k) for m, k in zip(sizes, pieces)]
+    piece = [-(-m // (k * shards)) * shards for m, k in zip(sizes, pieces)]
     length = max(*(k * p for k, p in zip(pieces, piece)), -(-n // piece[-1]) * piece[-1])
     order = jnp.concatenate([order, jnp.full((length - n,), n, jnp.int32)])  # room for every piece
 
@@ -340,7 +353,7 @@ def gaussian(key: jax.Array, like: Params, std: float) -> Params:
 
 def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss: Loss, key: jax.Array, *,
                      clip: float, noise_multiplier: float, q: float, chunk: int = 1024,
-                     l2: float = 0.0) -> tuple[Params, PrivateStats]:
+                     l2: float = 0.0, mesh: Mesh | None = None) -> tuple[Params, PrivateStats]:
     """One DP-SGD gradient from the training set ``(x (N, n_0), y)``: ``(g̃, stats)``.
 
     ``g̃ = (Σ_{x ∈ lot} g_x min(1, c/‖g_x‖) + 𝒩(0, σ²c² I)) / (qN) + βW``, the lot drawn by
@@ -357,6 +370,17 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
     one whose norm was taken), and each weight clips to ``c (1 − m)``, with the margin
     :func:`clip_margin` covering the rounding of the norm and of the products, so that every
     example adds at most ``c`` (tested in float64).
+
+    Data-parallel, over a 1-D ``mesh`` (:func:`fnn.distributed.data_mesh`; inside ``jit``, params, key
+    and ``(x, y)`` replicated or ``(x, y)`` split by sample over several processes): the lot is the
+    same global Poisson lot, drawn from the replicated key (every example joins with rate ``q``,
+    whatever the sharding); every piece of it is split over the devices (``chunk`` counts the rows of
+    all devices together and must be a multiple of their number, :func:`check_chunk`), each device
+    clips and sums its rows, and the partitioner all-reduces the sums; the noise, drawn from the
+    replicated key, is the same on every device and added once. The result is the single-device one
+    to rounding, not bit for bit: the same clipped terms are added in another order (each device's
+    partial sums, then the all-reduce, over pieces padded to a multiple of the devices); the lot
+    (so its size) and the noise are the same draws, bit for bit.
     """
     loss = check_output(loss, net.output)
     if net.has_state:
@@ -366,7 +390,7 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
     clip = real_in("clip", clip, 0.0, low_open=True)
     noise_multiplier = real_in("noise_multiplier", noise_multiplier, 0.0)
     q = real_in("the sampling rate q", q, 0.0, 1.0, low_open=True)
-    chunk = positive_int("chunk", chunk)
+    chunk = check_chunk(chunk, mesh)
     l2 = check_l2(l2)
     key = prng_key("key", key)
     x = net.check_input(params, x)
@@ -379,9 +403,12 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
     bound = clip * (1 - clip_margin(net, dtype))
 
     def clipped_sum(rows):
+        if mesh is not None:  # the lot stays whole on every device (never gathered); each takes its share
+            rows = jax.lax.with_sharding_constraint(rows, distributed.replicated(mesh))
+        (rows,) = distributed.shard_rows(mesh, rows)
         real = rows < n
         rows = jnp.where(real, rows, 0)
-        _, _, _, trace = backprop_trace(net, params, x[rows], y[rows], loss)
+        _, _, _, trace = backprop_trace(net, params, *distributed.shard_rows(mesh, x[rows], y[rows]), loss)
         norms = per_example.grad_norms(net, params, trace)
         weights = jnp.where(real, jnp.minimum(1, bound / jnp.where(norms > 0, norms, 1)), 0).astype(dtype)
         return (per_example.weighted_sum(net, params, trace, weights, full_precision=True),
@@ -391,12 +418,26 @@ def private_gradient(net: MLP, params: Params, x: jax.Array, y: jax.Array, loss:
     # The sum starts from the noise: drawn once, before the lot (an operand of the lot's switch, so
     # that XLA materializes it instead of recomputing it inside every consumer of g̃).
     start = (gaussian(noise_key, params, noise_multiplier * clip), jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
-    (total, cost, clipped), count = lot_sum(lot_key, n, q, clipped_sum, start, chunk=chunk)
+    (total, cost, clipped), count = lot_sum(lot_key, n, q, clipped_sum, start, chunk=chunk,
+                                            shards=distributed.devices(mesh))
     grads = jax.tree.map(lambda t: t / (q * n), total)
     if l2_active(l2):
         grads = [{**g, "W": g["W"] + l2 * layer["W"]} for g, layer in zip(grads, params)]
     lot = jnp.maximum(count, 1)
     return grads, PrivateStats(count, cost / lot, clipped / lot)
+
+
+def check_chunk(chunk: int, mesh: Mesh | None) -> int:
+    """``chunk`` after checking that it is a positive int and, with a ``mesh``, a multiple of its devices
+    (each device clips and sums an equal share of every piece of the lot)."""
+    chunk = positive_int("chunk", chunk)
+    devices = distributed.devices(mesh)
+    if chunk % devices:
+        fits = chunk - chunk % devices or devices
+        raise ValueError(f"the private step's chunk of {chunk} examples per backprop pass does not split over the "
+                         f"mesh's {devices} devices (each clips an equal share of every piece of the lot); use a "
+                         f"chunk divisible by {devices}, e.g. Privacy(..., chunk={fits}).")
+    return chunk
 
 
 def clip_margin(net: MLP, dtype) -> float:
@@ -455,7 +496,8 @@ class Privacy(NamedTuple):
         then the smallest that keeps to it (:func:`noise_multiplier_for`).
       delta: ``δ`` of the ``(ε, δ)`` guarantee; it must be below ``1/N`` (a mechanism that publishes
         one example in full, at random, is ``(0, 1/N)``-DP), unless ``allow_large_delta``.
-      chunk: at most this many examples per backprop pass over the lot (memory, not privacy).
+      chunk: at most this many examples per backprop pass over the lot (memory, not privacy); with
+        a mesh, the rows of all its devices together, a multiple of their number.
       spent: what the run being resumed spent (its :attr:`fnn.FitResult.privacy_spent`, a
         :class:`Spent`); required when :func:`fnn.fit` resumes (``start_epoch > 0``), so that ``ε``
         counts the earlier steps at the ``σ`` they were taken with, and a ``target_epsilon`` is the
@@ -568,21 +610,23 @@ def lots(private: PrivatePlan, width: int = 1) -> Batches:
                    epoch_key=epoch_key, account=account)
 
 
-def gradient(net: MLP, loss: Loss, l2: float, private: PrivatePlan):
+def gradient(net: MLP, loss: Loss, l2: float, private: PrivatePlan, mesh: Mesh | None = None):
     """The gradient part of a DP-SGD epoch: ``(params, state, x, y, key) -> BatchGradient`` of
     :func:`private_gradient` on the whole training set, the batch being the step's key; its size is
     the lot's drawn size, and it holds no trace (the lot is not recorded) and no batch for the
-    optimizer (one that reads the batch is refused by :func:`parts`)."""
+    optimizer (one that reads the batch is refused by :func:`parts`). With a ``mesh``, data-parallel
+    (:func:`private_gradient`)."""
 
     def private_step(params, state, x, y, key):
         grads, s = private_gradient(net, params, x, y, loss, key, clip=private.clip, q=private.q,
-                                    noise_multiplier=private.noise_multiplier, chunk=private.chunk, l2=l2)
+                                    noise_multiplier=private.noise_multiplier, chunk=private.chunk, l2=l2, mesh=mesh)
         return BatchGradient(s.cost, grads, state, None, s.lot_size, None)
 
     return private_step
 
 
-def parts(private: PrivatePlan | None, net: MLP, loss: Loss, l2: float, opt, width: int = 1):
+def parts(private: PrivatePlan | None, net: MLP, loss: Loss, l2: float, opt, width: int = 1,
+          mesh: Mesh | None = None):
     """``(lots(private), gradient(...))``, the two parts of a DP-SGD epoch; ``None`` without a plan.
     Refuses an optimizer that reads the curvature of the batch (K-FAC, Hessian-free)."""
     if private is None:
@@ -592,22 +636,25 @@ def parts(private: PrivatePlan | None, net: MLP, loss: Loss, l2: float, opt, wid
             f"the {opt.name} optimizer reads the curvature of the batch, which the privacy analysis does not "
             "cover (it bounds one example's influence through the clipped gradient only). Use a first-order "
             "optimizer with privacy.")
-    return lots(private, width), gradient(net, loss, l2, private)
+    return lots(private, width), gradient(net, loss, l2, private, mesh)
 
 
 def training(settings: Privacy | None, net: MLP, opt_state, *, num_samples: int, epochs: int, start_epoch: int,
-             custom: bool) -> PrivatePlan | None:
+             custom: bool, mesh: Mesh | None = None) -> PrivatePlan | None:
     """For :func:`fnn.fit`: the :class:`PrivatePlan` of ``settings`` for ``epochs`` epochs after
     ``start_epoch``, after checking that the run can be private; ``None`` without settings.
-    ``custom``: the run asks for something the private step does not do (autodiff, a mesh,
-    per-example statistics or a gradient of its own)."""
+    ``custom``: the run asks for something the private step does not do (autodiff, per-example
+    statistics or a gradient of its own). ``mesh``: data-parallel, its devices must divide
+    ``settings.chunk`` (:func:`check_chunk`); the plan, and so the accounting, does not depend on it."""
     if settings is None:
         return None
     if custom or net.has_state:
-        raise ValueError("privacy needs grad_source='manual', one device, no batch norm, no per_example statistics "
-                         "and no gradient of its own (the private step reads the δ's itself).")
+        raise ValueError("privacy needs grad_source='manual', no batch norm, no per_example statistics and no "
+                         "gradient of its own (the private step reads the δ's itself).")
     if optim.reads_objective(opt_state):
         raise ValueError("Newton's step reads the Hessian of its objective, a function of the training data that "
                          "the privacy analysis does not cover (it bounds one example's influence through the "
                          "clipped, noised gradient only). Use a first-order optimizer with privacy.")
-    return plan(settings, num_samples, start_epoch + epochs, start_epoch)
+    private = plan(settings, num_samples, start_epoch + epochs, start_epoch)
+    check_chunk(private.chunk, mesh)
+    return private

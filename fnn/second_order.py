@@ -40,6 +40,16 @@ per candidate iterate (about ``log₁.₃`` of the iterations). A step that does
 batch (``C(θ + d) ≥ C(θ)``, or not finite) is rejected, as in Levenberg–Marquardt: the update is 0 and
 ``λ ← 3λ/2``; an accepted update is ``α d``.
 
+**Data-parallel** (``fnn.fit(..., mesh=...)``, :mod:`fnn.distributed`): the batch the optimizers
+read is the step's batch, sharded by sample over the mesh, so every batch sum they take (the
+Kronecker factors ``A_batch = āᵀā/B`` and ``G_batch``, each Gauss-Newton product ``G v``, the costs
+of the quadratic model and of the backtracking) is a per-device sum that XLA's partitioner
+all-reduces. The state (running factors, inverses, λ, CG's warm start) is replicated: the damped
+inverses are computed from the all-reduced factors, the same on every device, and so is every step.
+K-FAC's sampled columns are the single-device draws (JAX's random values do not depend on the
+sharding). A run equals one device's to rounding, the sums being added in another order
+(``tests/test_distributed.py``).
+
 All are self-describing (:func:`fnn.optim.describe`, network and loss included), so a checkpoint
 saved with ``opt=`` rebuilds them and a resumed run continues bit for bit.
 

@@ -85,7 +85,7 @@ def parts(net: MLP, loss: Loss, opt, *, num_samples: int, batch_size: int, l2: f
     The observers: :data:`fnn.epoch.GRAD_NORM` (``grad_norm``), :func:`fnn.per_example.observer`
     (``per_example``), then ``observers``."""
     checks.lookup(GRAD_SOURCES, "gradient source", grad_source)
-    batches, default = dp.parts(privacy, net, loss, l2, opt, batch_size) or (
+    batches, default = dp.parts(privacy, net, loss, l2, opt, batch_size, mesh) or (
         shuffled(num_samples, batch_size, last_batch), batch_gradient(net, loss, l2, grad_source, mesh))
     per_example = check_statistics(net, per_example, grad_source)
     statistics = observer(net, per_example, l2, batch_size, population=num_samples)  # batches drawn without replacement
@@ -140,7 +140,9 @@ def fit(net: MLP, params: Params, opt, train: tuple[jax.Array, jax.Array], *, lo
       on_epoch_end: called with the state after every finished epoch (e.g. to checkpoint).
       mesh: a 1-D device mesh (:func:`fnn.distributed.data_mesh`) for data-parallel training: every
         batch is sharded over it, params and optimizer state replicated. ``train`` may hold global
-        arrays made by :func:`fnn.distributed.global_batch_arrays` (one shard per process).
+        arrays made by :func:`fnn.distributed.global_batch_arrays` (one shard per process). With
+        ``privacy``, every lot is split over it instead (:func:`fnn.privacy.private_gradient`; the
+        ``Privacy.chunk`` a multiple of its devices, ``batch_size`` unused).
       data_parallel: shorthand for ``mesh=fnn.distributed.data_mesh()`` (every device).
       grad_norm: record the global gradient norm of every step (the default); ``False`` saves
         3–5 % of a small model's step on a CPU and leaves ``grad_norm`` out of the history.
@@ -194,8 +196,9 @@ def fit(net: MLP, params: Params, opt, train: tuple[jax.Array, jax.Array], *, lo
     optim.check_built_for(opt, net, loss, l2)
     opt_state = optim.checked_state(opt, params, opt_state)
     per_example = check_statistics(net, per_example, grad_source)
-    custom = grad_source != "manual" or mesh is not None or bool(per_example) or gradient is not None
-    private = dp.training(privacy, net, opt_state, num_samples=n, epochs=epochs, start_epoch=start_epoch, custom=custom)
+    custom = grad_source != "manual" or bool(per_example) or gradient is not None
+    private = dp.training(privacy, net, opt_state, num_samples=n, epochs=epochs, start_epoch=start_epoch, custom=custom,
+                          mesh=mesh)
     epoch_kw = dict(num_samples=n, batch_size=batch_size, l2=l2, grad_source=grad_source, last_batch=last_batch,
                     mesh=mesh, grad_norm=grad_norm, per_example=per_example, gradient=gradient,
                     observers=tuple(observers), privacy=private and private._replace(spent=None))  # the mechanism
@@ -203,8 +206,9 @@ def fit(net: MLP, params: Params, opt, train: tuple[jax.Array, jax.Array], *, lo
     if state is None and net.has_state:
         state = net.init_state(x.dtype)
     net.check_state(state)
-    if mesh is not None:
+    if mesh is not None and private is None:  # a private step splits its lot's pieces itself (Privacy.chunk)
         distributed.check_divisible(mesh, batch_size, n % batch_size if last_batch == "smaller" else 0)
+    if mesh is not None:
         params, opt_state, state, key, held_out = jax.device_put((params, opt_state, state, key, held_out),
                                                                  distributed.replicated(mesh))
         x, y = jax.device_put((x, y), distributed.replicated(mesh)) if local else (x, y)

@@ -207,6 +207,8 @@ def test_batch_norm_and_bad_settings_are_refused():
                                  noise_multiplier=1.0, q=0.1)
     with pytest.raises(ValueError, match="block must be"):
         privacy.poisson_lot(jax.random.PRNGKey(0), 50, 0.1, block=0)
+    with pytest.raises(ValueError, match=r"chunk=6 rows cannot split into shards=4 equal parts; use a chunk divisible"):
+        privacy.lot_sum(jax.random.PRNGKey(0), 50, 0.1, lambda rows: rows.sum(), jnp.int32(0), chunk=6, shards=4)
     with pytest.raises(ValueError, match=r"clip must be a finite number in \(0, inf\)"):
         privacy.private_gradient(net, params, x, y, loss, jax.random.PRNGKey(0), clip=0.0, noise_multiplier=1.0, q=0.1)
 
@@ -302,7 +304,8 @@ def test_poisson_lots_have_binomial_sizes_and_uniform_membership(n, q, block):
 def test_lot_sum_covers_every_member_at_every_padded_size():
     """:func:`lot_sum` over lots that land in every compiled size and beyond the largest (drawn from
     keys found by search: a lot above qN + 4s is rare): every member exactly once, no padding row,
-    pieces of at most ``chunk`` rows (3, and 64: one piece), and the sum starts from ``start``."""
+    pieces of at most ``chunk`` rows (3, and 64: one piece), and the sum starts from ``start``. With
+    ``shards`` (a mesh's devices) every piece holds a multiple of them, still at most ``chunk``."""
     n, q = 400, 0.01  # qN = 4: sizes 2, 4, …, 12, and beyond
     sizes = privacy.lot_sizes(n, q)
     lot = jax.jit(lambda k: privacy.poisson_lot(k, n, q))
@@ -311,15 +314,15 @@ def test_lot_sum_covers_every_member_at_every_padded_size():
     assert counts.max() > sizes[-1] and n > sizes[-1]  # the search found a lot beyond the largest size
     picks = [int(np.flatnonzero(counts == c)[0]) for c in sorted(set(counts.tolist()))]
     start = (jnp.int32(7), jnp.int32(0), jnp.int32(0))
-    for chunk in (3, 64):
-        def rows_sum(rows, chunk=chunk):
-            assert rows.shape[0] <= chunk  # static: checked while tracing every branch
+    for chunk, shards in ((3, 1), (64, 1), (8, 4)):
+        def rows_sum(rows, chunk=chunk, shards=shards):
+            assert rows.shape[0] <= chunk and rows.shape[0] % shards == 0  # static: checked while tracing every branch
             real = rows < n
             return (jnp.sum(real, dtype=jnp.int32), jnp.sum(jnp.where(real, rows, 0), dtype=jnp.int32),
                     jnp.sum(jnp.where(real, rows * rows, 0), dtype=jnp.int32))
 
-        run = jax.jit(lambda key, rows_sum=rows_sum, chunk=chunk: privacy.lot_sum(key, n, q, rows_sum, start,
-                                                                                   chunk=chunk))
+        run = jax.jit(lambda key, rows_sum=rows_sum, chunk=chunk, shards=shards: privacy.lot_sum(
+            key, n, q, rows_sum, start, chunk=chunk, shards=shards))
         for i in picks:
             order, count = lot(keys[i])
             members = np.asarray(order)[: int(count)]
