@@ -573,12 +573,15 @@ def _solve(net, loss, l2, matrix, iters, params, x, y, damping, rows):
     one test point at a time (``lax.map``: a ``vmap`` of the batched softmax curvature miscompiles in float32
     on XLA's CPU backend beyond 2¹⁵ elements)."""
     op = curvature.product_operator(net, params, x, y, loss, l2, matrix=matrix)
-    flat, unravel = ravel_pytree(params)
+    unravel = ravel_pytree(params)[1]
 
     def one(row):
         g = ravel_pytree([{k: d[:, None] * a[None, :-1] if k == "W" else d for k in layer}
                           for layer, (d, a) in zip(params, row)])[0]
-        s = unravel(cg(lambda v: ravel_pytree(op(unravel(v)))[0] + damping * v, g, jnp.zeros_like(flat), iters))
+        # CG starts from 0·g, not a literal zero: XLA:CPU (jaxlib 0.10) compiles a batch sum of a product with a
+        # constant zero matrix, e.g. jnp.sum(x @ jnp.zeros((784, 32)), 0) for 128 or more rows, to NaN, and the
+        # first product M·0 then poisons every iterate (tests/test_influence.py, the 512-row regression test).
+        s = unravel(cg(lambda v: ravel_pytree(op(unravel(v)))[0] + damping * v, g, 0 * g, iters))
         return [jnp.concatenate([t["W"], t["b"][:, None]], axis=1) for t in s]
 
     return lax.map(one, rows[0])

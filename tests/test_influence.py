@@ -164,6 +164,30 @@ def test_influence_against_dense_matrices(loss_name, output):
         assert rel_err(inf.self_influence(pre), expect) <= 1e-10, method
 
 
+def test_cg_influence_on_hundreds_of_rows_against_a_dense_solve():
+    """A float32 regression case where XLA:CPU (jaxlib 0.10) compiled CG's first product with a
+    literal zero start to NaN (every score NaN from a few hundred rows on): the scores against
+    numpy.linalg.solve with G = Σ_x J_xᵀ H_x J_x / N in float64 (J from jax.jacrev, H_x = diag(p) − ppᵀ)."""
+    net = fnn.MLP((64, 32, 10), "tanh", "identity")
+    params = net.init(jax.random.PRNGKey(3), jnp.float32)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(512, 64)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 512))
+    lam = 1.0
+    pre = inf.preconditioner(net, params, (x, y), "softmax_cross_entropy", method="cg", damping=lam, cg_iters=60)
+    got = inf.influence(pre, (x[:3], y[:3]))
+    p64 = jax.tree.map(lambda t: t.astype(jnp.float64), params)
+    flat, unravel = ravel_pytree(p64)
+    x64 = x.astype(jnp.float64)
+    J = np.asarray(jax.vmap(jax.jacrev(lambda f, xi: net.apply(unravel(f), xi[None])[0]), (None, 0))(flat, x64))
+    prob = np.asarray(jax.nn.softmax(net.apply(p64, x64)))
+    HJ = prob[:, :, None] * J - prob[:, :, None] * np.einsum("nk,nkp->np", prob, J)[:, None, :]
+    G = J.reshape(-1, J.shape[-1]).T @ HJ.reshape(-1, J.shape[-1]) / x.shape[0]
+    g = np.asarray(_grads(net, p64, (x64, y), fnn.losses.softmax_cross_entropy))
+    want = -g[:3] @ np.linalg.solve(G + lam * np.eye(G.shape[0]), g.T)
+    assert np.all(np.isfinite(got)) and rel_err(got, want) <= 1e-5
+
+
 def test_cg_with_the_hessian():
     """matrix="hessian": −g_testᵀ (H + λI)⁻¹ g_z with H = jax.hessian of the training cost (L2 included)."""
     net, params, train, test, loss = _problem("categorical_cross_entropy", "softmax")
