@@ -739,6 +739,13 @@ def render_influence(r: dict) -> str:
               "- EK-FAC's area with λ = " + "; ".join(
                   f"{float(f):g} × the mean eigenvalue: {_span([run['damping_areas'][f] for run in runs], '.3f')}"
                   for f in runs[0]["damping_areas"]) + "."]
+    if all("subset" in run for run in runs):
+        sub = [run["subset"] for run in runs]
+        lines.append(f"- EK-FAC fitted on a random {sub[0]['rows']:,} of the {r['n']:,} rows (one sampled output "
+                     f"column each), every row scored: Spearman's ρ with the full fit's self-influence "
+                     f"{_span([s['spearman'] for s in sub], '.4f')}, top-decile overlap "
+                     f"{_span([s['top_decile_overlap'] for s in sub], '.3f')}; flipped labels found after "
+                     f"{100 * at[0]:g} % " + ", ".join(f"{s['found']} (full fit {s['found_full']})" for s in sub) + ".")
     expected = " and ".join(f"{p * flipped:g} after {100 * p:g} %" for p in at[:2])
     above = {m: v[f"{m} above random"] for m in ("EK-FAC", "TracIn")}
     claims = "; ".join(f"{m}: verdict **{w['verdict']}** ({sum(w['per_seed'])} of {len(runs)} seeds)"
@@ -754,6 +761,53 @@ def render_influence(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_influence_lds(r: dict) -> str:
+    """The default-mode run of part 2 (``--lds``): per method the mean LDS over the test points per seed (with
+    its standard error and quartiles) and over the seeds, the damping's effect, the retrainings' agreement, the
+    full model, the verdicts and the literature's values (a quick run has other sizes, so the test checks that
+    the committed runs' verdicts follow from the per-test-point values their JSON holds)."""
+    _default_run(r, "influence_lds")
+    runs, s, v, st = r["runs"], r["summary"], r["verdicts"], r["setting"]
+    seeds = [run["seed"] for run in runs]
+    models = st["subsets"] * st["retrains"]
+    lines = [f"- mnist-10k; per seed N = {st['train']:,} training images and T = {st['test']} held-out test points "
+             f"drawn at random; `{'-'.join(map(str, r['sizes']))}` relu, full-batch Adam α = {r['lr']:g} "
+             f"cosine-decayed to 0 over {st['steps']} steps, β = {r['beta']:g}; M = {st['subsets']} random halves "
+             f"of the training images, each retrained from K = {st['retrains']} inits ({models} models per seed); "
+             "the actual outcome is the test loss averaged over the K. Scores from one model trained on all N: "
+             f"λ = {r['damping_fraction']:g} × the mean eigenvalue of G "
+             f"(λ = {_span([run['damping'] for run in runs], '.2g')}), CG {st['cg_iters']} iterations, TracIn over "
+             f"{st['checkpoints']} checkpoints; {_seed_range(r, r['seeds'])}.", "",
+             "| method | mean LDS: mean [min–max] over the seeds | "
+             + " | ".join(f"seed {seed}: mean ± s.e. (quartiles)" for seed in seeds) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in seeds) + " |"]
+    for m in r["methods"]:
+        cells = [f"{q['mean']:.3f} ± {q['sem']:.3f} ({q['q25']:.2f}, {q['median']:.2f}, {q['q75']:.2f})"
+                 for q in s[m]["per_seed"]]
+        lines.append(f"| {m} | {s[m]['mean']:.3f} [{s[m]['min']:.3f}–{s[m]['max']:.3f}] | " + " | ".join(cells) + " |")
+    a = s["retrain agreement"]
+    lines += ["", f"- two retrainings of the same subsets against each other (ρ between single models' test losses, "
+                  f"mean over the test points and pairs): {a['mean']:.3f} [{a['min']:.3f}–{a['max']:.3f}].",
+              "- mean LDS with λ = " + "; ".join(
+                  f"{float(f):g} × the mean eigenvalue: EK-FAC "
+                  f"{_span([run['damping_lds']['EK-FAC'][f] for run in runs], '.3f')}, KFAC "
+                  f"{_span([run['damping_lds']['KFAC'][f] for run in runs], '.3f')}"
+                  for f in runs[0]["damping_lds"]["EK-FAC"]) + ".",
+              f"- the model trained on all N: cost {_span([run['final_cost'] for run in runs], '.4f')}, gradient norm "
+              f"{_span([run['gradient_norm'] for run in runs], '.2g')} at the end; held-out accuracy "
+              f"{_span([100 * run['held_out_accuracy'] for run in runs], '.1f')} % (all 2,000 held-out images); mean "
+              f"test loss on the T points {_span([run['full_test_loss'] for run in runs], '.3f')}, against "
+              f"{_span([run['subset_test_loss'] for run in runs], '.3f')} after training on a half."]
+    for claim, w in v.items():
+        rule = "more than two standard errors above 0" if claim.endswith("above 0") else ""
+        lines.append(f"- {claim}{f' ({rule})' if rule else ''} in every seed: verdict **{w['verdict']}** "
+                     f"({sum(w['per_seed'])} of {len(runs)} seeds).")
+    lit = r["literature"]
+    lines.append(f"- {lit['source']}: LDS of the MLP " + ", ".join(f"{k} {x:.2f}" for k, x in lit["MLP"].items())
+                 + "; of the LR " + ", ".join(f"{k} {x:.2f}" for k, x in lit["LR"].items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
 RENDER = {"autodiff_graphs": render_autodiff_graphs, "optimizers": render_optimizers,
           "initialization": render_initialization, "xor": render_xor,
           "universal_approximation": render_universal_approximation, "capacity": render_capacity,
@@ -763,7 +817,7 @@ RENDER = {"autodiff_graphs": render_autodiff_graphs, "optimizers": render_optimi
           "gradient_noise": render_gradient_noise, "mnist": render_mnist,
           "gradient_agreement": render_gradient_agreement, "private_mnist": render_private_mnist,
           "second_order": render_second_order, "laplace": render_laplace,
-          "influence": render_influence}
+          "influence": render_influence, "influence_lds": render_influence_lds}
 
 
 def blocks(text: str) -> dict[str, str]:

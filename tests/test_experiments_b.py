@@ -621,6 +621,10 @@ def test_influence(tmp_path, mnist_dir):
                 assert c[round(100 * p)] * run_["flipped"] == pytest.approx(k["found"][f"{p:g}"])
             assert k["area"] == pytest.approx((c[:-1] + c[1:]).sum() / 200, abs=0.01)
         assert 0.3 < run_["rankings"]["random"]["area"] < 0.7  # ½ in expectation only
+        sub = run_["subset"]  # the preconditioner of a subset of the rows, every row scored
+        assert sub["rows"] == min(mod.SUBSET, r["n"]) and -1 <= sub["spearman"] <= 1
+        assert 0 <= sub["top_decile_overlap"] <= 1 and 0 <= sub["found"] <= run_["flipped"]
+        assert sub["found_full"] == run_["rankings"]["EK-FAC"]["found"]["0.1"]  # the same full-fit ranking
     # self-influence finds flipped labels faster than random even after two epochs on 1,024 images
     assert r["verdicts"]["EK-FAC above random"]["verdict"] == "holds"
     assert r["verdicts"]["TracIn above random"]["verdict"] == "holds"
@@ -657,3 +661,82 @@ def test_influence(tmp_path, mnist_dir):
                 continue  # a tie at the quoted digits: the words cannot be checked from the block
             hits = [all(a[first] > a[o] for o in others) for a in areas]
             assert f"{text} in every seed: verdict **{word(hits)}** ({sum(hits)} of 3 seeds)." in block
+
+
+def test_influence_lds(tmp_path):
+    """Part 2 of experiment 19 (``--lds``) on tiny float64 problems, then the committed default-mode runs of both
+    seed ranges: their size, and verdicts that follow from the per-test-point LDS their JSON holds."""
+    import jax
+    import jax.numpy as jnp
+    from scipy.stats import spearmanr
+
+    import fnn
+
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    mod = importlib.import_module("influence")
+    rng = np.random.default_rng(0)
+    net = fnn.MLP((5, 4, 3), "relu", "identity")
+    x, xt = (jnp.asarray(rng.normal(size=(n, 5))) for n in (24, 6))
+    y, yt = (jnp.asarray(rng.integers(0, 3, n)) for n in (24, 6))
+    # the vmapped retraining of every (subset, init) is fnn.fit on that subset alone, one full batch an epoch
+    subsets = np.stack([np.sort(rng.choice(24, 12, replace=False)) for _ in range(2)])
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    steps = 15
+    losses = np.asarray(mod.retrained_losses(net, steps, x, y, xt, yt, jnp.asarray(subsets), keys))
+    assert losses.shape == (2, 2, 6)
+    for m, idx in enumerate(subsets):
+        for k, key in enumerate(keys):
+            fit = fnn.fit(net, net.init(key, jnp.float64), fnn.optim.adam(mod.lds_schedule(steps)), (x[idx], y[idx]),
+                          loss=mod.LOSS, epochs=steps, batch_size=len(idx), key=7, l2=mod.LDS_BETA, quiet=True)
+            logp = np.asarray(jax.nn.log_softmax(net.apply(fit.params, xt)))
+            np.testing.assert_allclose(losses[m, k], -logp[np.arange(6), np.asarray(yt)], rtol=1e-9)
+    assert not np.allclose(losses[0], losses[1])  # the subsets matter
+    # the checkpoints of one run: the last one is the run of `steps` steps
+    stacked = mod.train_on(net, steps, 5, x, y, jnp.arange(24), keys[0])
+    assert jax.tree.leaves(stacked)[0].shape[0] == 3
+    alone = mod.train_on(net, steps, steps, x, y, jnp.arange(24), keys[0])
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(alone)):
+        np.testing.assert_allclose(a[-1], b[0], rtol=1e-12)
+    # the linear datamodel sums each subset's scores; the LDS is Spearman's ρ per test point (SciPy's)
+    scores = rng.normal(size=(6, 24))
+    predicted = mod.linear_datamodel(scores, subsets, 24)
+    np.testing.assert_allclose(predicted, [[scores[t, s].sum() for t in range(6)] for s in subsets])
+    a, b = rng.normal(size=(30, 4)), rng.normal(size=(30, 4))
+    b[:, 0] = a[:, 0] ** 3  # a monotone relation: ρ = 1
+    np.testing.assert_allclose(mod.spearman(a, b), [spearmanr(a[:, t], b[:, t])[0] for t in range(4)], atol=1e-12)
+    assert mod.spearman(a, b)[0] == pytest.approx(1.0)
+
+    # the committed runs, both seed ranges: recompute every verdict from the per-test-point LDS
+    def word(hits):
+        return "holds" if all(hits) else "does not hold" if not any(hits) else "mixed"
+
+    results = importlib.import_module("results")
+    for key, base in (("influence_lds", 0), ("influence_lds@1000", 1000)):
+        r = json.loads((results.RESULTS / f"{key}.json").read_text())
+        st = r["setting"]
+        assert r["quick"] is False and r["base_seed"] == base and r["seeds"] == 3
+        assert [run["seed"] for run in r["runs"]] == [base, base + 1, base + 2]
+        assert st["subsets"] >= 50 and st["retrains"] >= 2 and st["test"] >= 100 and st["train"] >= 2000
+        assert tuple(r["methods"]) == ("EK-FAC", "KFAC", "CG", "TracIn", "gradient dot products")
+        means, sems = {}, {}
+        for m in r["methods"]:
+            v = np.array([run["lds"][m] for run in r["runs"]])
+            assert v.shape == (3, st["test"]) and np.all(np.abs(v) <= 1)
+            means[m], sems[m] = v.mean(1), v.std(1, ddof=1) / np.sqrt(st["test"])
+            assert [q["mean"] for q in r["summary"][m]["per_seed"]] == pytest.approx(means[m], abs=1e-12)
+        for m in r["methods"]:
+            assert r["verdicts"][f"{m} above 0"]["verdict"] == word(means[m] > 2 * sems[m])
+        for first, second in (("EK-FAC", "gradient dot products"), ("KFAC", "gradient dot products"),
+                              ("CG", "gradient dot products"), ("TracIn", "gradient dot products"),
+                              ("EK-FAC", "TracIn"), ("EK-FAC", "KFAC"), ("CG", "EK-FAC")):
+            w = r["verdicts"][f"{first} at least {second}"]
+            assert w["per_seed"] == list(means[first] >= means[second]) and w["verdict"] == word(w["per_seed"])
+        assert len(r["verdicts"]) == 12
+        assert (results.FIGURES / f"{key}.png").stat().st_size <= results.FIGURE_LIMIT
+        text = results.render_influence_lds(r)
+        assert all(f"| {m} | {means[m].mean():.3f} [" in text for m in r["methods"])
+    # the figure of a committed run draws again
+    args = importlib.import_module("common").parse_args("influence_lds", "", ["--out", str(tmp_path)])
+    mod.lds_figure(args, r)
+    assert (tmp_path / "influence_lds.png").read_bytes()[:8] == PNG_MAGIC
