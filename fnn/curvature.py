@@ -420,9 +420,14 @@ def sum_over_chunks(part: Callable, size: int, x: jax.Array, y: jax.Array, keys:
     PRNG key per chunk (``⌈N / size⌉``), or is ``None`` (``part`` gets ``None``). The result equals a Python
     loop over the same chunks to rounding, at the memory of one chunk.
     """
+    size = positive_int("size (rows per chunk)", size)
     n = x.shape[0]
+    if n == 0 or jnp.shape(y)[:1] != (n,):
+        raise ValueError(f"x and y must hold the same, non-zero number of rows; got {n} and {jnp.shape(y)[:1]}.")
     size = min(size, n)
     whole = n // size
+    if keys is not None and keys.shape[0] != -(-n // size):
+        raise ValueError(f"keys must hold one key per chunk, ⌈{n}/{size}⌉ = {-(-n // size)}; got {keys.shape[0]}.")
 
     def key(i):
         return None if keys is None else keys[i]
@@ -449,6 +454,8 @@ def gram(net: MLP, a: jax.Array) -> jax.Array:
     the ``b (b + 1) / 2`` upper blocks ``a_iᵀ a_j`` (``i ≤ j``) multiplied and the lower ones mirrored,
     ``(b + 1) / (2b)`` of the multiply-adds (5/8 … 3/4 for the input factor of a 784-input network).
     """
+    if jnp.ndim(a) != 2:
+        raise ValueError(f"gram takes a matrix (M, n) of M rows; got shape {tuple(jnp.shape(a))}.")
     n = a.shape[1]
     if n <= GRAM_BLOCK:
         return net.matmul(a.T, a)

@@ -200,13 +200,32 @@ class Rows(NamedTuple):
 
 def gradient_rows(net: MLP, params: Params, x, y, loss: Loss | str) -> Rows:
     """:class:`Rows` of the examples ``(x, y)`` from one backprop (no per-example gradient is formed):
-    ``B·Σ_l (n_l + n_{l−1} + 1)`` numbers instead of ``B·P``. Jit-compatible; no checks on the values."""
-    return _rows(net, resolve(loss), params, x, y)
+    ``B·Σ_l (n_l + n_{l−1} + 1)`` numbers instead of ``B·P``. Jit-compatible: the network, loss, params and
+    shapes are checked (batch norm, an empty ``x``, a sample count ``y`` does not share are refused), the
+    values are not (:func:`gradient_inner_products` checks them)."""
+    loss = _check_net(net, loss, "gradient_rows")
+    x = net.check_input(params, x)
+    if x.shape[0] == 0:
+        raise ValueError("x is empty: gradient_rows needs at least one example, shape (B, n_0) with B ≥ 1.")
+    if jnp.ndim(y) == 0 or jnp.shape(y)[0] != x.shape[0]:
+        raise ValueError(f"y must hold one target per row of x ({x.shape[0]}); got shape {tuple(jnp.shape(y))}.")
+    return _rows(net, loss, params, x, y)
 
 
 def rows_inner_products(rows_a: Rows, rows_b: Rows, params: Params, l2: float = 0.0) -> jax.Array:
     """``⟨g_i, g_j⟩`` ``(B_a, B_b)`` of two blocks of :func:`gradient_rows` at ``params`` (module docstring:
-    two ``(B_a, n) @ (n, B_b)`` matmuls per layer); ``l2 = β`` includes ``βW`` in every gradient."""
+    two ``(B_a, n) @ (n, B_b)`` matmuls per layer); ``l2 = β ≥ 0`` includes ``βW`` in every gradient. Both
+    blocks must come from the network of ``params`` (their widths are checked)."""
+    for name, rows in (("rows_a", rows_a), ("rows_b", rows_b)):
+        if not isinstance(rows, Rows):
+            raise TypeError(f"{name} must be the Rows of gradient_rows; got {type(rows).__name__}.")
+        widths = [(d.shape[-1], a.shape[-1]) for d, a in rows.layers]
+        want = [(layer["W"].shape[0], layer["W"].shape[1] + 1) for layer in params]
+        if widths != want:
+            raise ValueError(f"{name} has layers of widths (δ, ā) {widths}, but params are of a network with "
+                             f"{want}: take both blocks and params from the same network.")
+    if checks.is_concrete(l2):
+        l2 = real_in("l2", l2, 0.0)
     return _gram(rows_a, rows_b, l2, _weight_sq(params))
 
 

@@ -548,3 +548,23 @@ def test_sum_over_chunks_visits_every_row_once_in_order(n, size, keyed):
     want = sum(float(jax.random.uniform(keys[i], dtype=jnp.float64)) * (i * step + 1) for i in range(chunks)) \
         if keyed else 0.0
     assert abs(float(got["k"]) - want) <= 1e-12
+
+
+def test_gram_and_sum_over_chunks_refuse_bad_input():
+    with pytest.raises(ValueError, match="matrix"):
+        cv.gram(fnn.MLP((2, 2)), jnp.ones(3))
+    x, y = jnp.ones((5, 2)), jnp.arange(5)
+
+    def part(xc, yc, key):
+        return jnp.sum(xc)
+
+    for size in (0, -1, 1.5):
+        with pytest.raises((ValueError, TypeError), match="size"):
+            cv.sum_over_chunks(part, size, x, y)
+    with pytest.raises(ValueError, match="same, non-zero number of rows"):
+        cv.sum_over_chunks(part, 2, x, y[:4])
+    with pytest.raises(ValueError, match="same, non-zero number of rows"):
+        cv.sum_over_chunks(part, 2, x[:0], y[:0])
+    with pytest.raises(ValueError, match="one key per chunk"):
+        cv.sum_over_chunks(part, 2, x, y, jax.random.split(jax.random.PRNGKey(0), 2))
+    assert float(cv.sum_over_chunks(part, 2, x, y, jax.random.split(jax.random.PRNGKey(0), 3))) == 10.0

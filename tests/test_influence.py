@@ -351,6 +351,31 @@ def test_bad_inputs_are_refused():
         inf.top_k(np.zeros(3), 1)
 
 
+def test_the_public_block_functions_refuse_bad_input():
+    net, params, train, test, loss = _problem()
+    x, y = train
+    with pytest.raises(ValueError, match="batch norm"):
+        bn = fnn.MLP((3, 4, 2), "tanh", batch_norm=True)
+        inf.gradient_rows(bn, bn.init(jax.random.PRNGKey(0)), x, y, loss)
+    with pytest.raises(ValueError, match="empty"):
+        inf.gradient_rows(net, params, x[:0], y[:0], loss)
+    with pytest.raises(ValueError, match="one target per row"):
+        inf.gradient_rows(net, params, x, y[:3], loss)
+    with pytest.raises(ValueError, match="features"):
+        inf.gradient_rows(net, params, x[:, :2], y, loss)
+    other = fnn.MLP((3, 5, 2)).init(jax.random.PRNGKey(0), jnp.float64)
+    with pytest.raises(ValueError):
+        inf.gradient_rows(net, other, x, y, loss)
+    rows = inf.gradient_rows(net, params, x, y, loss)
+    with pytest.raises(ValueError, match="same network"):
+        inf.rows_inner_products(rows, rows, other)
+    with pytest.raises(TypeError, match="Rows of gradient_rows"):
+        inf.rows_inner_products(rows, (rows.layers, rows.cross), params)
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="l2"):
+            inf.rows_inner_products(rows, rows, params, bad)
+
+
 @pytest.mark.parametrize("where", ["x", "targets", "params"])
 def test_non_finite_inputs_are_refused_by_every_entry_point(where):
     """NaN or inf in the data or the params would give NaN scores (or, through a ReLU, finite wrong ones):
